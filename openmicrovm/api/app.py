@@ -1,0 +1,91 @@
+"""The HTTP front door of the control plane: route, authenticate, parse, validate, call the
+service, serialise. No request can crash the server: anything unexpected becomes a 500
+InternalServerException and is logged."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from openmicrovm.api.auth import AuthError, SignedRequest, identify
+from openmicrovm.api.protocol import JSON_CONTENT_TYPE, error_response, parse_input, serialize_output
+from openmicrovm.api.routing import Router
+from openmicrovm.api.validation import Validator
+from openmicrovm.service import Service
+from openmicrovm.service.context import RequestContext
+from openmicrovm.service.errors import ServiceError
+
+log = logging.getLogger("openmicrovm.api")
+
+
+class ControlPlane:
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.router = Router()
+        self.validator = Validator(
+            {"IdlePolicyMaxIdleDurationSecondsInteger": service.settings.min_idle_seconds}
+        )
+
+    def _error(self, request_id: str, code: str, message: str, members: dict[str, Any] | None = None) -> web.Response:
+        status, headers, body = error_response(code, message, members)
+        headers["x-amzn-RequestId"] = request_id
+        return web.Response(status=status, headers=headers, body=body)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        request_id = str(uuid.uuid4())
+        raw_path = request.rel_url.raw_path
+        match = self.router.match(request.method, raw_path)
+        if match is None:
+            allowed = self.router.allows(raw_path)
+            hint = f"; this path accepts {', '.join(allowed)}" if allowed else ""
+            return self._error(
+                request_id, "UnknownOperationException", f"No operation matches {request.method} {raw_path}{hint}"
+            )
+        operation = match.operation
+        try:
+            body = await self._read_body(request)
+            caller = identify(
+                self.service.settings,
+                SignedRequest(request.method, str(request.url), dict(request.headers), body),
+            )
+            params = parse_input(operation, match.labels, request.rel_url.raw_query_string, body)
+            self.validator.check(operation.input_shape, params)
+            context = RequestContext(caller.account, caller.region, request_id)
+            result = self.service.call(operation.name, context, params)
+        except ServiceError as error:
+            return self._error(request_id, error.code, error.message, error.members)
+        except AuthError as error:
+            return self._error(request_id, error.code, error.message)
+        except _BodyTooLarge as error:
+            return self._error(request_id, "RequestEntityTooLargeException", str(error))
+        except Exception:
+            log.exception("%s failed (request %s)", operation.name, request_id)
+            return self._error(
+                request_id, "InternalServerException", f"Internal error; the server log has request {request_id}."
+            )
+        payload = serialize_output(operation, result)
+        headers = {"x-amzn-RequestId": request_id}
+        if payload is None:
+            return web.Response(status=operation.http.get("responseCode", 200), headers=headers)
+        headers["Content-Type"] = JSON_CONTENT_TYPE
+        return web.Response(status=operation.http.get("responseCode", 200), headers=headers, body=payload)
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self.service.settings.max_request_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise _BodyTooLarge(f"The request body is {request.content_length} bytes; the limit is {limit}.")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                raise _BodyTooLarge(f"The request body exceeds the limit of {limit} bytes.")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+class _BodyTooLarge(Exception):
+    pass

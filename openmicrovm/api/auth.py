@@ -1,0 +1,129 @@
+"""Who sent a request: the region from the SigV4 credential scope, the account from the access key.
+
+With no access keys configured (the default) any key is accepted and maps to the default account.
+With keys configured, every request must carry a valid AWS Signature Version 4, in the
+Authorization header or as a presigned query, checked with botocore's own signer.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hmac
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import parse_qsl
+
+from botocore.auth import SigV4Auth, SigV4QueryAuth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+
+from openmicrovm.config import AccessKey, Settings
+
+SIGNING_NAME = "lambda"
+MAX_CLOCK_SKEW = datetime.timedelta(minutes=5)
+_AUTHORIZATION = re.compile(
+    r"AWS4-HMAC-SHA256\s+Credential=(?P<credential>[^,\s]+)\s*,\s*SignedHeaders=(?P<signed>[^,\s]+)\s*,"
+    r"\s*Signature=(?P<signature>[0-9a-f]+)"
+)
+
+
+class AuthError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Caller:
+    account: str
+    region: str
+    access_key_id: str | None
+
+
+@dataclass(frozen=True)
+class SignedRequest:
+    method: str
+    url: str  # scheme://host/raw-path?raw-query exactly as received
+    headers: Mapping[str, str]
+    body: bytes
+
+
+def _scope(credential: str) -> tuple[str, str, str]:
+    parts = credential.split("/")
+    if len(parts) != 5 or parts[4] != "aws4_request":
+        raise AuthError("IncompleteSignatureException", f"Credential should be scoped correctly: {credential}")
+    return parts[0], parts[1], parts[2]
+
+
+def _check_time(amz_date: str) -> None:
+    try:
+        signed_at = datetime.datetime.strptime(amz_date, "%Y%m%dT%H%M%SZ").replace(tzinfo=datetime.UTC)
+    except ValueError:
+        raise AuthError("IncompleteSignatureException", f"X-Amz-Date {amz_date!r} is not a SigV4 date") from None
+    now = datetime.datetime.now(datetime.UTC)
+    if abs(now - signed_at) > MAX_CLOCK_SKEW:
+        raise AuthError(
+            "InvalidSignatureException",
+            f"Signature expired: {amz_date} is now earlier than "
+            f"{(now - MAX_CLOCK_SKEW).strftime('%Y%m%dT%H%M%SZ')} or later than "
+            f"{(now + MAX_CLOCK_SKEW).strftime('%Y%m%dT%H%M%SZ')}",
+        )
+
+
+def _expected_signature(request: SignedRequest, key: AccessKey, region: str, signed: list[str], amz_date: str,
+                        presigned: bool) -> str:
+    credentials = Credentials(key.access_key_id, key.secret_access_key)
+    lower = {name.lower(): value for name, value in request.headers.items()}
+    headers = {name: lower.get(name, "") for name in signed}
+    if presigned:
+        # Recompute over the query without the signature, the way the signer built it.
+        base, _, query = request.url.partition("?")
+        kept = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k != "X-Amz-Signature"]
+        aws_request = AWSRequest(method=request.method, url=base, headers=headers, data=request.body)
+        aws_request.params = dict(kept)
+        signer: SigV4Auth = SigV4QueryAuth(credentials, SIGNING_NAME, region)
+    else:
+        aws_request = AWSRequest(method=request.method, url=request.url, headers=headers, data=request.body)
+        signer = SigV4Auth(credentials, SIGNING_NAME, region)
+    aws_request.context["timestamp"] = amz_date
+    canonical = signer.canonical_request(aws_request)
+    return signer.signature(signer.string_to_sign(aws_request, canonical), aws_request)
+
+
+def identify(settings: Settings, request: SignedRequest) -> Caller:
+    headers = {name.lower(): value for name, value in request.headers.items()}
+    authorization = headers.get("authorization")
+    query = dict(parse_qsl(request.url.partition("?")[2], keep_blank_values=True))
+    presigned = authorization is None and "X-Amz-Credential" in query
+    if authorization is not None:
+        found = _AUTHORIZATION.match(authorization.strip())
+        if found is None:
+            raise AuthError("IncompleteSignatureException", "Authorization header is not a well-formed SigV4 header")
+        credential, signed, signature = found["credential"], found["signed"].split(";"), found["signature"]
+        amz_date = headers.get("x-amz-date", "")
+    elif presigned:
+        credential = query["X-Amz-Credential"]
+        signed = query.get("X-Amz-SignedHeaders", "host").split(";")
+        signature = query.get("X-Amz-Signature", "")
+        amz_date = query.get("X-Amz-Date", "")
+    else:
+        if settings.signature_required:
+            raise AuthError("MissingAuthenticationTokenException", "Missing Authentication Token")
+        return Caller(settings.default_account, settings.default_region, None)
+    key_id, _date, region = _scope(credential)
+    if not settings.signature_required:
+        return Caller(settings.default_account, region, key_id)
+    key = next((k for k in settings.access_keys if k.access_key_id == key_id), None)
+    if key is None:
+        raise AuthError("UnrecognizedClientException", "The security token included in the request is invalid.")
+    _check_time(amz_date)
+    expected = _expected_signature(request, key, region, signed, amz_date, presigned)
+    if not hmac.compare_digest(expected, signature):
+        raise AuthError(
+            "InvalidSignatureException",
+            "The request signature we calculated does not match the signature you provided. "
+            "Check your AWS Secret Access Key and signing method.",
+        )
+    return Caller(key.account_id, region, key_id)

@@ -1,0 +1,163 @@
+"""The sandbox driver interface: what every isolation mechanism offers to the layers above.
+
+A sandbox is one isolated copy of an image's application. The builder starts one, waits for it to
+be ready and snapshots it; the lifecycle layer restores MicroVMs from that snapshot, suspends,
+resumes and destroys them. Nothing here knows about images, accounts or the API.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class DriverError(Exception):
+    """A sandbox operation failed; the message names the cause in words a user can act on."""
+
+
+class SnapshotError(DriverError):
+    """A snapshot is missing, unreadable or could not be written."""
+
+
+class CapacityError(DriverError):
+    """The host lacks the memory (or other resource) a sandbox needs."""
+
+
+class PortNotListening(DriverError):
+    """Nothing inside the sandbox accepts connections on the requested port."""
+
+
+@dataclass(frozen=True)
+class ProcessConfig:
+    """The application process, as an OCI image config describes it (entrypoint + cmd resolved)."""
+
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    workdir: str = "/"
+    # "uid", "uid:gid", "name" or "name:group", resolved against the rootfs' /etc/passwd and /etc/group.
+    user: str = "0"
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    rootfs: Path  # read-only image root filesystem; every sandbox writes to its own layer above it
+    process: ProcessConfig
+    memory_mib: int = 2048
+    vcpus: float = 1.0
+    pids_max: int = 1024
+    # False: the reduced capability set of spec §5.8 with no_new_privs; True: every capability.
+    all_capabilities: bool = False
+    hostname: str = "microvm"
+
+
+@dataclass(frozen=True)
+class DriverCapabilities:
+    # True when restore() continues from the snapshot's memory (every process, every variable).
+    # False when a "snapshot" holds the filesystem only and restore() cold-starts the app.
+    memory_snapshot: bool
+    # True when suspend() writes memory to disk and frees the RAM; False when it only freezes.
+    suspend_releases_memory: bool
+
+
+@dataclass
+class Sandbox:
+    """A handle on a live (or suspended) sandbox. Drivers may keep private data in `extra`."""
+
+    sandbox_id: str
+    driver: str
+    state_dir: Path
+    spec: SandboxSpec
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    path: Path
+    memory_bytes: int  # bytes of memory state on disk (0 where the driver cannot snapshot memory)
+    disk_bytes: int  # bytes written by the app to its writable layer before the snapshot
+    code_bytes: int  # size of the image root filesystem
+
+
+@dataclass(frozen=True)
+class SandboxStats:
+    rss_bytes: int
+    cpu_seconds: float
+
+
+class PtySession(abc.ABC):
+    """An interactive terminal inside a sandbox."""
+
+    @abc.abstractmethod
+    async def read(self) -> bytes:
+        """Terminal output; b"" once the command has exited and all output was read."""
+
+    @abc.abstractmethod
+    async def write(self, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    async def resize(self, rows: int, cols: int) -> None: ...
+
+    @abc.abstractmethod
+    async def wait(self) -> int:
+        """The command's exit status."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+
+class SandboxDriver(abc.ABC):
+    name: str
+    capabilities: DriverCapabilities
+
+    @abc.abstractmethod
+    async def start(self, sandbox_id: str, spec: SandboxSpec) -> Sandbox:
+        """Create and start a sandbox running spec.process. Raises DriverError naming the cause
+        (missing entrypoint, app exited at once with its status and last output, ...)."""
+
+    @abc.abstractmethod
+    async def connect(self, sandbox: Sandbox, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A TCP connection to `port` inside the sandbox; the app may listen on 127.0.0.1 only.
+        Raises PortNotListening when nothing accepts on that port."""
+
+    @abc.abstractmethod
+    async def snapshot(self, sandbox: Sandbox, snapshot_dir: Path) -> SnapshotInfo:
+        """Write the sandbox's state to snapshot_dir. The sandbox is destroyed afterwards."""
+
+    @abc.abstractmethod
+    async def restore(self, sandbox_id: str, snapshot_dir: Path) -> Sandbox:
+        """A new sandbox from a snapshot; any number of sandboxes may be restored from one snapshot.
+        Raises SnapshotError when the snapshot is missing or corrupt, CapacityError when the host is
+        short of memory."""
+
+    @abc.abstractmethod
+    async def suspend(self, sandbox: Sandbox) -> None:
+        """Stop the sandbox from running; release its RAM where capabilities say so."""
+
+    @abc.abstractmethod
+    async def resume(self, sandbox: Sandbox) -> None:
+        """Continue a suspended sandbox with its memory intact."""
+
+    @abc.abstractmethod
+    async def exec_pty(
+        self, sandbox: Sandbox, argv: list[str], env: dict[str, str] | None = None, rows: int = 24, cols: int = 80
+    ) -> PtySession: ...
+
+    @abc.abstractmethod
+    async def stats(self, sandbox: Sandbox) -> SandboxStats: ...
+
+    @abc.abstractmethod
+    async def destroy(self, sandbox: Sandbox) -> None:
+        """Remove everything the sandbox owns (processes, netns, cgroups, mounts, state dir).
+        Safe to call twice and on a half-created sandbox."""
+
+    @abc.abstractmethod
+    async def adopt(self, sandbox_id: str) -> Sandbox | None:
+        """After a server restart: a handle on a sandbox that still exists (running or suspended),
+        or None when it is gone."""
+
+    @abc.abstractmethod
+    async def cleanup_strays(self, keep: set[str]) -> list[str]:
+        """Destroy every sandbox this driver finds on the host whose id is not in `keep` (left by a
+        crashed server); returns the ids removed."""

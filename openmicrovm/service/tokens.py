@@ -1,0 +1,75 @@
+"""CreateMicrovmAuthToken and CreateMicrovmShellAuthToken (spec §2.20–2.21, §5.4)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from openmicrovm.service.context import RequestContext
+from openmicrovm.service.core import Params, Result, Service, operation
+from openmicrovm.service.errors import ConflictError, ValidationError
+from openmicrovm.service.microvms import load_microvm
+from openmicrovm.service.token_seal import TokenClaims
+
+AUTH_HEADER = "X-aws-proxy-auth"
+MAX_EXPIRATION_MINUTES = 60
+SHELL_PORT = 8022
+ALL_PORTS = (1, 65535)
+
+
+def _port_ranges(specifications: list[dict[str, Any]]) -> tuple[tuple[int, int], ...]:
+    ranges = []
+    for index, spec in enumerate(specifications):
+        if "port" in spec:
+            ranges.append((spec["port"], spec["port"]))
+        elif "range" in spec:
+            start, end = spec["range"]["startPort"], spec["range"]["endPort"]
+            if start > end:
+                raise ValidationError(
+                    f"1 validation error detected: Value at 'allowedPorts.{index + 1}.member.range' failed to "
+                    f"satisfy constraint: startPort ({start}) must be less than or equal to endPort ({end})"
+                )
+            ranges.append((start, end))
+        else:
+            ranges.append(ALL_PORTS)
+    return tuple(ranges)
+
+
+def _issue(service: Service, context: RequestContext, params: Params, kind: str, ports: tuple[tuple[int, int], ...]) -> Result:
+    minutes = params["expirationInMinutes"]
+    if minutes > MAX_EXPIRATION_MINUTES:
+        raise ValidationError(f"ExpirationMinutes {minutes} exceeded max allowed of {MAX_EXPIRATION_MINUTES}.")
+    row = load_microvm(service, context, params["microvmIdentifier"])
+    if row["state"] in ("TERMINATING", "TERMINATED"):
+        raise ConflictError(
+            f"The MicroVM {row['id']} is {row['state']}; tokens can only be created for live MicroVMs.",
+            resourceId=row["id"], resourceType="Microvm",
+        )
+    config = json.loads(row["config"])
+    connectors = [arn.rsplit(":", 1)[-1] for arn in config["ingressNetworkConnectors"]]
+    if kind == "shell" and "SHELL_INGRESS" not in connectors:
+        raise ValidationError("Shell access requires SHELL_INGRESS network connector to be configured on the MicroVM.")
+    if kind == "endpoint" and connectors == ["NO_INGRESS"]:
+        raise ValidationError(f"The MicroVM {row['id']} was run with NO_INGRESS and has no endpoint to authenticate to.")
+    now = service.clock()
+    claims = TokenClaims(
+        account=context.account,
+        microvm_id=row["id"],
+        ports=ports,
+        kind=kind,
+        issued_at=now,
+        expires_at=now + minutes * 60,
+        token_id=str(uuid.uuid4()),
+    )
+    return {"authToken": {AUTH_HEADER: service.keyring.seal(claims)}}
+
+
+@operation("CreateMicrovmAuthToken")
+def create_auth_token(service: Service, context: RequestContext, params: Params) -> Result:
+    return _issue(service, context, params, "endpoint", _port_ranges(params["allowedPorts"]))
+
+
+@operation("CreateMicrovmShellAuthToken")
+def create_shell_auth_token(service: Service, context: RequestContext, params: Params) -> Result:
+    return _issue(service, context, params, "shell", ((SHELL_PORT, SHELL_PORT),))

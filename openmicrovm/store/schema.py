@@ -1,0 +1,82 @@
+"""Schema migrations. Append a new list of statements for every change; never edit an old one.
+
+Columns hold what is queried or changed on its own (state, owners, timers); the rest of a
+resource's configuration sits in a JSON `config` column exactly as the API received it.
+Timestamps are epoch seconds (REAL).
+"""
+
+MIGRATIONS: list[list[str]] = [
+    [
+        """CREATE TABLE images (
+            arn TEXT PRIMARY KEY,
+            account TEXT NOT NULL,
+            region TEXT NOT NULL,
+            name TEXT NOT NULL,
+            id TEXT NOT NULL,
+            state TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            next_version INTEGER NOT NULL,
+            tags TEXT NOT NULL DEFAULT '{}',
+            UNIQUE (account, region, name)
+        )""",
+        """CREATE TABLE versions (
+            image_arn TEXT NOT NULL REFERENCES images(arn) ON DELETE CASCADE,
+            number INTEGER NOT NULL,
+            state TEXT NOT NULL,
+            status TEXT NOT NULL,
+            state_reason TEXT,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            config TEXT NOT NULL,
+            PRIMARY KEY (image_arn, number)
+        )""",
+        """CREATE TABLE builds (
+            build_id TEXT PRIMARY KEY,
+            image_arn TEXT NOT NULL,
+            version_number INTEGER NOT NULL,
+            architecture TEXT NOT NULL,
+            chipset TEXT NOT NULL,
+            chipset_generation TEXT NOT NULL,
+            state TEXT NOT NULL,
+            state_reason TEXT,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            -- where the builder put the rootfs and snapshot, the image config, snapshot sizes
+            artifacts TEXT,
+            FOREIGN KEY (image_arn, version_number) REFERENCES versions(image_arn, number) ON DELETE CASCADE
+        )""",
+        "CREATE INDEX builds_by_version ON builds (image_arn, version_number)",
+        "CREATE INDEX images_by_owner ON images (account, region, created_at, arn)",
+        """CREATE TABLE microvms (
+            id TEXT PRIMARY KEY,
+            account TEXT NOT NULL,
+            region TEXT NOT NULL,
+            image_arn TEXT NOT NULL,
+            image_version TEXT NOT NULL,
+            state TEXT NOT NULL,
+            state_reason TEXT,
+            endpoint TEXT NOT NULL UNIQUE,
+            memory_mib INTEGER NOT NULL,
+            started_at REAL NOT NULL,
+            terminated_at REAL,
+            -- timers, persisted so that they survive a restart and fire once
+            deadline_at REAL NOT NULL,
+            last_activity_at REAL NOT NULL,
+            suspended_at REAL,
+            config TEXT NOT NULL
+        )""",
+        "CREATE INDEX microvms_by_owner ON microvms (account, region, started_at, id)",
+        "CREATE INDEX microvms_by_image ON microvms (image_arn, state)",
+        """CREATE TABLE client_tokens (
+            account TEXT NOT NULL,
+            region TEXT NOT NULL,
+            operation TEXT NOT NULL,
+            token TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            response TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (account, region, operation, token)
+        )""",
+    ],
+]
