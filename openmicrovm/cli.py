@@ -16,7 +16,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         settings = load_settings(
-            args.config, {"host": args.host, "port": args.port, "data_dir": args.data_dir, "driver": args.driver}
+            args.config,
+            {"host": args.host, "port": args.port, "data_dir": args.data_dir, "driver": args.driver},
         )
     except ValueError as error:
         print(f"openmicrovm: {error}", file=sys.stderr)
@@ -38,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 4599)")
     serve.add_argument("--data-dir", type=Path, help="where state lives (default ~/.local/share/openmicrovm)")
-    serve.add_argument("--driver", choices=["auto", "gvisor", "process"], help="sandbox driver (default auto)")
+    serve.add_argument(
+        "--driver", choices=["auto", "gvisor", "process"], help="sandbox driver (default auto)"
+    )
     serve.add_argument("--config", type=Path, help="settings file (default <data dir>/settings.toml)")
     serve.set_defaults(run=_serve)
     return parser

@@ -106,7 +106,9 @@ def _apply(settings: Settings, values: dict[str, Any], origin: str) -> Settings:
                 try:
                     keys.append(
                         AccessKey(
-                            str(entry["access_key_id"]), str(entry["secret_access_key"]), str(entry["account_id"])
+                            str(entry["access_key_id"]),
+                            str(entry["secret_access_key"]),
+                            str(entry["account_id"]),
                         )
                     )
                 except (KeyError, TypeError):
@@ -124,7 +126,8 @@ def _apply(settings: Settings, values: dict[str, Any], origin: str) -> Settings:
         if unknown:
             raise ValueError(f"{origin}: unknown quota {sorted(unknown)[0]!r}; known: {sorted(known)}")
         changes["quotas"] = replace(
-            settings.quotas, **{k: _coerce(k, v, getattr(settings.quotas, k)) for k, v in quota_changes.items()}
+            settings.quotas,
+            **{k: _coerce(k, v, getattr(settings.quotas, k)) for k, v in quota_changes.items()},
         )
     return replace(settings, **changes)
 

@@ -29,7 +29,9 @@ class ControlPlane:
             {"IdlePolicyMaxIdleDurationSecondsInteger": service.settings.min_idle_seconds}
         )
 
-    def _error(self, request_id: str, code: str, message: str, members: dict[str, Any] | None = None) -> web.Response:
+    def _error(
+        self, request_id: str, code: str, message: str, members: dict[str, Any] | None = None
+    ) -> web.Response:
         status, headers, body = error_response(code, message, members)
         headers["x-amzn-RequestId"] = request_id
         return web.Response(status=status, headers=headers, body=body)
@@ -42,7 +44,9 @@ class ControlPlane:
             allowed = self.router.allows(raw_path)
             hint = f"; this path accepts {', '.join(allowed)}" if allowed else ""
             return self._error(
-                request_id, "UnknownOperationException", f"No operation matches {request.method} {raw_path}{hint}"
+                request_id,
+                "UnknownOperationException",
+                f"No operation matches {request.method} {raw_path}{hint}",
             )
         operation = match.operation
         try:
@@ -64,7 +68,9 @@ class ControlPlane:
         except Exception:
             log.exception("%s failed (request %s)", operation.name, request_id)
             return self._error(
-                request_id, "InternalServerException", f"Internal error; the server log has request {request_id}."
+                request_id,
+                "InternalServerException",
+                f"Internal error; the server log has request {request_id}.",
             )
         payload = serialize_output(operation, result)
         headers = {"x-amzn-RequestId": request_id}

@@ -53,7 +53,9 @@ class SignedRequest:
 def _scope(credential: str) -> tuple[str, str, str]:
     parts = credential.split("/")
     if len(parts) != 5 or parts[4] != "aws4_request":
-        raise AuthError("IncompleteSignatureException", f"Credential should be scoped correctly: {credential}")
+        raise AuthError(
+            "IncompleteSignatureException", f"Credential should be scoped correctly: {credential}"
+        )
     return parts[0], parts[1], parts[2]
 
 
@@ -61,7 +63,9 @@ def _check_time(amz_date: str) -> None:
     try:
         signed_at = datetime.datetime.strptime(amz_date, "%Y%m%dT%H%M%SZ").replace(tzinfo=datetime.UTC)
     except ValueError:
-        raise AuthError("IncompleteSignatureException", f"X-Amz-Date {amz_date!r} is not a SigV4 date") from None
+        raise AuthError(
+            "IncompleteSignatureException", f"X-Amz-Date {amz_date!r} is not a SigV4 date"
+        ) from None
     now = datetime.datetime.now(datetime.UTC)
     if abs(now - signed_at) > MAX_CLOCK_SKEW:
         raise AuthError(
@@ -72,8 +76,9 @@ def _check_time(amz_date: str) -> None:
         )
 
 
-def _expected_signature(request: SignedRequest, key: AccessKey, region: str, signed: list[str], amz_date: str,
-                        presigned: bool) -> str:
+def _expected_signature(
+    request: SignedRequest, key: AccessKey, region: str, signed: list[str], amz_date: str, presigned: bool
+) -> str:
     credentials = Credentials(key.access_key_id, key.secret_access_key)
     lower = {name.lower(): value for name, value in request.headers.items()}
     headers = {name: lower.get(name, "") for name in signed}
@@ -100,7 +105,9 @@ def identify(settings: Settings, request: SignedRequest) -> Caller:
     if authorization is not None:
         found = _AUTHORIZATION.match(authorization.strip())
         if found is None:
-            raise AuthError("IncompleteSignatureException", "Authorization header is not a well-formed SigV4 header")
+            raise AuthError(
+                "IncompleteSignatureException", "Authorization header is not a well-formed SigV4 header"
+            )
         credential, signed, signature = found["credential"], found["signed"].split(";"), found["signature"]
         amz_date = headers.get("x-amz-date", "")
     elif presigned:
@@ -117,7 +124,9 @@ def identify(settings: Settings, request: SignedRequest) -> Caller:
         return Caller(settings.default_account, region, key_id)
     key = next((k for k in settings.access_keys if k.access_key_id == key_id), None)
     if key is None:
-        raise AuthError("UnrecognizedClientException", "The security token included in the request is invalid.")
+        raise AuthError(
+            "UnrecognizedClientException", "The security token included in the request is invalid."
+        )
     _check_time(amz_date)
     expected = _expected_signature(request, key, region, signed, amz_date, presigned)
     if not hmac.compare_digest(expected, signature):

@@ -94,7 +94,9 @@ def serialize_output(operation: OperationModel, result: Mapping[str, Any]) -> by
     if shape is None:
         return None
     # Unset members are sent as explicit nulls, as the live service does.
-    document = {name: None for name in shape.members if shape.members[name].serialization.get("location") is None}
+    document = {
+        name: None for name in shape.members if shape.members[name].serialization.get("location") is None
+    }
     document.update(result)
     return json.dumps(_serialize(shape, document), separators=(",", ":")).encode()
 
@@ -110,7 +112,9 @@ UNMODELED_STATUS = {
 }
 
 
-def error_response(code: str, message: str, members: Mapping[str, Any] | None = None) -> tuple[int, dict[str, str], bytes]:
+def error_response(
+    code: str, message: str, members: Mapping[str, Any] | None = None
+) -> tuple[int, dict[str, str], bytes]:
     """(status, headers, body) for an AWS error."""
     shape = error_shape(code)
     body: dict[str, Any] = {"message": message}

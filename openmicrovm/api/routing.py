@@ -47,9 +47,13 @@ class Router:
             found = route.pattern.fullmatch(raw_path)
             if found:
                 # Decode each label on its own, so an encoded "/" inside an ARN stays inside it.
-                return Match(route.operation, {name: unquote(v) for name, v in zip(route.labels, found.groups())})
+                return Match(
+                    route.operation, {name: unquote(v) for name, v in zip(route.labels, found.groups(), strict=True)}
+                )
         return None
 
     def allows(self, raw_path: str) -> list[str]:
         """The methods that would accept this path (for a clearer unknown-operation message)."""
-        return sorted(m for m, routes in self._routes.items() if any(r.pattern.fullmatch(raw_path) for r in routes))
+        return sorted(
+            m for m, routes in self._routes.items() if any(r.pattern.fullmatch(raw_path) for r in routes)
+        )

@@ -75,7 +75,9 @@ class Validator:
 
     def _value(self, shape: Shape, value: Any, path: str, errors: list[str]) -> None:
         kinds = _JSON_TYPES.get(shape.type_name)
-        if kinds is not None and (not isinstance(value, kinds) or (shape.type_name != "boolean" and isinstance(value, bool))):
+        if kinds is not None and (
+            not isinstance(value, kinds) or (shape.type_name != "boolean" and isinstance(value, bool))
+        ):
             self._violation(errors, shape, value, path, f"Member must be {_TYPE_WORDS[shape.type_name]}")
             return
         if isinstance(shape, StructureShape):
@@ -84,7 +86,9 @@ class Validator:
             self._length(shape, value, path, errors)
             for index, item in enumerate(value, start=1):
                 if item is None:
-                    self._violation(errors, shape.member, item, f"{path}.{index}.member", "Member must not be null")
+                    self._violation(
+                        errors, shape.member, item, f"{path}.{index}.member", "Member must not be null"
+                    )
                 else:
                     self._value(shape.member, item, f"{path}.{index}.member", errors)
         elif isinstance(shape, MapShape):
@@ -113,16 +117,22 @@ class Validator:
             member_value = value.get(name)
             if member_value is None:
                 if name in shape.required_members:
-                    errors.append(f"Value null at '{prefix}{name}' failed to satisfy constraint: Member must not be null")
+                    errors.append(
+                        f"Value null at '{prefix}{name}' failed to satisfy constraint: Member must not be null"
+                    )
                 continue
             self._value(member, member_value, f"{prefix}{name}", errors)
 
     def _length(self, shape: Shape, value: Any, path: str, errors: list[str]) -> None:
         low, high = shape.metadata.get("min"), shape.metadata.get("max")
         if high is not None and len(value) > high:
-            self._violation(errors, shape, value, path, f"Member must have length less than or equal to {high}")
+            self._violation(
+                errors, shape, value, path, f"Member must have length less than or equal to {high}"
+            )
         if low is not None and len(value) < low:
-            self._violation(errors, shape, value, path, f"Member must have length greater than or equal to {low}")
+            self._violation(
+                errors, shape, value, path, f"Member must have length greater than or equal to {low}"
+            )
 
     def _string(self, shape: Shape, value: str, path: str, errors: list[str]) -> None:
         for rule in self._string_rules(shape, value):
@@ -147,9 +157,13 @@ class Validator:
         low = self.minimum_overrides.get(shape.name, shape.metadata.get("min"))
         high = shape.metadata.get("max")
         if high is not None and value > high:
-            self._violation(errors, shape, value, path, f"Member must have value less than or equal to {high}")
+            self._violation(
+                errors, shape, value, path, f"Member must have value less than or equal to {high}"
+            )
         if low is not None and value < low:
-            self._violation(errors, shape, value, path, f"Member must have value greater than or equal to {low}")
+            self._violation(
+                errors, shape, value, path, f"Member must have value greater than or equal to {low}"
+            )
 
     def _map(self, shape: MapShape, value: dict[str, Any], path: str, errors: list[str]) -> None:
         self._length(shape, value, path, errors)
@@ -159,7 +173,9 @@ class Validator:
             key_rules += [r for r in self._string_rules(shape.key, key) if r not in key_rules]
             if item is None:
                 rules = ["Member must not be null"]
-            elif not isinstance(item, _JSON_TYPES.get(shape.value.type_name, (object,))) or isinstance(item, bool):
+            elif not isinstance(item, _JSON_TYPES.get(shape.value.type_name, (object,))) or isinstance(
+                item, bool
+            ):
                 rules = [f"Member must be {_TYPE_WORDS.get(shape.value.type_name, 'valid')}"]
             elif shape.value.type_name == "string":
                 rules = self._string_rules(shape.value, item)
@@ -170,9 +186,14 @@ class Validator:
                 rules = []
             value_rules += [r for r in rules if r not in value_rules]
         if key_rules:
-            self._violation(errors, shape, value, path, f"Map keys must satisfy constraint: [{', '.join(key_rules)}]")
+            self._violation(
+                errors, shape, value, path, f"Map keys must satisfy constraint: [{', '.join(key_rules)}]"
+            )
         if value_rules:
             self._violation(
-                errors, shape.value if shape.value.metadata.get("sensitive") else shape, value, path,
+                errors,
+                shape.value if shape.value.metadata.get("sensitive") else shape,
+                value,
+                path,
                 f"Map value must satisfy constraint: [{', '.join(value_rules)}]",
             )

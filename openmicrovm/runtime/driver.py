@@ -141,7 +141,12 @@ class SandboxDriver(abc.ABC):
 
     @abc.abstractmethod
     async def exec_pty(
-        self, sandbox: Sandbox, argv: list[str], env: dict[str, str] | None = None, rows: int = 24, cols: int = 80
+        self,
+        sandbox: Sandbox,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        rows: int = 24,
+        cols: int = 80,
     ) -> PtySession: ...
 
     @abc.abstractmethod

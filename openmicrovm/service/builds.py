@@ -40,8 +40,11 @@ def list_builds(service: Service, context: RequestContext, params: Params) -> Re
     def fetch(after: list[Any] | None, limit: int) -> list[Row]:
         sql = "SELECT * FROM builds WHERE image_arn = ? AND version_number = ?"
         args: list[Any] = [image["arn"], version["number"]]
-        for column, key in (("architecture", "architecture"), ("chipset", "chipset"),
-                            ("chipset_generation", "chipsetGeneration")):
+        for column, key in (
+            ("architecture", "architecture"),
+            ("chipset", "chipset"),
+            ("chipset_generation", "chipsetGeneration"),
+        ):
             if filters[key] is not None:
                 sql += f" AND {column} = ?"
                 args.append(filters[key])
@@ -51,8 +54,12 @@ def list_builds(service: Service, context: RequestContext, params: Params) -> Re
         return service.db.all(sql + " ORDER BY created_at, build_id LIMIT ?", [*args, limit])
 
     rows, token = paginate(
-        service, context, "ListMicrovmImageBuilds", params,
-        {"image": image["arn"], "version": version["number"], **filters}, fetch,
+        service,
+        context,
+        "ListMicrovmImageBuilds",
+        params,
+        {"image": image["arn"], "version": version["number"], **filters},
+        fetch,
         lambda row: [row["created_at"], row["build_id"]],
     )
     return {"items": [build_summary(row) for row in rows], "nextToken": token}
@@ -121,7 +128,9 @@ def load_build_job(service: Service, build_id: str) -> BuildJob | None:
 
 
 def unfinished_build_ids(service: Service) -> list[str]:
-    rows = service.db.all("SELECT build_id FROM builds WHERE state IN ('PENDING', 'IN_PROGRESS') ORDER BY created_at")
+    rows = service.db.all(
+        "SELECT build_id FROM builds WHERE state IN ('PENDING', 'IN_PROGRESS') ORDER BY created_at"
+    )
     return [row["build_id"] for row in rows]
 
 
@@ -132,7 +141,9 @@ def build_started(service: Service, build_id: str) -> bool:
         if build is None or build["state"] not in ("PENDING", "IN_PROGRESS"):
             return False
         now = service.clock()
-        db.execute("UPDATE builds SET state = 'IN_PROGRESS', updated_at = ? WHERE build_id = ?", (now, build_id))
+        db.execute(
+            "UPDATE builds SET state = 'IN_PROGRESS', updated_at = ? WHERE build_id = ?", (now, build_id)
+        )
         db.execute(
             "UPDATE versions SET state = 'IN_PROGRESS', updated_at = ? "
             "WHERE image_arn = ? AND number = ? AND state = 'PENDING'",
@@ -142,7 +153,11 @@ def build_started(service: Service, build_id: str) -> bool:
 
 
 def build_finished(
-    service: Service, build_id: str, succeeded: bool, state_reason: str | None, artifacts: dict[str, Any] | None
+    service: Service,
+    build_id: str,
+    succeeded: bool,
+    state_reason: str | None,
+    artifacts: dict[str, Any] | None,
 ) -> None:
     """A build ended. Once every build of its version has, the version and the image settle."""
     with service.transaction() as db:
@@ -152,11 +167,18 @@ def build_finished(
         now = service.clock()
         db.execute(
             "UPDATE builds SET state = ?, state_reason = ?, artifacts = ?, updated_at = ? WHERE build_id = ?",
-            ("SUCCESSFUL" if succeeded else "FAILED", state_reason, json.dumps(artifacts) if artifacts else None,
-             now, build_id),
+            (
+                "SUCCESSFUL" if succeeded else "FAILED",
+                state_reason,
+                json.dumps(artifacts) if artifacts else None,
+                now,
+                build_id,
+            ),
         )
         arn, number = build["image_arn"], build["version_number"]
-        builds = db.all("SELECT state, state_reason FROM builds WHERE image_arn = ? AND version_number = ?", (arn, number))
+        builds = db.all(
+            "SELECT state, state_reason FROM builds WHERE image_arn = ? AND version_number = ?", (arn, number)
+        )
         if any(b["state"] in ("PENDING", "IN_PROGRESS") for b in builds):
             return
         failures = [b["state_reason"] for b in builds if b["state"] == "FAILED"]

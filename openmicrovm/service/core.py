@@ -10,8 +10,8 @@ from typing import Any
 
 from openmicrovm.config import Settings
 from openmicrovm.service.context import RequestContext
-from openmicrovm.service.token_seal import KeyRing
 from openmicrovm.service.engines import BuildEngine, IdleBuildEngine, IdleMicrovmEngine, MicrovmEngine
+from openmicrovm.service.token_seal import KeyRing
 from openmicrovm.store.db import Database
 
 Params = dict[str, Any]

@@ -45,6 +45,14 @@ def idempotent(
         db.execute(
             "INSERT INTO client_tokens (account, region, operation, token, fingerprint, response, created_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (context.account, context.region, operation, token, fingerprint, json.dumps(result), service.clock()),
+            (
+                context.account,
+                context.region,
+                operation,
+                token,
+                fingerprint,
+                json.dumps(result),
+                service.clock(),
+            ),
         )
         return result

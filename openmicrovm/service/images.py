@@ -30,7 +30,9 @@ LIVE_MICROVM_STATES = ("PENDING", "RUNNING", "SUSPENDING", "SUSPENDED", "TERMINA
 
 def busy_conflict(image: Row) -> ConflictError:
     return ConflictError(
-        f"MicroVM Image is already in state: {image['state']}", resourceId=image["arn"], resourceType="MicrovmImage"
+        f"MicroVM Image is already in state: {image['state']}",
+        resourceId=image["arn"],
+        resourceType="MicrovmImage",
     )
 
 
@@ -65,7 +67,9 @@ def create_image(service: Service, context: RequestContext, params: Params) -> R
         if find_image(db, arn) is not None:
             raise ValidationError(f"MicroVM image {params['name']} already exists.")
         quota = service.settings.quotas.images
-        count = db.scalar("SELECT COUNT(*) FROM images WHERE account = ? AND region = ?", (context.account, context.region))
+        count = db.scalar(
+            "SELECT COUNT(*) FROM images WHERE account = ? AND region = ?", (context.account, context.region)
+        )
         if count >= quota:
             raise QuotaExceededError(
                 f"You have reached the maximum number of MicroVM images ({quota}) for this account in "
@@ -76,7 +80,16 @@ def create_image(service: Service, context: RequestContext, params: Params) -> R
         db.execute(
             "INSERT INTO images (arn, account, region, name, id, state, created_at, updated_at, next_version, tags) "
             "VALUES (?, ?, ?, ?, ?, 'CREATING', ?, ?, 2, ?)",
-            (arn, context.account, context.region, params["name"], str(uuid.uuid4()), now, now, json.dumps(tags or {})),
+            (
+                arn,
+                context.account,
+                context.region,
+                params["name"],
+                str(uuid.uuid4()),
+                now,
+                now,
+                json.dumps(tags or {}),
+            ),
         )
         version = add_version(service, db, arn, 1, config)
         image = find_image(db, arn)
@@ -172,6 +185,8 @@ def delete_image(service: Service, context: RequestContext, params: Params) -> R
             raise ValidationError("Cannot delete microvm image with running microvms.")
         now = service.clock()
         db.execute("UPDATE images SET state = 'DELETING', updated_at = ? WHERE arn = ?", (now, image["arn"]))
-        db.execute("UPDATE versions SET state = 'DELETING', updated_at = ? WHERE image_arn = ?", (now, image["arn"]))
+        db.execute(
+            "UPDATE versions SET state = 'DELETING', updated_at = ? WHERE image_arn = ?", (now, image["arn"])
+        )
         service.after_commit(lambda: service.builds.schedule_image_deletion(image["arn"]))
         return answer

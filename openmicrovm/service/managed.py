@@ -50,7 +50,9 @@ def resolve_base_image(context: RequestContext, base_image_arn: str, base_image_
 
 @operation("ListManagedMicrovmImages")
 def list_managed_images(service: Service, context: RequestContext, params: Params) -> Result:
-    catalog = [{"imageArn": managed_image_arn(context.region), "createdAt": PUBLISHED_AT, "updatedAt": PUBLISHED_AT}]
+    catalog = [
+        {"imageArn": managed_image_arn(context.region), "createdAt": PUBLISHED_AT, "updatedAt": PUBLISHED_AT}
+    ]
     items, token = paginate(
         service,
         context,
@@ -86,7 +88,9 @@ def list_managed_image_versions(service: Service, context: RequestContext, param
         "ListManagedMicrovmImageVersions",
         params,
         {"image": identifier},
-        lambda after, limit: [v for v in versions if after is None or int(v["imageVersion"]) < after[0]][:limit],
+        lambda after, limit: [v for v in versions if after is None or int(v["imageVersion"]) < after[0]][
+            :limit
+        ],
         lambda item: [int(item["imageVersion"])],
     )
     return {"items": items, "nextToken": token}

@@ -8,7 +8,12 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
-from openmicrovm.service.arns import INGRESS_CONNECTORS, managed_connector_arn, parse_connector, parse_image_arn
+from openmicrovm.service.arns import (
+    INGRESS_CONNECTORS,
+    managed_connector_arn,
+    parse_connector,
+    parse_image_arn,
+)
 from openmicrovm.service.context import RequestContext
 from openmicrovm.service.core import Params, Result, Service, operation
 from openmicrovm.service.errors import (
@@ -111,7 +116,9 @@ def _resolve_version(service: Service, context: RequestContext, identifier: str,
     arn = parse_image_arn(identifier)
     no_active = f"No active version found for MicroVM image {identifier}"
     if arn.account != context.account and arn.account != "aws":
-        raise AccessDeniedError(f"User is not authorized to run MicroVM image {identifier}: it belongs to another account.")
+        raise AccessDeniedError(
+            f"User is not authorized to run MicroVM image {identifier}: it belongs to another account."
+        )
     image = find_image(service.db, str(arn))
     if image is None or arn.region != context.region or image["state"] == "DELETING":
         raise NotFoundError(no_active)
@@ -140,7 +147,9 @@ def run_microvm(service: Service, context: RequestContext, params: Params) -> Re
         config = json.loads(version["config"])
         payload = params.get("runHookPayload")
         if payload and not hook_enabled(config, "run"):
-            raise ValidationError("The run hook must be enabled in the MicroVM image to pass the run hook payload")
+            raise ValidationError(
+                "The run hook must be enabled in the MicroVM image to pass the run hook payload"
+            )
         _check_idle_policy(service, params.get("idlePolicy"))
         ingress = _connectors(context, params.get("ingressNetworkConnectors"), "ingress")
         egress = _connectors(context, params.get("egressNetworkConnectors"), "egress")
@@ -152,7 +161,9 @@ def run_microvm(service: Service, context: RequestContext, params: Params) -> Re
             (context.account, context.region, *LIVE_MICROVM_STATES),
         )
         if in_use + memory > service.settings.quotas.microvm_memory_mib:
-            raise QuotaExceededError("The base maximum allocated memory limit has been reached for this account.")
+            raise QuotaExceededError(
+                "The base maximum allocated memory limit has been reached for this account."
+            )
         service.microvms.check_capacity(memory)
         now = service.clock()
         microvm_id = f"microvm-{uuid.uuid4()}"
@@ -173,8 +184,19 @@ def run_microvm(service: Service, context: RequestContext, params: Params) -> Re
             "INSERT INTO microvms (id, account, region, image_arn, image_version, state, state_reason, endpoint, "
             "memory_mib, started_at, terminated_at, deadline_at, last_activity_at, suspended_at, config) "
             "VALUES (?, ?, ?, ?, ?, 'PENDING', NULL, ?, ?, ?, NULL, ?, ?, NULL, ?)",
-            (microvm_id, context.account, context.region, version["image_arn"], version_label(version["number"]),
-             endpoint, memory, now, now + duration, now, json.dumps(run_config)),
+            (
+                microvm_id,
+                context.account,
+                context.region,
+                version["image_arn"],
+                version_label(version["number"]),
+                endpoint,
+                memory,
+                now,
+                now + duration,
+                now,
+                json.dumps(run_config),
+            ),
         )
         service.after_commit(lambda: service.microvms.schedule_start(microvm_id))
         row = db.one("SELECT * FROM microvms WHERE id = ?", (microvm_id,))
@@ -216,7 +238,12 @@ def list_microvms(service: Service, context: RequestContext, params: Params) -> 
         return service.db.all(sql + " ORDER BY started_at, id LIMIT ?", [*args, limit])
 
     rows, token = paginate(
-        service, context, "ListMicrovms", params, {"image": image_filter, "version": version_filter}, fetch,
+        service,
+        context,
+        "ListMicrovms",
+        params,
+        {"image": image_filter, "version": version_filter},
+        fetch,
         lambda row: [row["started_at"], row["id"]],
     )
     items = [
@@ -244,7 +271,8 @@ def suspend_microvm(service: Service, context: RequestContext, params: Params) -
         if state != "RUNNING":
             raise ConflictError(
                 f"The MicroVM {row['id']} is {state} and cannot be suspended until it is RUNNING.",
-                resourceId=row["id"], resourceType="Microvm",
+                resourceId=row["id"],
+                resourceType="Microvm",
             )
         request_suspend(service, row["id"])
         return {}
@@ -270,7 +298,8 @@ def resume_microvm(service: Service, context: RequestContext, params: Params) ->
         if state != "SUSPENDED":
             raise ConflictError(
                 f"The MicroVM {row['id']} is {state} and cannot be resumed until it is SUSPENDED.",
-                resourceId=row["id"], resourceType="Microvm",
+                resourceId=row["id"],
+                resourceType="Microvm",
             )
         # The MicroVM stays SUSPENDED while it is restored and its resume hook runs (spec §2.18).
         service.after_commit(lambda: service.microvms.schedule_resume(row["id"]))
@@ -306,5 +335,10 @@ def transition(
 
 def mark_terminated(service: Service, microvm_id: str, reason: str) -> bool:
     return transition(
-        service, microvm_id, LIVE_MICROVM_STATES, "TERMINATED", state_reason=reason, terminated_at=service.clock()
+        service,
+        microvm_id,
+        LIVE_MICROVM_STATES,
+        "TERMINATED",
+        state_reason=reason,
+        terminated_at=service.clock(),
     )

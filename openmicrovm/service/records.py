@@ -60,7 +60,9 @@ def load_version(service: Service, context: RequestContext, identifier: str, lab
     number = version_number(label)
     row = None
     if number is not None:
-        row = service.db.one("SELECT * FROM versions WHERE image_arn = ? AND number = ?", (image["arn"], number))
+        row = service.db.one(
+            "SELECT * FROM versions WHERE image_arn = ? AND number = ?", (image["arn"], number)
+        )
     if row is None:
         raise NotFoundError(version_not_found(identifier, label))
     return image, row

@@ -36,7 +36,8 @@ def tag_resource(service: Service, context: RequestContext, params: Params) -> R
         tags = {**json.loads(image["tags"]), **params["Tags"]}
         if len(tags) > MAX_TAGS:
             raise InvalidParameterValueError(
-                f"A resource can have at most {MAX_TAGS} tags; this request would leave {len(tags)}.", Type="User"
+                f"A resource can have at most {MAX_TAGS} tags; this request would leave {len(tags)}.",
+                Type="User",
             )
         _save(service, image, tags)
     return {}

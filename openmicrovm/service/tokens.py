@@ -36,22 +36,31 @@ def _port_ranges(specifications: list[dict[str, Any]]) -> tuple[tuple[int, int],
     return tuple(ranges)
 
 
-def _issue(service: Service, context: RequestContext, params: Params, kind: str, ports: tuple[tuple[int, int], ...]) -> Result:
+def _issue(
+    service: Service, context: RequestContext, params: Params, kind: str, ports: tuple[tuple[int, int], ...]
+) -> Result:
     minutes = params["expirationInMinutes"]
     if minutes > MAX_EXPIRATION_MINUTES:
-        raise ValidationError(f"ExpirationMinutes {minutes} exceeded max allowed of {MAX_EXPIRATION_MINUTES}.")
+        raise ValidationError(
+            f"ExpirationMinutes {minutes} exceeded max allowed of {MAX_EXPIRATION_MINUTES}."
+        )
     row = load_microvm(service, context, params["microvmIdentifier"])
     if row["state"] in ("TERMINATING", "TERMINATED"):
         raise ConflictError(
             f"The MicroVM {row['id']} is {row['state']}; tokens can only be created for live MicroVMs.",
-            resourceId=row["id"], resourceType="Microvm",
+            resourceId=row["id"],
+            resourceType="Microvm",
         )
     config = json.loads(row["config"])
     connectors = [arn.rsplit(":", 1)[-1] for arn in config["ingressNetworkConnectors"]]
     if kind == "shell" and "SHELL_INGRESS" not in connectors:
-        raise ValidationError("Shell access requires SHELL_INGRESS network connector to be configured on the MicroVM.")
+        raise ValidationError(
+            "Shell access requires SHELL_INGRESS network connector to be configured on the MicroVM."
+        )
     if kind == "endpoint" and connectors == ["NO_INGRESS"]:
-        raise ValidationError(f"The MicroVM {row['id']} was run with NO_INGRESS and has no endpoint to authenticate to.")
+        raise ValidationError(
+            f"The MicroVM {row['id']} was run with NO_INGRESS and has no endpoint to authenticate to."
+        )
     now = service.clock()
     claims = TokenClaims(
         account=context.account,

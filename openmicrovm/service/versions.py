@@ -36,7 +36,12 @@ def list_versions(service: Service, context: RequestContext, params: Params) -> 
         )
 
     rows, token = paginate(
-        service, context, "ListMicrovmImageVersions", params, {"image": image["arn"]}, fetch,
+        service,
+        context,
+        "ListMicrovmImageVersions",
+        params,
+        {"image": image["arn"]},
+        fetch,
         lambda row: [row["number"]],
     )
     return {"items": [version_detail(image, row) for row in rows], "nextToken": token}
@@ -64,7 +69,11 @@ def update_version(service: Service, context: RequestContext, params: Params) ->
 def delete_version(service: Service, context: RequestContext, params: Params) -> Result:
     with service.transaction() as db:
         image, version = load_version(service, context, params["imageIdentifier"], params["imageVersion"])
-        answer = {"imageIdentifier": image["arn"], "imageVersion": params["imageVersion"], "state": "DELETING"}
+        answer = {
+            "imageIdentifier": image["arn"],
+            "imageVersion": params["imageVersion"],
+            "state": "DELETING",
+        }
         if version["state"] == "DELETING":
             return answer
         _refuse_while_busy(image)
@@ -95,7 +104,10 @@ def delete_version(service: Service, context: RequestContext, params: Params) ->
 def version_deleted(service: Service, image_arn: str, number: int) -> None:
     """The build engine freed the version's files: the record goes, the image settles."""
     with service.transaction() as db:
-        db.execute("DELETE FROM versions WHERE image_arn = ? AND number = ? AND state = 'DELETING'", (image_arn, number))
+        db.execute(
+            "DELETE FROM versions WHERE image_arn = ? AND number = ? AND state = 'DELETING'",
+            (image_arn, number),
+        )
         image = find_image(db, image_arn)
         if image is not None and image["state"] == "UPDATING":
             busy = db.scalar(
@@ -104,7 +116,8 @@ def version_deleted(service: Service, image_arn: str, number: int) -> None:
             )
             if not busy:
                 db.execute(
-                    "UPDATE images SET state = 'UPDATED', updated_at = ? WHERE arn = ?", (service.clock(), image_arn)
+                    "UPDATE images SET state = 'UPDATED', updated_at = ? WHERE arn = ?",
+                    (service.clock(), image_arn),
                 )
 
 

@@ -84,7 +84,9 @@ class Database:
 
     def _migrate(self) -> None:
         with self.transaction():
-            self._connection.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            self._connection.execute(
+                "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+            )
             current = int(self.scalar("SELECT value FROM meta WHERE key = 'schema_version'") or 0)
             if current > len(MIGRATIONS):
                 raise StoreError(

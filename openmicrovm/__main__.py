@@ -1,0 +1,3 @@
+from openmicrovm.cli import main
+
+main()

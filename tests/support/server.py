@@ -1,0 +1,165 @@
+"""The real openmicrovm server as a subprocess, and clients for it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import boto3
+from botocore.config import Config
+
+from tests.support.model_check import check_error, check_output
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    return json.dumps(str(value))
+
+
+def write_settings(path: Path, settings: dict[str, Any]) -> None:
+    lines = []
+    tables = []
+    for key, value in settings.items():
+        if key == "access_keys":
+            for entry in value:
+                tables.append(
+                    "[[access_keys]]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in entry.items())
+                )
+        elif isinstance(value, dict):
+            tables.append(f"[{key}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in value.items()))
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+    path.write_text("\n".join(lines) + "\n\n" + "\n".join(tables))
+
+
+class ServerProcess:
+    def __init__(
+        self, data_dir: Path, settings: dict[str, Any] | None = None, env: dict[str, str] | None = None
+    ) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.settings = dict(settings or {})
+        self.env = env or {}
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = data_dir / "server.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        write_settings(self.data_dir / "settings.toml", self.settings)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "openmicrovm",
+                    "serve",
+                    "--port",
+                    str(self.port),
+                    "--data-dir",
+                    str(self.data_dir),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=REPO,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"server did not listen within {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def client(
+        self,
+        region: str = "us-east-1",
+        key: str = "AKIDTEST",
+        secret: str = "secret",
+        validate: bool = True,
+        client_side_validation: bool = True,
+    ) -> Any:
+        """boto3 for this server; client_side_validation=False lets bad input reach the server."""
+        client = boto3.client(
+            "lambda-microvms",
+            endpoint_url=self.url,
+            region_name=region,
+            aws_access_key_id=key,
+            aws_secret_access_key=secret,
+            config=Config(
+                retries={"max_attempts": 1},
+                connect_timeout=5,
+                read_timeout=120,
+                parameter_validation=client_side_validation,
+            ),
+        )
+        if validate:
+            client.meta.events.register("after-call.lambda-microvms", _validate_raw_response)
+            client.meta.events.register("after-call-error.lambda-microvms", _validate_raw_response)
+        return client
+
+
+def _validate_raw_response(http_response: Any = None, model: Any = None, **_: Any) -> None:
+    """Every response body is checked against the model's output (or error) shape."""
+    if http_response is None or model is None:
+        return
+    raw = http_response.content
+    document = json.loads(raw) if raw else None
+    if http_response.status_code >= 300:
+        code = http_response.headers.get("x-amzn-errortype", "").split(":")[0]
+        check_error(model.name, code, document)
+    else:
+        expected = model.http.get("responseCode", 200)
+        assert http_response.status_code == expected, (
+            f"{model.name} answered {http_response.status_code}, not {expected}"
+        )
+        check_output(model.name, document)
