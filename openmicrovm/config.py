@@ -61,6 +61,9 @@ class Settings:
     # Lower bound of idlePolicy.maxIdleDurationSeconds. The API model says 60; tests lower it to
     # exercise idle suspension in seconds. Not for production use.
     min_idle_seconds: int = 60
+    # Memory kept free for the host: a MicroVM is refused (InsufficientCapacityException) when
+    # restoring it would leave less than this.
+    host_memory_reserve_mib: int = 256
     # Largest request body the API accepts.
     max_request_bytes: int = 1024 * 1024
     # Bounds on what an artifact may unpack to (zip bombs).

@@ -11,6 +11,16 @@ from aiohttp import web
 
 from openmicrovm.api.app import ControlPlane
 from openmicrovm.config import Settings
+from openmicrovm.endpoint.backend import EndpointBackend
+from openmicrovm.endpoint.front_door import FrontDoor, endpoint_hostname, start_front_door
+from openmicrovm.endpoint.proxy import Counters
+from openmicrovm.endpoint.shell import shell_handler
+from openmicrovm.lifecycle.build_engine import BuildEngine
+from openmicrovm.lifecycle.microvm_engine import MicrovmEngine
+from openmicrovm.lifecycle.recovery import recover_microvms
+from openmicrovm.lifecycle.timers import Timers
+from openmicrovm.logs.store import LogStore
+from openmicrovm.runtime import make_driver
 from openmicrovm.service import Service
 from openmicrovm.store.db import Database
 
@@ -27,15 +37,31 @@ class Server:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.db = Database(database_url(settings))
         self.service = Service(self.db, settings)
+        self.logs = LogStore(settings.data_dir / "logs", settings.log_max_bytes, settings.log_keep_files)
+        self.driver = make_driver(settings.driver, settings.data_dir / "sandboxes", settings.cache_dir)
+        self.build_engine = BuildEngine(self.service, self.driver, self.logs)
+        self.microvm_engine = MicrovmEngine(self.service, self.driver, self.logs)
+        self.service.builds = self.build_engine
+        self.service.microvms = self.microvm_engine
+        self.timers = Timers(self.service)
         self.control_plane = ControlPlane(self.service)
+        self.endpoints = EndpointBackend(self.service, self.microvm_engine)
+        self.endpoint_counters = Counters()
         self.app = web.Application(client_max_size=settings.max_request_bytes)
         self.app.router.add_route("*", "/{tail:.*}", self.dispatch)
+        self._background: list[asyncio.Task[None]] = []
+        self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
+        self._front_door: FrontDoor | None = None
 
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
+        if endpoint_hostname(request.host) is not None:
+            # Endpoint traffic is proxied by the front door; only the shell WebSocket comes here.
+            return await shell_handler(self.endpoints, request)
         return await self.control_plane.handle(request)
 
     def describe(self) -> list[str]:
-        lines = [f"data dir {self.settings.data_dir}"]
+        lines = [f"data dir {self.settings.data_dir}", f"sandbox driver: {self.driver.name}"]
         if self.settings.signature_required:
             lines.append(f"SigV4 required: {len(self.settings.access_keys)} access key(s) configured")
         else:
@@ -45,22 +71,36 @@ class Server:
             )
         return lines
 
-    async def start(self) -> web.AppRunner:
-        runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(runner, self.settings.host, self.settings.port, reuse_address=True)
-        await site.start()
-        return runner
+    async def start(self) -> None:
+        await recover_microvms(self.microvm_engine)
+        self.build_engine.resume_pending_work()
+        self._background.append(asyncio.get_running_loop().create_task(self.timers.run()))
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        self._listener, self._front_door = await start_front_door(
+            self._runner, self.endpoints, self.endpoint_counters, self.settings.host, self.settings.port
+        )
 
     async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+        if self._front_door is not None:
+            await self._front_door.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.build_engine.close()
+        await self.microvm_engine.close()
         self.db.close()
 
 
 async def serve(settings: Settings) -> None:
     server = Server(settings)
-    runner = await server.start()
     for line in server.describe():
         log.info(line)
+    await server.start()
     print(f"openmicrovm listening on http://{settings.host}:{settings.port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -70,5 +110,4 @@ async def serve(settings: Settings) -> None:
     try:
         await stop.wait()
     finally:
-        await runner.cleanup()
         await server.close()

@@ -1,0 +1,80 @@
+"""Sandbox drivers: the interface (driver.py) and its implementations.
+
+    driver = make_driver("auto", state_root, cache_dir)
+
+"auto" picks gvisor when runsc is installed and usable here, else process. Drivers accept
+keyword options (memory_reserve_mib, start_timeout, exit_grace; see base.BaseDriver).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .driver import (
+    AppStatus,
+    CapacityError,
+    DriverCapabilities,
+    DriverError,
+    PortNotListening,
+    ProcessConfig,
+    PtySession,
+    Sandbox,
+    SandboxDriver,
+    SandboxSpec,
+    SandboxStats,
+    SnapshotError,
+    SnapshotInfo,
+)
+from .host import HostReport, describe_host, missing_for
+
+log = logging.getLogger("openmicrovm.runtime")
+
+DRIVER_NAMES = ("gvisor", "process")
+
+__all__ = [
+    "DRIVER_NAMES",
+    "AppStatus",
+    "CapacityError",
+    "DriverCapabilities",
+    "DriverError",
+    "HostReport",
+    "PortNotListening",
+    "ProcessConfig",
+    "PtySession",
+    "Sandbox",
+    "SandboxDriver",
+    "SandboxSpec",
+    "SandboxStats",
+    "SnapshotError",
+    "SnapshotInfo",
+    "describe_host",
+    "make_driver",
+]
+
+
+def make_driver(name: str, state_root: Path, cache_dir: Path, **options: object) -> SandboxDriver:
+    """A driver keeping its state under state_root (one directory per driver) and its built
+    helpers under cache_dir."""
+    if name == "auto":
+        problems = missing_for("gvisor")
+        if not problems:
+            name = "gvisor"
+        else:
+            log.info("gvisor driver unavailable (%s); using the process driver", "; ".join(problems))
+            name = "process"
+    if name not in DRIVER_NAMES:
+        raise DriverError(f"unknown sandbox driver {name!r}; choose auto, {', '.join(DRIVER_NAMES)}")
+    problems = missing_for(name)
+    if problems:
+        raise DriverError(f"the {name} driver cannot run on this host: missing {'; '.join(problems)}")
+    if name == "gvisor":
+        from .gvisor import GVisorDriver
+
+        driver: SandboxDriver = GVisorDriver(state_root, cache_dir, **options)
+    else:
+        from .process import ProcessDriver
+
+        driver = ProcessDriver(state_root, cache_dir, **options)
+    log.info("sandbox driver: %s (state in %s)", name, state_root)
+    return driver

@@ -86,6 +86,21 @@ class SandboxStats:
     cpu_seconds: float
 
 
+@dataclass(frozen=True)
+class AppStatus:
+    """What became of the application inside a sandbox."""
+
+    # "running", "exited" (exit_status set), "failed" (could not be started), "suspended", or
+    # "stopped" (the sandbox itself is gone, e.g. killed at its memory limit).
+    state: str
+    exit_status: int | None = None
+    # True when the sandbox's memory limit killed a process (the app, a command, or, under gVisor,
+    # the whole sandbox).
+    oom_killed: bool = False
+    # Words for a user: what happened and the last lines the app printed.
+    detail: str = ""
+
+
 class PtySession(abc.ABC):
     """An interactive terminal inside a sandbox."""
 
@@ -151,6 +166,18 @@ class SandboxDriver(abc.ABC):
 
     @abc.abstractmethod
     async def stats(self, sandbox: Sandbox) -> SandboxStats: ...
+
+    @abc.abstractmethod
+    async def app_status(self, sandbox: Sandbox) -> AppStatus:
+        """Whether the app is alive, its exit status, and whether the memory limit struck."""
+
+    @abc.abstractmethod
+    def is_suspended(self, sandbox: Sandbox) -> bool:
+        """True between suspend() and resume() (also for a handle from adopt())."""
+
+    def log_path(self, sandbox: Sandbox) -> Path:
+        """The file receiving the app's stdout and stderr (appended across suspend/resume)."""
+        return sandbox.state_dir / "app.log"
 
     @abc.abstractmethod
     async def destroy(self, sandbox: Sandbox) -> None:

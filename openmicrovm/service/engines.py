@@ -22,8 +22,9 @@ class BuildEngine(Protocol):
 
 
 class MicrovmEngine(Protocol):
-    def check_capacity(self, memory_mib: int) -> None:
-        """Raise InsufficientCapacityError when this host cannot hold another MicroVM this size."""
+    def check_capacity(self, memory_mib: int, snapshot_memory_bytes: int) -> None:
+        """Raise InsufficientCapacityError when this host cannot hold another MicroVM restored from
+        a snapshot holding this much memory, limited to memory_mib."""
 
     def schedule_start(self, microvm_id: str) -> None: ...
 
@@ -50,7 +51,7 @@ class IdleBuildEngine:
 class IdleMicrovmEngine:
     """No sandbox runtime: MicroVMs stay PENDING."""
 
-    def check_capacity(self, memory_mib: int) -> None:
+    def check_capacity(self, memory_mib: int, snapshot_memory_bytes: int) -> None:
         pass
 
     def schedule_start(self, microvm_id: str) -> None:

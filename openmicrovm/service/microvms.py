@@ -140,6 +140,17 @@ def _resolve_version(service: Service, context: RequestContext, identifier: str,
     return version
 
 
+def _snapshot_memory_bytes(service: Service, version: Row) -> int:
+    sizes = [
+        json.loads(row["artifacts"]).get("memorySnapshotSizeInBytes", 0)
+        for row in service.db.all(
+            "SELECT artifacts FROM builds WHERE image_arn = ? AND version_number = ? AND artifacts IS NOT NULL",
+            (version["image_arn"], version["number"]),
+        )
+    ]
+    return max(sizes, default=0)
+
+
 @operation("RunMicrovm")
 def run_microvm(service: Service, context: RequestContext, params: Params) -> Result:
     def perform() -> Result:
@@ -164,7 +175,7 @@ def run_microvm(service: Service, context: RequestContext, params: Params) -> Re
             raise QuotaExceededError(
                 "The base maximum allocated memory limit has been reached for this account."
             )
-        service.microvms.check_capacity(memory)
+        service.microvms.check_capacity(memory, _snapshot_memory_bytes(service, version))
         now = service.clock()
         microvm_id = f"microvm-{uuid.uuid4()}"
         # The endpoint has a UUID of its own, as on AWS.
@@ -180,10 +191,12 @@ def run_microvm(service: Service, context: RequestContext, params: Params) -> Re
                 "runHookPayload": payload,
             }
         )
+        policy = params.get("idlePolicy")
         db.execute(
             "INSERT INTO microvms (id, account, region, image_arn, image_version, state, state_reason, endpoint, "
-            "memory_mib, started_at, terminated_at, deadline_at, last_activity_at, suspended_at, config) "
-            "VALUES (?, ?, ?, ?, ?, 'PENDING', NULL, ?, ?, ?, NULL, ?, ?, NULL, ?)",
+            "memory_mib, started_at, terminated_at, deadline_at, last_activity_at, suspended_at, "
+            "max_idle_seconds, suspended_ttl_seconds, auto_resume, config) "
+            "VALUES (?, ?, ?, ?, ?, 'PENDING', NULL, ?, ?, ?, NULL, ?, ?, NULL, ?, ?, ?, ?)",
             (
                 microvm_id,
                 context.account,
@@ -195,6 +208,9 @@ def run_microvm(service: Service, context: RequestContext, params: Params) -> Re
                 now,
                 now + duration,
                 now,
+                policy["maxIdleDurationSeconds"] if policy else None,
+                policy["suspendedDurationSeconds"] if policy else None,
+                1 if policy and policy["autoResumeEnabled"] else 0,
                 json.dumps(run_config),
             ),
         )
@@ -314,9 +330,11 @@ def terminate_microvm(service: Service, context: RequestContext, params: Params)
         return {}
 
 
-def request_terminate(service: Service, microvm_id: str) -> bool:
-    """Any live state → TERMINATING; the engine calls the terminate hook and frees the sandbox."""
-    if not transition(service, microvm_id, LIVE_MICROVM_STATES[:-1], "TERMINATING"):
+def request_terminate(service: Service, microvm_id: str, reason: str | None = None) -> bool:
+    """Any live state → TERMINATING; the engine calls the terminate hook and frees the sandbox.
+    `reason` becomes the stateReason (a plain terminate ends with "Success.")."""
+    columns = {"state_reason": reason} if reason else {}
+    if not transition(service, microvm_id, LIVE_MICROVM_STATES[:-1], "TERMINATING", **columns):
         return False
     service.after_commit(lambda: service.microvms.schedule_terminate(microvm_id))
     return True

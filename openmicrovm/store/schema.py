@@ -64,6 +64,10 @@ MIGRATIONS: list[list[str]] = [
             deadline_at REAL NOT NULL,
             last_activity_at REAL NOT NULL,
             suspended_at REAL,
+            -- the idle policy, NULL without one
+            max_idle_seconds REAL,
+            suspended_ttl_seconds REAL,
+            auto_resume INTEGER NOT NULL DEFAULT 0,
             config TEXT NOT NULL
         )""",
         "CREATE INDEX microvms_by_owner ON microvms (account, region, started_at, id)",

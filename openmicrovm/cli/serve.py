@@ -1,10 +1,9 @@
-"""The `openmicrovm` command."""
+"""`openmicrovm serve`: run the server."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from pathlib import Path
 
@@ -30,27 +29,11 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="openmicrovm", description="Self-hosted AWS Lambda MicroVMs.")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     serve = commands.add_parser("serve", help="run the server (API and MicroVM endpoints)")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 4599)")
     serve.add_argument("--data-dir", type=Path, help="where state lives (default ~/.local/share/openmicrovm)")
-    serve.add_argument(
-        "--driver", choices=["auto", "gvisor", "process"], help="sandbox driver (default auto)"
-    )
+    serve.add_argument("--driver", choices=["auto", "gvisor", "process"], help="sandbox driver (default auto)")
     serve.add_argument("--config", type=Path, help="settings file (default <data dir>/settings.toml)")
     serve.set_defaults(run=_serve)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    raise SystemExit(args.run(args))

@@ -1,0 +1,240 @@
+"""Running buildah against a container storage of our own, without blocking the event loop.
+
+The storage lives under the cache dir (not the system's /var/lib/containers), so builds never
+touch images the host's own tools manage and the layer cache can be dropped with the cache.
+Storage driver: overlay where the kernel allows it, else vfs. Measured here on a small Dockerfile
+over the 225 MB Debian base: overlay 0.6 s per build, vfs 10-13 s (vfs copies the whole root
+filesystem for every layer) and 4x the disk.
+
+Every buildah process runs in its own process group, so RUN steps it left behind (daemons started
+in the background, a build cancelled half-way) are killed together with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from openmicrovm.builder.cleanup import run_to_completion
+
+LineSink = Callable[[str], None]
+
+_SYSTEM_REGISTRIES = Path("/etc/containers/registries.conf")
+# Docker resolves `FROM python:3.12` on Docker Hub; buildah only does so when told where to search.
+_REGISTRIES_CONF = 'unqualified-search-registries = ["docker.io"]\nshort-name-mode = "permissive"\n'
+_TERMINATE_GRACE_SECONDS = 5.0
+_TAIL_LINES = 40
+
+
+class BuildahError(Exception):
+    """buildah failed; `output` holds its last lines."""
+
+    def __init__(self, message: str, output: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.output = list(output)
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildahStore:
+    root: Path  # graph root: layers and images
+    runroot: Path  # volatile state (mount counts, locks); on tmpfs so a reboot resets it
+    driver: str  # "overlay" or "vfs"
+    registries_conf: Path | None
+
+    def command(self, *args: str) -> list[str]:
+        storage = ["--root", str(self.root), "--runroot", str(self.runroot), "--storage-driver", self.driver]
+        if self.driver == "overlay":
+            # containers/storage normally bind-mounts <root>/overlay onto itself; link(2) refuses to
+            # cross that mount, and the root filesystem export hard-links layer files (rootfs_export).
+            storage += ["--storage-opt", "overlay.skip_mount_home=true"]
+        return ["buildah", *storage, *args]
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["BUILDAH_ISOLATION"] = "chroot"  # no daemon, no OCI runtime, works on cgroup v1 hosts
+        if self.registries_conf is not None:
+            env["CONTAINERS_REGISTRIES_CONF"] = str(self.registries_conf)
+        return env
+
+
+@dataclasses.dataclass(frozen=True)
+class CommandResult:
+    returncode: int
+    tail: list[str]  # the last lines of output, stdout and stderr interleaved
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.tail)
+
+
+# Probed once per process; two concurrent first calls both probe, which is harmless.
+_stores: dict[Path, BuildahStore] = {}
+
+
+def _runroot_for(root: Path) -> Path:
+    run = Path("/run")
+    if os.geteuid() == 0 and os.access(run, os.W_OK):
+        # One runroot per storage root, so two data dirs on one host never share mount state.
+        digest = hashlib.sha256(str(root).encode()).hexdigest()[:12]
+        return run / "openmicrovm" / f"buildah-{digest}"
+    return root.parent / "run"
+
+
+def _system_registries_search_set() -> bool:
+    try:
+        text = _SYSTEM_REGISTRIES.read_text()
+    except OSError:
+        return False
+    return any(line.strip().startswith("unqualified-search-registries") for line in text.splitlines())
+
+
+def _overlay_possible() -> bool:
+    try:
+        return os.geteuid() == 0 and "overlay" in Path("/proc/filesystems").read_text()
+    except OSError:
+        return False
+
+
+def _make_store(cache_dir: Path, driver: str) -> BuildahStore:
+    base = cache_dir / "buildah" / driver
+    root = base / "storage"
+    root.mkdir(parents=True, exist_ok=True)
+    registries: Path | None = None
+    if not _system_registries_search_set():
+        registries = cache_dir / "buildah" / "registries.conf"
+        if not registries.exists() or registries.read_text() != _REGISTRIES_CONF:
+            registries.write_text(_REGISTRIES_CONF)
+    runroot = _runroot_for(root)
+    runroot.mkdir(parents=True, exist_ok=True)
+    return BuildahStore(root, runroot, driver, registries)
+
+
+async def open_store(cache_dir: Path) -> BuildahStore:
+    """The buildah storage for `cache_dir`, choosing (once per process) the driver that works:
+    $OPENMICROVM_BUILDAH_DRIVER if set, else overlay when a probe succeeds, else vfs."""
+    cache_dir = cache_dir.resolve()
+    choice = os.environ.get("OPENMICROVM_BUILDAH_DRIVER", "").strip()
+    known = _stores.get(cache_dir)
+    if known is not None and (not choice or choice == known.driver):
+        return known
+    candidates = [choice] if choice else (["overlay", "vfs"] if _overlay_possible() else ["vfs"])
+    failures: list[str] = []
+    for driver in candidates:
+        store = await asyncio.to_thread(_make_store, cache_dir, driver)
+        # `info` initialises the graph driver, which mounts a test overlay: a cheap, real probe.
+        probe = await run_buildah(store, ["info", "--format", "{{.store.GraphDriverName}}"])
+        if probe.returncode == 0:
+            _stores[cache_dir] = store
+            return store
+        failures.append(f"{driver}: {probe.text}")
+    raise BuildahError("no buildah storage driver works on this host:\n" + "\n".join(failures))
+
+
+def _split_lines(buffer: bytearray) -> tuple[list[str], bytearray]:
+    # Progress output uses carriage returns; treat them as line ends so each update is a line.
+    text = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    *complete, rest = text.split(b"\n")
+    return [line.decode("utf-8", errors="replace") for line in complete], bytearray(rest)
+
+
+async def _stop_group(process: asyncio.subprocess.Process) -> None:
+    """SIGTERM buildah (it removes its build containers), then SIGKILL whatever is left in the group."""
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), _TERMINATE_GRACE_SECONDS)
+        except TimeoutError:
+            pass
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    if process.returncode is None:
+        await process.wait()
+
+
+async def run_buildah(
+    store: BuildahStore,
+    args: Sequence[str],
+    *,
+    on_line: LineSink | None = None,
+    watchdog: Callable[[asyncio.subprocess.Process], asyncio.Future[None]] | None = None,
+) -> CommandResult:
+    """Run `buildah <args>` on `store`; each output line goes to `on_line` as it arrives.
+
+    Cancelling the caller stops buildah and its children before the CancelledError propagates.
+    """
+    process = await asyncio.create_subprocess_exec(
+        *store.command(*args),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=store.environment(),
+        start_new_session=True,
+    )
+    tail: list[str] = []
+    watcher = watchdog(process) if watchdog is not None else None
+    try:
+        assert process.stdout is not None
+        pending = bytearray()
+        while chunk := await process.stdout.read(65536):
+            pending += chunk
+            lines, pending = _split_lines(pending)
+            for line in lines:
+                tail = [*tail[-(_TAIL_LINES - 1) :], line]
+                if on_line is not None:
+                    on_line(line)
+        if pending:
+            line = pending.decode("utf-8", errors="replace")
+            tail = [*tail[-(_TAIL_LINES - 1) :], line]
+            if on_line is not None:
+                on_line(line)
+        await process.wait()
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        # Also reached on cancellation; a second cancel must not leave processes behind.
+        await run_to_completion(_stop_group(process))
+    assert process.returncode is not None
+    return CommandResult(process.returncode, tail)
+
+
+async def buildah_output(store: BuildahStore, args: Sequence[str]) -> str:
+    """Run a buildah query and return its whole standard output (warnings on stderr kept apart)."""
+    process = await asyncio.create_subprocess_exec(
+        *store.command(*args),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=store.environment(),
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = await process.communicate()
+    finally:
+        await run_to_completion(_stop_group(process))
+    if process.returncode != 0:
+        lines = stderr.decode(errors="replace").splitlines()
+        raise BuildahError(f"buildah {' '.join(args)} failed: {' '.join(lines[-5:])}", lines[-_TAIL_LINES:])
+    return stdout.decode(errors="replace")
+
+
+async def buildah_json(store: BuildahStore, args: Sequence[str]) -> object:
+    """Run a buildah query that prints JSON."""
+    return json.loads(await buildah_output(store, args) or "null")
+
+
+async def remove_container(store: BuildahStore, name: str) -> None:
+    """Unmount and remove a working container; quiet when it does not exist."""
+    await run_buildah(store, ["rm", name])
+
+
+async def list_containers(store: BuildahStore) -> list[dict[str, object]]:
+    listed = await buildah_json(store, ["containers", "--json"])
+    return [item for item in listed or [] if isinstance(item, dict)] if isinstance(listed, list) else []

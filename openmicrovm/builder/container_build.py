@@ -1,0 +1,140 @@
+"""Running the artifact's Dockerfile with `buildah bud` and explaining a failure.
+
+Layers are cached (`--layers`), so a second version whose Dockerfile starts the same way reuses
+every step up to the first change. Output streams to the build log line by line as buildah
+prints it (`STEP 3/7: RUN ...`, then that step's own output).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import signal
+import time
+from pathlib import Path
+
+from openmicrovm.builder.buildah import BuildahStore, LineSink, run_buildah
+from openmicrovm.builder.errors import CONTAINER_BUILD_FAILED, BuildFailed, disk_full
+
+# A registry that never answers must not hold a build for long (buildah's own timeouts are minutes).
+DEFAULT_PULL_TIMEOUT_SECONDS = 30.0
+_REASON_TAIL_LINES = 20
+_REASON_LINE_CHARS = 400
+
+_TRYING_TO_PULL = re.compile(r"^Trying to pull (\S+?)\.\.\.$")
+# Multi-stage builds prefix steps with the stage: "[2/2] STEP 1/15: FROM ...".
+_STEP = re.compile(r"^(?:\[\d+/\d+\] )?STEP \d+/\d+: ")
+_FROM_STEP = re.compile(r"^(?:\[\d+/\d+\] )?STEP \d+/\d+: FROM (\S+)")
+# Lines that prove the registry answered, after which the pull is a download and may take long.
+_PULL_PROGRESS = ("Getting image source signatures", "Copying blob", "Copying config", "Writing manifest")
+_PULL_FAILURE_HINTS = (
+    "creating build container",
+    "initializing source",
+    "pinging container registry",
+    "reading manifest",
+    "short-name",
+    "manifest unknown",
+    "unauthorized",
+    "requested access to the resource is denied",
+)
+
+
+class _PullWatch:
+    """Notices a `Trying to pull X...` that makes no progress and stops the build."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.pending: str | None = None
+        self.since = 0.0
+        self.stalled: str | None = None
+        self.last_from: str | None = None
+        self.last_pull: str | None = None
+
+    def on_line(self, line: str) -> None:
+        if match := _FROM_STEP.match(line):
+            self.last_from = match.group(1)
+        if match := _TRYING_TO_PULL.match(line):
+            self.pending = self.last_pull = match.group(1)
+            self.since = time.monotonic()
+        elif line.startswith(_PULL_PROGRESS) or _STEP.match(line):
+            self.pending = None
+
+    async def watch(self, process: asyncio.subprocess.Process) -> None:
+        while process.returncode is None:
+            await asyncio.sleep(0.5)
+            if self.pending is not None and time.monotonic() - self.since > self.timeout:
+                self.stalled = self.pending
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGTERM)
+                return
+
+
+def _clip(line: str) -> str:
+    return line if len(line) <= _REASON_LINE_CHARS else line[: _REASON_LINE_CHARS - 1] + "…"
+
+
+def _container_build_failed(detail: str, tail: list[str]) -> BuildFailed:
+    shown = "\n".join(_clip(line) for line in tail[-_REASON_TAIL_LINES:])
+    prefix = f"{CONTAINER_BUILD_FAILED}: The container image build failed."
+    return BuildFailed(CONTAINER_BUILD_FAILED, f"{prefix}{detail}\nLast lines of the build output:\n{shown}")
+
+
+def _failure(tail: list[str], watch: _PullWatch) -> BuildFailed:
+    if any("no space left on device" in line.lower() for line in tail):
+        return disk_full("building the container image")
+    error_lines = [line for line in tail if line.startswith("Error:")]
+    error = error_lines[-1] if error_lines else ""
+    detail = ""
+    if watch.stalled is not None:
+        detail = (
+            f" Could not get the image {watch.stalled} named in FROM: no container registry answered within "
+            f"{watch.timeout:g} seconds. Only registries reachable from this server can be used; "
+            f"`FROM public.ecr.aws/lambda/microvms:al2023-minimal` needs none."
+        )
+    elif error and any(hint in error for hint in _PULL_FAILURE_HINTS):
+        image = watch.last_pull or watch.last_from or "the FROM image"
+        detail = f" Could not get the image {image} named in FROM ({error.removeprefix('Error: ')})."
+    return _container_build_failed(detail, tail)
+
+
+async def build_image(
+    store: BuildahStore,
+    context_dir: Path,
+    iid_file: Path,
+    log: LineSink,
+    *,
+    pull_timeout: float = DEFAULT_PULL_TIMEOUT_SECONDS,
+) -> str:
+    """Build `context_dir/Dockerfile`; returns the image id. The image stays untagged: it is read
+    once to make the version's root filesystem, and its layers stay behind as the build cache."""
+    watch = _PullWatch(pull_timeout)
+
+    def on_line(line: str) -> None:
+        watch.on_line(line)
+        log(line)
+
+    iid_file.unlink(missing_ok=True)
+    arguments = [
+        *("bud", "--isolation", "chroot", "--layers", "--force-rm"),
+        # Use a local image when there is one (the base image always is); pull otherwise.
+        "--pull=false",
+        # The docker format keeps SHELL, which the OCI format drops with a warning.
+        *("--format", "docker"),
+        *("--retry", "1", "--retry-delay", "1s"),
+        *("--iidfile", str(iid_file)),
+        *("--file", str(context_dir / "Dockerfile")),
+        str(context_dir),
+    ]
+    result = await run_buildah(
+        store,
+        arguments,
+        on_line=on_line,
+        watchdog=lambda process: asyncio.ensure_future(watch.watch(process)),
+    )
+    if result.returncode != 0 or watch.stalled is not None:
+        raise _failure(result.tail, watch)
+    image_id = iid_file.read_text().strip() if iid_file.exists() else ""
+    if not image_id:
+        raise _container_build_failed(" buildah finished without naming the image it built.", result.tail)
+    return image_id.removeprefix("sha256:")

@@ -1,0 +1,144 @@
+"""One listening socket for the API and every MicroVM endpoint.
+
+The first request head of each connection decides who owns the connection: a Host naming a
+MicroVM endpoint (`<uuid>.lambda-microvm.<region>.localhost[:port]`) goes to the proxy, which
+relays bytes without re-encoding them; everything else (the API, `/metrics`, the shell
+WebSocket) is handed, with the bytes already read, to the aiohttp server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable
+
+from aiohttp import web
+
+from openmicrovm.endpoint.backend import EndpointBackend
+from openmicrovm.endpoint.http1 import MAX_HEAD_BYTES, ProtocolError, read_head, simple_response
+from openmicrovm.endpoint.proxy import HEAD_TIMEOUT, Counters, EndpointConnection
+
+ENDPOINT_HOST = re.compile(
+    r"(?P<host>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\.lambda-microvm\.[a-z0-9-]+\.localhost)"
+    r"\.?(?::[0-9]{1,5})?",
+    re.IGNORECASE,
+)
+_HOST_LINE = re.compile(rb"\r\nhost:[ \t]*([^\r\n]*)", re.IGNORECASE)
+_SHELL_TARGET = re.compile(rb"^GET /shell(?:\?[^ ]*)? HTTP/1\.1\r\n")
+
+
+def endpoint_hostname(host_header: str | None) -> str | None:
+    """The endpoint hostname a Host header names, or None for anything else (the API)."""
+    if not host_header:
+        return None
+    match = ENDPOINT_HOST.fullmatch(host_header.strip())
+    return match["host"].lower() if match else None
+
+
+def _is_shell(head: bytes) -> bool:
+    """The shell WebSocket (`/shell` on port 8022, spec §5.6) is served by us, not by the app."""
+    if not _SHELL_TARGET.match(head):
+        return False
+    lowered = head.lower()
+    explicit = re.search(rb"\r\nx-aws-proxy-port:[ \t]*([0-9]+)", lowered) or re.search(
+        rb"lambda-microvms\.port\.([0-9]+)", lowered
+    )
+    return b"upgrade: websocket" in lowered and (explicit is None or explicit.group(1) == b"8022")
+
+
+class _FirstHead(asyncio.Protocol):
+    """Holds a new connection's bytes until its first request head is complete, then gives the
+    connection to its owner: the endpoint proxy, or aiohttp. A low-level protocol rather than
+    asyncio streams, because a StreamWriter closes its transport when garbage-collected, which
+    would cut connections handed over to aiohttp."""
+
+    def __init__(self, door: FrontDoor) -> None:
+        self.door = door
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, transport.close)  # slowloris
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.buffer += data
+        while self.buffer[:2] == b"\r\n":  # blank lines before a request line are allowed
+            del self.buffer[:2]
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.buffer) > MAX_HEAD_BYTES:
+                self.transport.write(simple_response(400, "Bad Request", b"request head too large", close=True))
+                self.transport.close()
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+        head = bytes(self.buffer[: end + 4])
+        hosts = _HOST_LINE.findall(head)
+        hostname = endpoint_hostname(hosts[0].decode("latin-1")) if len(hosts) == 1 else None
+        if hostname is not None and not _is_shell(head):
+            self.door.serve_endpoint(self.transport, hostname, bytes(self.buffer))
+        else:
+            self.door.hand_to_app(self.transport, bytes(self.buffer))
+
+
+class FrontDoor:
+    def __init__(self, app_server: Callable[[], asyncio.Protocol], backend: EndpointBackend, counters: Counters) -> None:
+        self.app_server = app_server  # aiohttp's protocol factory (web.Server)
+        self.backend = backend
+        self.counters = counters
+        self._connections: set[asyncio.Task[None]] = set()
+
+    def protocol(self) -> asyncio.Protocol:
+        return _FirstHead(self)
+
+    def hand_to_app(self, transport: asyncio.Transport, received: bytes) -> None:
+        protocol = self.app_server()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        protocol.data_received(received)
+
+    def serve_endpoint(self, transport: asyncio.Transport, hostname: str, received: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=MAX_HEAD_BYTES, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        protocol.data_received(received)
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        task = loop.create_task(self._serve(EndpointConnection(self.backend, hostname, reader, writer, self.counters)))
+        self._connections.add(task)
+        task.add_done_callback(self._connections.discard)
+
+    async def _serve(self, connection: EndpointConnection) -> None:
+        try:
+            head = await read_head(connection.reader)
+        except ProtocolError:
+            connection.writer.close()
+            return
+        if head is not None:
+            await connection.serve(head)
+        else:
+            connection.writer.close()
+
+    async def close(self) -> None:
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+
+
+async def start_front_door(
+    runner: web.AppRunner, backend: EndpointBackend, counters: Counters, host: str, port: int
+) -> tuple[asyncio.Server, FrontDoor]:
+    server = runner.server
+    assert server is not None
+    door = FrontDoor(server, backend, counters)
+    listener = await asyncio.get_running_loop().create_server(door.protocol, host, port, reuse_address=True)
+    return listener, door

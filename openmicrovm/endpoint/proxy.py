@@ -1,0 +1,316 @@
+"""The data plane: one MicroVM endpoint connection, proxied to the app inside the sandbox
+(spec §5.3, appendix B).
+
+Per request: check the token (header or WebSocket subprotocol), choose the port (X-aws-proxy-port,
+then the lambda-microvms.port.N subprotocol, then 8080), make sure the MicroVM is running
+(holding the request through PENDING or an auto-resume), strip every X-aws-proxy-* header and our
+subprotocols, and relay the request and the response as bytes, unbuffered. An upgrade (WebSocket,
+h2c) becomes a raw tunnel. Every relayed byte counts as activity for the idle timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from openmicrovm.endpoint.backend import EndpointBackend, Target, Unreachable
+from openmicrovm.endpoint.http1 import (
+    Framing,
+    Head,
+    ProtocolError,
+    parse_head,
+    pipe,
+    read_head,
+    relay_body,
+    request_framing,
+    response_framing,
+    simple_response,
+)
+from openmicrovm.runtime.driver import PortNotListening
+from openmicrovm.service.token_seal import TokenClaims, TokenError
+
+log = logging.getLogger("openmicrovm.endpoint")
+
+DEFAULT_PORT = 8080
+HEAD_TIMEOUT = 30.0  # a client gets this long to send a request head (slowloris)
+AUTH_HEADER = "x-aws-proxy-auth"
+PORT_HEADER = "x-aws-proxy-port"
+SUBPROTOCOL_PREFIX = "lambda-microvms"
+MISSING_AUTH = b"Request missing authentication"
+AUTH_FAILED = b"Token authentication failed"
+
+
+class Refusal(Exception):
+    """Answer the client with this response instead of proxying."""
+
+    def __init__(self, status: int, reason: str, body: bytes = b"", close: bool = False) -> None:
+        super().__init__(f"{status} {reason}")
+        self.status, self.reason, self.body, self.close = status, reason, body, close
+
+    def response(self, close: bool) -> bytes:
+        return simple_response(self.status, self.reason, self.body, close)
+
+
+@dataclass
+class Counters:
+    """Observers of endpoint traffic: (microvm_id, bytes) per relayed piece, and per request."""
+
+    on_bytes: Callable[[str, int], None] = lambda _vm, _n: None
+    on_request: Callable[[str, int], None] = lambda _vm, _status: None
+
+
+def _subprotocols(head: Head) -> list[str]:
+    return [p.strip() for v in head.get_all("sec-websocket-protocol") for p in v.split(",") if p.strip()]
+
+
+def _token(head: Head) -> str | None:
+    values = head.get_all(AUTH_HEADER)
+    if len(values) > 1:
+        raise Refusal(400, "Bad Request", b"more than one X-aws-proxy-auth header")
+    if values:
+        return values[0]
+    for protocol in _subprotocols(head):
+        if protocol.startswith(f"{SUBPROTOCOL_PREFIX}.authentication."):
+            return protocol[len(f"{SUBPROTOCOL_PREFIX}.authentication.") :]
+    return None
+
+
+def choose_port(head: Head) -> int:
+    values = head.get_all(PORT_HEADER)
+    text = None
+    if len(values) > 1:
+        raise Refusal(400, "Bad Request", b"more than one X-aws-proxy-port header")
+    if values:
+        text = values[0].strip()
+    else:
+        for protocol in _subprotocols(head):
+            if protocol.startswith(f"{SUBPROTOCOL_PREFIX}.port."):
+                text = protocol[len(f"{SUBPROTOCOL_PREFIX}.port.") :]
+                break
+    if text is None:
+        return DEFAULT_PORT
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise Refusal(400, "Bad Request", b"invalid port")
+    return int(text)
+
+
+def authorize(backend: EndpointBackend, target: Target | None, head: Head, kind: str, port: int) -> TokenClaims:
+    token = _token(head)
+    if not token:
+        raise Refusal(403, "Forbidden", MISSING_AUTH)
+    try:
+        claims = backend.service.keyring.open(token.strip())
+    except TokenError:
+        raise Refusal(403, "Forbidden", MISSING_AUTH) from None
+    if target is None or claims.microvm_id != target.microvm_id or claims.account != target.account:
+        raise Refusal(403, "Forbidden", AUTH_FAILED)
+    if claims.kind != kind:
+        raise Refusal(403, "Forbidden", AUTH_FAILED)
+    if claims.expires_at <= backend.service.clock():
+        raise Refusal(403, "Forbidden", b"Token expired")
+    if not claims.allows_port(port):
+        raise Refusal(403, "Forbidden", f"Port {port} is not allowed by this token".encode())
+    return claims
+
+
+def _strip_for_app(head: Head, request_id: str) -> None:
+    """Remove everything of ours before the app sees the request (spec §5.3)."""
+    head.remove(lambda name: name.startswith("x-aws-proxy-"))
+    protocols = [p for p in _subprotocols(head) if p != SUBPROTOCOL_PREFIX and not p.startswith(f"{SUBPROTOCOL_PREFIX}.")]
+    head.remove(lambda name: name == "sec-websocket-protocol" or name == "x-amzn-requestid")
+    if protocols:
+        head.headers.append(("Sec-WebSocket-Protocol", ", ".join(protocols)))
+    head.headers.append(("x-amzn-RequestId", request_id))
+
+
+class EndpointConnection:
+    """Serves the requests of one client connection to one MicroVM endpoint."""
+
+    def __init__(
+        self,
+        backend: EndpointBackend,
+        hostname: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        counters: Counters,
+    ) -> None:
+        self.backend = backend
+        self.hostname = hostname
+        self.reader = reader
+        self.writer = writer
+        self.counters = counters
+        # An idle upstream connection kept for the next request: (port, reader, writer).
+        self._upstream: tuple[int, asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def serve(self, first_head: bytes) -> None:
+        data: bytes | None = first_head
+        try:
+            while data is not None:
+                keep_alive = await self._one(data)
+                if not keep_alive:
+                    break
+                try:
+                    data = await asyncio.wait_for(read_head(self.reader), HEAD_TIMEOUT)
+                except (TimeoutError, ProtocolError):
+                    break
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self._drop_upstream()
+            with contextlib.suppress(ConnectionError, OSError):
+                self.writer.close()
+
+    def _drop_upstream(self) -> None:
+        if self._upstream is not None:
+            self._upstream[2].close()
+            self._upstream = None
+
+    async def _upstream_for(
+        self, microvm_id: str, port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
+        """A connection to the app: the one kept from the last request when it is still open
+        (third item True), else a new one."""
+        if self._upstream is not None:
+            kept_port, reader, writer = self._upstream
+            self._upstream = None
+            if kept_port == port and not reader.at_eof() and not writer.is_closing():
+                return reader, writer, True
+            writer.close()
+        reader, writer = await self.backend.connect(microvm_id, port)
+        return reader, writer, False
+
+    async def _one(self, data: bytes) -> bool:
+        """Proxy one request; True when the client connection can carry another."""
+        try:
+            head = parse_head(data, request=True)
+        except ProtocolError as error:
+            self.writer.write(simple_response(400, "Bad Request", str(error).encode(), close=True))
+            return False
+        target = self.backend.lookup(self.hostname)
+        try:
+            hosts = head.get_all("host")
+            if len(hosts) != 1:
+                raise Refusal(400, "Bad Request", b"exactly one Host header is required", close=True)
+            framing = request_framing(head)
+            port = choose_port(head)
+            authorize(self.backend, target, head, "endpoint", port)
+            assert target is not None
+            if "NO_INGRESS" in target.ingress:
+                raise Refusal(403, "Forbidden", AUTH_FAILED)
+            try:
+                await self.backend.ready(target)
+            except Unreachable:
+                raise Refusal(502, "Bad Gateway", close=True) from None
+            return await self._proxy(target, head, framing, port)
+        except ProtocolError as error:
+            self.writer.write(simple_response(400, "Bad Request", str(error).encode(), close=True))
+            return False
+        except Refusal as refusal:
+            # A refused request's body is not read: the connection ends instead.
+            close = refusal.close or _has_body(head) or not _client_keeps_alive(head)
+            self.writer.write(refusal.response(close))
+            await self.writer.drain()
+            if target is not None:
+                self.counters.on_request(target.microvm_id, refusal.status)
+            return not close
+
+    async def _proxy(self, target: Target, head: Head, framing: Framing, port: int) -> bool:
+        vm = target.microvm_id
+        request_id = str(uuid.uuid4())
+        method = head.start[0]
+        client_keep_alive = _client_keeps_alive(head)
+        upgrade = "upgrade" in head.connection_tokens()
+        _strip_for_app(head, request_id)
+
+        def count(piece: bytes) -> None:
+            self.backend.record_activity(vm)
+            self.counters.on_bytes(vm, len(piece))
+
+        serialized = head.serialize()
+        for attempt in (1, 2):
+            try:
+                up_reader, up_writer, reused = await self._upstream_for(vm, port)
+            except (PortNotListening, Unreachable):
+                raise Refusal(502, "Bad Gateway") from None
+            up_writer.write(serialized)
+            count(serialized)
+            sending = asyncio.ensure_future(relay_body(framing, self.reader, up_writer, count))
+            try:
+                raw, response, status = await self._response_head(up_reader, count)
+            except BaseException:
+                sending.cancel()
+                up_writer.close()
+                raise
+            if raw is not None:
+                break
+            sending.cancel()
+            up_writer.close()
+            # A kept connection the app had closed: one fresh try when nothing of the body went.
+            if not (reused and attempt == 1 and framing.kind == "none"):
+                raise Refusal(502, "Bad Gateway", close=True)
+        assert raw is not None and response is not None
+        self.counters.on_request(vm, status)
+        self.writer.write(raw)
+        count(raw)
+        if status == 101 and upgrade:
+            await self._tunnel(up_reader, up_writer, count, sending)
+            return False
+        body = response_framing(response, method)
+        await relay_body(body, up_reader, self.writer, count)
+        try:
+            await asyncio.wait_for(sending, HEAD_TIMEOUT)
+        except (TimeoutError, ProtocolError):
+            up_writer.close()
+            return False
+        upstream_reusable = body.kind != "close" and "close" not in response.connection_tokens()
+        if upstream_reusable:
+            self._upstream = (port, up_reader, up_writer)
+        else:
+            up_writer.close()
+        return client_keep_alive and body.kind != "close"
+
+    async def _response_head(
+        self, up_reader: asyncio.StreamReader, count: Callable[[bytes], None]
+    ) -> tuple[bytes | None, Head | None, int]:
+        """The app's final response head, passing interim 1xx responses (100 Continue) on;
+        (None, None, 0) when the app closed without answering."""
+        while True:
+            try:
+                raw = await read_head(up_reader)
+            except ProtocolError:
+                raw = None
+            if raw is None:
+                return None, None, 0
+            response = parse_head(raw, request=False)
+            status = int(response.start[1])
+            if 100 <= status < 200 and status != 101:
+                self.writer.write(raw)
+                count(raw)
+                continue
+            return raw, response, status
+
+    async def _tunnel(self, up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter,
+                      count: Callable[[bytes], None], sending: asyncio.Future[None]) -> None:
+        sending.cancel()
+        # Bytes the client sent after its upgrade request may already be buffered in our reader.
+        await asyncio.gather(pipe(self.reader, up_writer, count), pipe(up_reader, self.writer, count))
+        up_writer.close()
+
+
+def _client_keeps_alive(head: Head) -> bool:
+    tokens = head.connection_tokens()
+    if head.start[2] == "HTTP/1.0":
+        return "keep-alive" in tokens
+    return "close" not in tokens
+
+
+def _has_body(head: Head) -> bool:
+    try:
+        framing = request_framing(head)
+    except ProtocolError:
+        return True
+    return framing.kind != "none" and not (framing.kind == "length" and framing.length == 0)

@@ -1,0 +1,165 @@
+"""Runs image builds in the background and reports to the service (the BuildEngine seam).
+
+Builds run at most `quotas.concurrent_builds` at a time; the rest wait PENDING. A build that was
+running when the server stopped is started again from the beginning at the next start, so no
+build stays IN_PROGRESS forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from openmicrovm.builder.errors import INTERNAL_PLATFORM_ERROR, BuildFailed
+from openmicrovm.builder.outputs import delete_build_outputs_async
+from openmicrovm.builder.pipeline import BuildRequest, run_build
+from openmicrovm.builder.unpack import UnpackLimits
+from openmicrovm.logs.store import LogStore
+from openmicrovm.runtime.driver import SandboxDriver
+from openmicrovm.service import builds as build_records
+from openmicrovm.service import versions as version_records
+from openmicrovm.service.core import Service
+from openmicrovm.service.image_config import memory_mib
+
+log = logging.getLogger("openmicrovm.builds")
+
+
+class BuildEngine:
+    def __init__(self, service: Service, driver: SandboxDriver, logs: LogStore) -> None:
+        self.service = service
+        self.driver = driver
+        self.logs = logs
+        self.builds_dir = service.settings.data_dir / "builds"
+        self.work_dir = service.settings.data_dir / "work"
+        self._slots = asyncio.Semaphore(max(service.settings.quotas.concurrent_builds, 1))
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._running: dict[str, asyncio.Task[None]] = {}
+
+    # -- the seam -------------------------------------------------------------------------------
+    def schedule_build(self, build_id: str) -> None:
+        if build_id not in self._running:
+            self._running[build_id] = self._spawn(self._build(build_id))
+
+    def schedule_version_deletion(self, image_arn: str, version_number: int) -> None:
+        self._spawn(self._delete_version(image_arn, version_number))
+
+    def schedule_image_deletion(self, image_arn: str) -> None:
+        self._spawn(self._delete_image(image_arn))
+
+    # -- start-up and shut-down ----------------------------------------------------------------
+    def resume_pending_work(self) -> None:
+        """Restart interrupted builds and finish interrupted deletions (called at start-up)."""
+        for build_id in build_records.unfinished_build_ids(self.service):
+            self.schedule_build(build_id)
+        db = self.service.db
+        for row in db.all("SELECT arn FROM images WHERE state = 'DELETING'"):
+            self.schedule_image_deletion(row["arn"])
+        for row in db.all(
+            "SELECT v.image_arn, v.number FROM versions v JOIN images i ON i.arn = v.image_arn "
+            "WHERE v.state = 'DELETING' AND i.state != 'DELETING'"
+        ):
+            self.schedule_version_deletion(row["image_arn"], row["number"])
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _spawn(self, work: Any) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- building ------------------------------------------------------------------------------
+    def output_dir(self, build_id: str) -> Path:
+        return self.builds_dir / build_id
+
+    async def _build(self, build_id: str) -> None:
+        try:
+            async with self._slots:
+                await self._build_now(build_id)
+        finally:
+            self._running.pop(build_id, None)
+
+    async def _build_now(self, build_id: str) -> None:
+        job = build_records.load_build_job(self.service, build_id)
+        if job is None or not build_records.build_started(self.service, build_id):
+            return
+        stream = f"builds/{build_id}"
+        logging_disabled = "disabled" in (job.config.get("logging") or {})
+
+        def write(line: str) -> None:
+            if not logging_disabled:
+                self.logs.append(stream, line)
+
+        output = self.output_dir(build_id)
+        work = self.work_dir / build_id
+        # A build interrupted by a restart starts over from a clean slate.
+        shutil.rmtree(work, ignore_errors=True)
+        await delete_build_outputs_async(output)
+        request = BuildRequest(
+            build_id=build_id,
+            image_arn=job.image_arn,
+            image_name=job.image_name,
+            image_version=job.version,
+            region=job.region,
+            architecture=job.architecture,
+            code_uri=job.config["codeArtifact"]["uri"],
+            environment=dict(job.config.get("environmentVariables") or {}),
+            hooks=job.config.get("hooks"),
+            memory_mib=memory_mib(job.config),
+            all_capabilities="ALL" in (job.config.get("additionalOsCapabilities") or []),
+            work_dir=work,
+            output_dir=output,
+            cache_dir=self.service.settings.cache_dir,
+            limits=UnpackLimits(
+                max_total_bytes=self.service.settings.max_artifact_bytes,
+                max_files=self.service.settings.max_artifact_files,
+            ),
+        )
+        write(f"build {build_id} of {job.image_arn} version {job.version} ({job.architecture}) started")
+        try:
+            result = await run_build(request, self.driver, write, lambda stage: write(f"stage: {stage}"))
+        except BuildFailed as failure:
+            write(f"build failed: {failure.state_reason}")
+            build_records.build_finished(self.service, build_id, False, failure.state_reason, None)
+            await delete_build_outputs_async(output)
+            return
+        except asyncio.CancelledError:
+            raise  # server shutting down: the build is restarted at the next start
+        except Exception as error:
+            log.exception("build %s crashed", build_id)
+            reason = f"{INTERNAL_PLATFORM_ERROR}: the build stopped on an internal error ({error}); try again."
+            write(f"build failed: {reason}")
+            build_records.build_finished(self.service, build_id, False, reason, None)
+            await delete_build_outputs_async(output)
+            return
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        write("build succeeded")
+        build_records.build_finished(self.service, build_id, True, None, result.to_record())
+
+    # -- deleting ------------------------------------------------------------------------------
+    async def _delete_builds(self, rows: list[Any]) -> None:
+        for row in rows:
+            running = self._running.get(row["build_id"])
+            if running is not None:
+                running.cancel()
+            await delete_build_outputs_async(self.output_dir(row["build_id"]))
+            self.logs.delete(f"builds/{row['build_id']}")
+
+    async def _delete_version(self, image_arn: str, number: int) -> None:
+        rows = self.service.db.all(
+            "SELECT build_id FROM builds WHERE image_arn = ? AND version_number = ?", (image_arn, number)
+        )
+        await self._delete_builds(rows)
+        version_records.version_deleted(self.service, image_arn, number)
+
+    async def _delete_image(self, image_arn: str) -> None:
+        rows = self.service.db.all("SELECT build_id FROM builds WHERE image_arn = ?", (image_arn,))
+        await self._delete_builds(rows)
+        version_records.image_deleted(self.service, image_arn)

@@ -1,0 +1,264 @@
+"""Runs MicroVMs: restores them from their version's snapshot, calls their lifecycle hooks,
+suspends, resumes and terminates them, and reports every state change to the service.
+
+Operations on one MicroVM are serialised by a per-MicroVM lock; the state in the store is
+changed by compare-and-set, so an operation that lost a race (a terminate arrived while a
+resume was running) simply finds the state moved on and stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from openmicrovm.lifecycle.hook_calls import call_lifecycle_hook
+from openmicrovm.logs.store import LogStore
+from openmicrovm.runtime.driver import DriverError, Sandbox, SandboxDriver
+from openmicrovm.service import microvms as records
+from openmicrovm.service.core import Service
+from openmicrovm.service.errors import InsufficientCapacityError
+from openmicrovm.service.managed import host_architecture
+
+log = logging.getLogger("openmicrovm.microvms")
+SUCCESS = "Success."
+
+
+def _mem_available_mib() -> int:
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    return 0
+
+
+@dataclass
+class _Live:
+    """What the engine knows of one MicroVM it manages."""
+
+    sandbox: Sandbox | None = None
+    lock: asyncio.Lock | None = None
+    resuming: asyncio.Future[bool] | None = None
+
+
+class MicrovmEngine:
+    def __init__(self, service: Service, driver: SandboxDriver, logs: LogStore) -> None:
+        self.service = service
+        self.driver = driver
+        self.logs = logs
+        self._live: dict[str, _Live] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        # Observers of state changes (metrics, the endpoint); called with (microvm_id, state).
+        self.listeners: list[Callable[[str, str], None]] = []
+
+    # -- the seam -------------------------------------------------------------------------------
+    def check_capacity(self, memory_mib: int, snapshot_memory_bytes: int) -> None:
+        """A restore needs about the snapshot's memory now; the memory tier is its ceiling."""
+        needed = max(snapshot_memory_bytes // (1024 * 1024), 32)
+        spare = _mem_available_mib() - self.service.settings.host_memory_reserve_mib
+        if spare < needed:
+            raise InsufficientCapacityError(
+                f"This host has {max(spare, 0)} MiB of memory to spare and a new MicroVM of this image needs about "
+                f"{needed} MiB ({memory_mib} MiB at most). Terminate or suspend MicroVMs, or try again later."
+            )
+
+    def schedule_start(self, microvm_id: str) -> None:
+        self._spawn(self._locked(microvm_id, self._start))
+
+    def schedule_suspend(self, microvm_id: str) -> None:
+        self._spawn(self._locked(microvm_id, self._suspend))
+
+    def schedule_resume(self, microvm_id: str) -> None:
+        self._spawn(self.resume(microvm_id))
+
+    def schedule_terminate(self, microvm_id: str) -> None:
+        self._spawn(self._locked(microvm_id, self._terminate))
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _spawn(self, work: Awaitable[Any]) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(work)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _entry(self, microvm_id: str) -> _Live:
+        entry = self._live.get(microvm_id)
+        if entry is None:
+            entry = self._live[microvm_id] = _Live(lock=asyncio.Lock())
+        return entry
+
+    async def _locked(self, microvm_id: str, operation: Callable[[str, _Live], Awaitable[None]]) -> None:
+        entry = self._entry(microvm_id)
+        assert entry.lock is not None
+        async with entry.lock:
+            try:
+                await operation(microvm_id, entry)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                log.exception("%s: %s failed", microvm_id, operation.__name__)
+                await self._fail(microvm_id, entry, f"The MicroVM stopped on an internal error: {error}")
+
+    def _row(self, microvm_id: str) -> Any:
+        return self.service.db.one("SELECT * FROM microvms WHERE id = ?", (microvm_id,))
+
+    def _version_config(self, row: Any) -> dict[str, Any]:
+        version = self.service.db.one(
+            "SELECT config FROM versions WHERE image_arn = ? AND number = ?",
+            (row["image_arn"], int(row["image_version"].split(".")[0])),
+        )
+        return json.loads(version["config"]) if version else {}
+
+    def snapshot_dir(self, row: Any) -> Path | None:
+        build = self.service.db.one(
+            "SELECT artifacts FROM builds WHERE image_arn = ? AND version_number = ? AND architecture = ? "
+            "AND state = 'SUCCESSFUL'",
+            (row["image_arn"], int(row["image_version"].split(".")[0]), host_architecture()),
+        )
+        if build is None or not build["artifacts"]:
+            return None
+        return Path(json.loads(build["artifacts"])["snapshotDir"])
+
+    def _event(self, microvm_id: str, message: str) -> None:
+        row = self._row(microvm_id)
+        config = json.loads(row["config"]) if row else {}
+        if "disabled" not in (config.get("logging") or {}):
+            self.logs.append(f"microvms/{microvm_id}", message)
+
+    def _changed(self, microvm_id: str, state: str) -> None:
+        self._event(microvm_id, f"state: {state}")
+        for listener in self.listeners:
+            listener(microvm_id, state)
+
+    async def _destroy(self, entry: _Live) -> None:
+        if entry.sandbox is not None:
+            sandbox, entry.sandbox = entry.sandbox, None
+            try:
+                await self.driver.destroy(sandbox)
+            except DriverError:
+                log.exception("destroying %s failed", sandbox.sandbox_id)
+
+    async def _fail(self, microvm_id: str, entry: _Live, reason: str) -> None:
+        """Terminate after a failure: the sandbox goes, the record says why."""
+        await self._destroy(entry)
+        if records.mark_terminated(self.service, microvm_id, reason):
+            self._changed(microvm_id, "TERMINATED")
+        self._live.pop(microvm_id, None)
+
+    def adopt(self, microvm_id: str, sandbox: Sandbox) -> None:
+        """Take charge of a sandbox found at start-up (see recovery.py)."""
+        self._entry(microvm_id).sandbox = sandbox
+
+    def sandbox(self, microvm_id: str) -> Sandbox | None:
+        entry = self._live.get(microvm_id)
+        return entry.sandbox if entry else None
+
+    # -- operations -----------------------------------------------------------------------------
+    async def _start(self, microvm_id: str, entry: _Live) -> None:
+        row = self._row(microvm_id)
+        if row is None or row["state"] != "PENDING":
+            return
+        snapshot = self.snapshot_dir(row)
+        if snapshot is None:
+            await self._fail(microvm_id, entry, "The image version's snapshot for this host is missing.")
+            return
+        try:
+            entry.sandbox = await self.driver.restore(microvm_id, snapshot)
+        except DriverError as error:
+            await self._fail(microvm_id, entry, f"The MicroVM could not be restored from its snapshot: {error}")
+            return
+        config = json.loads(row["config"])
+        outcome = await call_lifecycle_hook(
+            self.driver, entry.sandbox, self._version_config(row), "run",
+            {"microvmId": microvm_id, "runHookPayload": config.get("runHookPayload") or ""},
+        )
+        if not outcome.ok:
+            await self._fail(microvm_id, entry, outcome.reason or "Run lifecycle hook failed.")
+            return
+        config["runHookPayload"] = None  # delivered; it may be sensitive, so it is not kept
+        now = self.service.clock()
+        if records.transition(
+            self.service, microvm_id, ("PENDING",), "RUNNING", last_activity_at=now, config=json.dumps(config)
+        ):
+            self._changed(microvm_id, "RUNNING")
+
+    async def _suspend(self, microvm_id: str, entry: _Live) -> None:
+        row = self._row(microvm_id)
+        if row is None or row["state"] != "SUSPENDING" or entry.sandbox is None:
+            return
+        outcome = await call_lifecycle_hook(self.driver, entry.sandbox, self._version_config(row), "suspend")
+        if not outcome.ok:
+            # The live service terminates a MicroVM whose suspend hook fails (spec §5.7).
+            await self._fail(microvm_id, entry, outcome.reason or "Suspend lifecycle hook failed.")
+            return
+        await self.driver.suspend(entry.sandbox)
+        if records.transition(
+            self.service, microvm_id, ("SUSPENDING",), "SUSPENDED", suspended_at=self.service.clock()
+        ):
+            self._changed(microvm_id, "SUSPENDED")
+
+    async def resume(self, microvm_id: str) -> bool:
+        """Resume a SUSPENDED MicroVM; concurrent callers (API, auto-resume) share one resume.
+        True when the MicroVM is RUNNING afterwards."""
+        entry = self._entry(microvm_id)
+        if entry.resuming is not None:
+            return await asyncio.shield(entry.resuming)
+        entry.resuming = asyncio.get_running_loop().create_future()
+        try:
+            await self._locked(microvm_id, self._resume)
+            row = self._row(microvm_id)
+            result = row is not None and row["state"] == "RUNNING"
+            entry.resuming.set_result(result)
+            return result
+        except BaseException as error:
+            entry.resuming.set_exception(error)
+            raise
+        finally:
+            entry.resuming = None
+
+    async def _resume(self, microvm_id: str, entry: _Live) -> None:
+        row = self._row(microvm_id)
+        if row is None or row["state"] != "SUSPENDED" or entry.sandbox is None:
+            return
+        try:
+            await self.driver.resume(entry.sandbox)
+        except DriverError as error:
+            await self._fail(microvm_id, entry, f"The MicroVM could not be resumed: {error}")
+            return
+        outcome = await call_lifecycle_hook(self.driver, entry.sandbox, self._version_config(row), "resume")
+        if not outcome.ok:
+            await self._fail(microvm_id, entry, outcome.reason or "Resume lifecycle hook failed.")
+            return
+        now = self.service.clock()
+        if records.transition(
+            self.service, microvm_id, ("SUSPENDED",), "RUNNING", suspended_at=None, last_activity_at=now
+        ):
+            self._changed(microvm_id, "RUNNING")
+
+    async def _terminate(self, microvm_id: str, entry: _Live) -> None:
+        row = self._row(microvm_id)
+        if row is None or row["state"] != "TERMINATING":
+            return
+        suspended = row["suspended_at"] is not None
+        if entry.sandbox is not None and not suspended:
+            # Best effort, bounded by the hook's timeout; termination goes on whatever it answers.
+            outcome = await call_lifecycle_hook(self.driver, entry.sandbox, self._version_config(row), "terminate")
+            if not outcome.ok:
+                self._event(microvm_id, f"terminate hook: {outcome.reason}")
+        await self._destroy(entry)
+        if records.transition(
+            self.service, microvm_id, ("TERMINATING",), "TERMINATED",
+            state_reason=row["state_reason"] or SUCCESS, terminated_at=self.service.clock(),
+        ):
+            self._changed(microvm_id, "TERMINATED")
+        self._live.pop(microvm_id, None)
+
+    async def close(self) -> None:
+        """Server shut-down: stop background work; sandboxes stay for the next start to adopt."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,88 @@
+"""Building the small C helpers: the guest agent (agent/agent.c) and the host shim (agent/shim.c).
+
+Both are static binaries, so the agent runs in any image whatever its libc. Each is cached under
+<cache_dir>/<name>/<hash of source and flags>/<binary>, so a changed source gets a new path and
+snapshots made with an older agent keep theirs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import hashlib
+import os
+import shutil
+from importlib import resources
+from pathlib import Path
+from typing import TextIO
+
+from . import proc
+from .driver import DriverError
+
+COMPILER_FLAGS = ("-static", "-O2", "-Wall", "-Wextra", "-Werror")
+AGENT = "agent"
+SHIM = "shim"
+_BINARY_NAMES = {AGENT: "omv-agent", SHIM: "omv-shim"}
+
+
+def source(name: str = AGENT) -> bytes:
+    return resources.files("openmicrovm.runtime").joinpath(f"agent/{name}.c").read_bytes()
+
+
+def binary_path(cache_dir: Path, name: str = AGENT) -> Path:
+    digest = hashlib.sha256(source(name) + " ".join(COMPILER_FLAGS).encode()).hexdigest()[:16]
+    return cache_dir / name / digest / _BINARY_NAMES[name]
+
+
+def compiler() -> str | None:
+    return shutil.which("gcc") or shutil.which("cc")
+
+
+async def ensure_agent(cache_dir: Path) -> Path:
+    return await ensure_binary(cache_dir, AGENT)
+
+
+async def ensure_shim(cache_dir: Path) -> Path:
+    return await ensure_binary(cache_dir, SHIM)
+
+
+async def ensure_binary(cache_dir: Path, name: str) -> Path:
+    """The binary, compiled on first use. A file lock serialises builders, across processes and
+    across tasks alike (each task locks its own open file, taken in a thread)."""
+    target = binary_path(cache_dir, name)
+    if target.is_file():
+        return target
+    cc = compiler()
+    if cc is None:
+        raise DriverError("openmicrovm needs a C compiler for its helpers: apt-get install gcc libc6-dev")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    file_lock = await asyncio.to_thread(_lock, target.parent / ".lock")
+    try:
+        if target.is_file():
+            return target
+        work = target.parent / f".build-{os.getpid()}"
+        work.mkdir(exist_ok=True)
+        try:
+            (work / f"{name}.c").write_bytes(source(name))
+            result = await proc.run(
+                [cc, *COMPILER_FLAGS, "-o", str(work / target.name), str(work / f"{name}.c")],
+                check=False,
+                timeout=120,
+            )
+            if result.returncode != 0:
+                raise DriverError(
+                    f"cannot build {target.name} (static glibc is in libc6-dev): {result.describe()}"
+                )
+            # rename() makes the binary appear complete or not at all.
+            os.rename(work / target.name, target)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    finally:
+        file_lock.close()
+    return target
+
+
+def _lock(path: Path) -> TextIO:
+    handle = open(path, "w")  # the caller closes it to release the lock
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle

@@ -1,0 +1,444 @@
+"""What both drivers share: state directories, records, admission, the agent, teardown.
+
+Layout under a driver's state root:
+    sandboxes/<sandbox id>/record.json   what the sandbox is (spec, agent secret, state)
+    sandboxes/<sandbox id>/app.log       the app's stdout and stderr
+    sandboxes/<sandbox id>/...           driver-specific (bundle, writable layer, suspend image)
+A snapshot directory holds snapshot.json plus driver-specific files; it belongs to the caller and
+is never removed by a driver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from . import agent_client, cgroups, names, netns, proc, rootfs
+from .agent_client import AgentAddress
+from .driver import (
+    AppStatus,
+    DriverError,
+    ProcessConfig,
+    PtySession,
+    Sandbox,
+    SandboxDriver,
+    SandboxSpec,
+    SandboxStats,
+    SnapshotError,
+)
+from .host import MIB, MemoryGate
+
+log = logging.getLogger("openmicrovm.runtime")
+
+SNAPSHOT_FORMAT = 1
+RECORD_FILE = "record.json"
+SNAPSHOT_FILE = "snapshot.json"
+MIN_MEMORY_MIB = 64
+
+
+def spec_to_dict(spec: SandboxSpec) -> dict[str, Any]:
+    data = asdict(spec)
+    data["rootfs"] = str(spec.rootfs)
+    return data
+
+
+def spec_from_dict(data: dict[str, Any]) -> SandboxSpec:
+    process = ProcessConfig(**data["process"])
+    fields = {key: value for key, value in data.items() if key not in ("rootfs", "process")}
+    return SandboxSpec(rootfs=Path(data["rootfs"]), process=process, **fields)
+
+
+@dataclass
+class SandboxRecord:
+    sandbox_id: str
+    driver: str
+    spec: SandboxSpec
+    token: str
+    agent_binary: str
+    state: str = "starting"  # starting | running | suspended
+    footprint_bytes: int = 0  # memory in use when last snapshotted or suspended
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["spec"] = spec_to_dict(self.spec)
+        return json.dumps(data, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> SandboxRecord:
+        data = json.loads(text)
+        data["spec"] = spec_from_dict(data["spec"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class SnapshotMeta:
+    driver: str
+    spec: SandboxSpec
+    token: str
+    footprint_bytes: int
+    disk_bytes: int
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["spec"] = spec_to_dict(self.spec)
+        data["format"] = SNAPSHOT_FORMAT
+        return json.dumps(data, indent=1)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Atomic write readable by root only (records hold the agent secret)."""
+    temp = path.with_name(path.name + ".tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(temp, path)
+
+
+def read_snapshot_meta(snapshot_dir: Path, driver: str) -> SnapshotMeta:
+    if not snapshot_dir.is_dir():
+        raise SnapshotError(f"snapshot {snapshot_dir} does not exist")
+    meta_file = snapshot_dir / SNAPSHOT_FILE
+    try:
+        data = json.loads(meta_file.read_text())
+    except FileNotFoundError:
+        raise SnapshotError(f"snapshot {snapshot_dir} is incomplete: {SNAPSHOT_FILE} is missing") from None
+    except (OSError, ValueError) as error:
+        raise SnapshotError(
+            f"snapshot {snapshot_dir} is corrupt: cannot read {SNAPSHOT_FILE}: {error}"
+        ) from None
+    try:
+        if data.get("format") != SNAPSHOT_FORMAT:
+            raise SnapshotError(
+                f"snapshot {snapshot_dir} has format {data.get('format')!r}, expected {SNAPSHOT_FORMAT}"
+            )
+        if data["driver"] != driver:
+            raise SnapshotError(
+                f"snapshot {snapshot_dir} was made by the {data['driver']} driver and cannot be restored by {driver}"
+            )
+        meta = SnapshotMeta(
+            driver=data["driver"],
+            spec=spec_from_dict(data["spec"]),
+            token=str(data["token"]),
+            footprint_bytes=int(data["footprint_bytes"]),
+            disk_bytes=int(data["disk_bytes"]),
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise SnapshotError(f"snapshot {snapshot_dir} is corrupt: {SNAPSHOT_FILE} lacks {error}") from None
+    if not meta.spec.rootfs.is_dir():
+        raise SnapshotError(
+            f"snapshot {snapshot_dir} needs the image root filesystem {meta.spec.rootfs}, which is gone"
+        )
+    return meta
+
+
+def prepare_snapshot_dir(snapshot_dir: Path) -> None:
+    if snapshot_dir.exists() and any(snapshot_dir.iterdir()):
+        raise SnapshotError(f"snapshot directory {snapshot_dir} is not empty")
+    snapshot_dir.mkdir(parents=True, exist_ok=True)
+
+
+def discard_snapshot_contents(snapshot_dir: Path) -> None:
+    """Undo a failed snapshot: the directory was empty before we wrote to it."""
+    for entry in snapshot_dir.iterdir() if snapshot_dir.is_dir() else []:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                entry.unlink()
+
+
+def record_of(sandbox: Sandbox) -> SandboxRecord:
+    record = sandbox.extra.get("record")
+    if not isinstance(record, SandboxRecord):
+        raise DriverError(f"sandbox {sandbox.sandbox_id} handle has no record (not made by this driver)")
+    return record
+
+
+class BaseDriver(SandboxDriver):
+    """Common parts of the gvisor and process drivers. Subclasses implement the runtime itself."""
+
+    # What a freshly cold-started sandbox occupies before the app grows (admission estimate).
+    cold_start_footprint_bytes = 64 * MIB
+
+    def __init__(
+        self,
+        state_root: Path,
+        cache_dir: Path,
+        *,
+        memory_reserve_mib: int | None = None,
+        start_timeout: float = 60.0,
+        exit_grace: float = 0.2,
+    ) -> None:
+        layout = cgroups.detect()
+        if layout is None:
+            raise DriverError(
+                "the cgroup controllers memory, cpu, cpuacct, pids and freezer are not available"
+            )
+        self.layout = layout
+        self.state_root = state_root
+        self.cache_dir = cache_dir
+        self.scope = names.scope_for(state_root, self.name)
+        self.gate = MemoryGate(memory_reserve_mib)
+        self.start_timeout = start_timeout
+        # How long start() watches a freshly started app, to report one that exits at once.
+        self.exit_grace = exit_grace
+        self._code_bytes: dict[Path, int] = {}
+        self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ hooks for subclasses
+
+    def agent_address(self, sandbox: Sandbox) -> AgentAddress:
+        raise NotImplementedError
+
+    async def runtime_alive(self, sandbox: Sandbox) -> bool:
+        """Is the sandbox's runtime (runsc, bwrap) still there?"""
+        raise NotImplementedError
+
+    async def teardown(self, sandbox: Sandbox) -> None:
+        """Stop the runtime and remove what only this driver creates; destroy() does the rest."""
+        raise NotImplementedError
+
+    def namespaces(self, sandbox_id: str) -> list[str]:
+        raise NotImplementedError
+
+    async def remove_orphans(self, keep_keys: set[str]) -> None:
+        """Remove runtime objects (containers, ...) of sandboxes that have no state dir."""
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def sandboxes_dir(self) -> Path:
+        return self.state_root / "sandboxes"
+
+    def state_dir(self, sandbox_id: str) -> Path:
+        return self.sandboxes_dir / sandbox_id
+
+    def host_names(self, sandbox_id: str) -> names.HostNames:
+        return names.host_names(self.scope, sandbox_id)
+
+    def cgroup(self, sandbox_id: str) -> cgroups.Cgroup:
+        return cgroups.Cgroup(self.layout, self.host_names(sandbox_id).cgroup)
+
+    def save(self, sandbox: Sandbox) -> None:
+        write_private(sandbox.state_dir / RECORD_FILE, record_of(sandbox).to_json())
+
+    def load(self, sandbox_id: str) -> Sandbox | None:
+        state_dir = self.state_dir(sandbox_id)
+        try:
+            record = SandboxRecord.from_json((state_dir / RECORD_FILE).read_text())
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return Sandbox(sandbox_id, self.name, state_dir, record.spec, {"record": record})
+
+    def new_sandbox(self, sandbox_id: str, spec: SandboxSpec, token: str, agent_binary: Path) -> Sandbox:
+        """Claim the state directory; fails if the id is in use."""
+        names.check_sandbox_id(sandbox_id)
+        state_dir = self.state_dir(sandbox_id)
+        try:
+            state_dir.mkdir(mode=0o700)
+        except FileExistsError:
+            raise DriverError(f"sandbox {sandbox_id} already exists") from None
+        record = SandboxRecord(sandbox_id, self.name, spec, token, str(agent_binary))
+        sandbox = Sandbox(sandbox_id, self.name, state_dir, spec, {"record": record})
+        self.save(sandbox)
+        return sandbox
+
+    @staticmethod
+    def new_token() -> str:
+        return secrets.token_hex(16)
+
+    def check_spec(self, spec: SandboxSpec) -> rootfs.ResolvedUser:
+        if spec.memory_mib < MIN_MEMORY_MIB:
+            raise DriverError(f"memory_mib must be at least {MIN_MEMORY_MIB}, got {spec.memory_mib}")
+        if spec.vcpus <= 0 or spec.pids_max < 8:
+            raise DriverError(
+                f"vcpus must be positive and pids_max at least 8 (got {spec.vcpus}, {spec.pids_max})"
+            )
+        rootfs.check_process(spec.rootfs, spec.process)
+        return rootfs.resolve_user(spec.rootfs, spec.process.user)
+
+    def cgroup_limits(self, spec: SandboxSpec, extra_pids: int = 0) -> cgroups.Limits:
+        return cgroups.Limits(spec.memory_mib * MIB, spec.vcpus, spec.pids_max + extra_pids)
+
+    async def code_bytes(self, root: Path) -> int:
+        if root not in self._code_bytes:
+            self._code_bytes[root] = await asyncio.to_thread(rootfs.tree_size, root)
+        return self._code_bytes[root]
+
+    # ------------------------------------------------------------------ the agent
+
+    async def wait_ready(self, sandbox: Sandbox, *, grace: float = 0.0) -> None:
+        """Wait until the agent answers; fail with the app's own words if it could not start."""
+        address = self.agent_address(sandbox)
+        deadline = time.monotonic() + self.start_timeout
+        next_alive_check = time.monotonic() + 0.1
+        delay = 0.002
+        while True:
+            try:
+                status = await agent_client.control(address, "STATUS", timeout=5.0)
+                break
+            except agent_client.AgentError:
+                raise
+            except (OSError, TimeoutError, DriverError):
+                pass
+            now = time.monotonic()
+            if now > deadline:
+                raise DriverError(
+                    f"sandbox {sandbox.sandbox_id} did not come up within {self.start_timeout:g} s; "
+                    f"log: {proc.tail(self.log_path(sandbox)) or '(empty)'}"
+                )
+            if now > next_alive_check:
+                next_alive_check = now + 0.1
+                if not await self.runtime_alive(sandbox):
+                    raise DriverError(
+                        f"sandbox {sandbox.sandbox_id} stopped while starting: {self.stopped_detail(sandbox)}"
+                    )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        self.raise_if_app_down(sandbox, status)
+        end = time.monotonic() + grace
+        while time.monotonic() < end:
+            await asyncio.sleep(0.05)
+            self.raise_if_app_down(sandbox, await agent_client.control(address, "STATUS"))
+
+    def raise_if_app_down(self, sandbox: Sandbox, status: dict[str, str]) -> None:
+        state = status.get("app")
+        if state == "running":
+            return
+        raise DriverError(self.describe_app(sandbox, state or "?", int(status.get("status", "-1"))))
+
+    def describe_app(self, sandbox: Sandbox, state: str, status: int) -> str:
+        output = proc.tail(self.log_path(sandbox), 1500) or "(no output)"
+        if state == "failed":
+            return f"the app could not be started ({os.strerror(status)}); log: {output}"
+        how = f"status {status}"
+        if status > 128:
+            how += f" (killed by signal {status - 128})"
+        return f"the app exited with {how}; last output: {output}"
+
+    def stopped_detail(self, sandbox: Sandbox) -> str:
+        cgroup = self.cgroup(sandbox.sandbox_id)
+        words = "the sandbox is not running"
+        if cgroup.oom_kills() > 0:
+            words += f" (it was killed at its memory limit of {sandbox.spec.memory_mib} MiB)"
+        output = proc.tail(self.log_path(sandbox), 1500)
+        return words + (f"; log: {output}" if output else "")
+
+    def is_suspended(self, sandbox: Sandbox) -> bool:
+        return record_of(sandbox).state == "suspended"
+
+    def require_running(self, sandbox: Sandbox) -> SandboxRecord:
+        record = record_of(sandbox)
+        if record.state == "suspended":
+            raise DriverError(f"sandbox {sandbox.sandbox_id} is suspended; resume it first")
+        return record
+
+    async def app_status(self, sandbox: Sandbox) -> AppStatus:
+        record = record_of(sandbox)
+        if record.state == "suspended":
+            return AppStatus("suspended")
+        oom = self.cgroup(sandbox.sandbox_id).oom_kills() > 0
+        # A dead gVisor sandbox does not even refuse connections; ask the host first.
+        if not await self.runtime_alive(sandbox):
+            return AppStatus("stopped", None, oom, self.stopped_detail(sandbox))
+        try:
+            status = await agent_client.control(self.agent_address(sandbox), "STATUS", timeout=5.0)
+        except (OSError, TimeoutError, DriverError):
+            return AppStatus("stopped", None, oom, self.stopped_detail(sandbox))
+        state = status.get("app", "?")
+        code = int(status.get("status", "-1"))
+        if state == "running":
+            return AppStatus("running", None, oom)
+        return AppStatus(state, code, oom, self.describe_app(sandbox, state, code))
+
+    async def exec_pty(
+        self,
+        sandbox: Sandbox,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        rows: int = 24,
+        cols: int = 80,
+    ) -> PtySession:
+        self.require_running(sandbox)
+        full_env = {"PATH": rootfs.DEFAULT_PATH, "TERM": "xterm-256color", "HOME": "/root"}
+        full_env.update(env or {})
+        try:
+            return await agent_client.open_pty(self.agent_address(sandbox), argv, full_env, rows, cols)
+        except (OSError, TimeoutError) as error:
+            raise DriverError(f"cannot open a terminal in sandbox {sandbox.sandbox_id}: {error}") from None
+
+    async def stats(self, sandbox: Sandbox) -> SandboxStats:
+        cgroup = self.cgroup(sandbox.sandbox_id)
+        return SandboxStats(rss_bytes=cgroup.memory_bytes(), cpu_seconds=cgroup.cpu_seconds())
+
+    # ------------------------------------------------------------------ teardown and recovery
+
+    async def destroy(self, sandbox: Sandbox) -> None:
+        problems: list[str] = []
+        try:
+            await self.teardown(sandbox)
+        except (DriverError, OSError) as error:
+            problems.append(str(error))
+        try:
+            await self.cgroup(sandbox.sandbox_id).remove()
+        except (DriverError, OSError) as error:
+            problems.append(str(error))
+        for name in self.namespaces(sandbox.sandbox_id):
+            try:
+                await netns.delete(name)
+            except (DriverError, OSError) as error:
+                problems.append(str(error))
+        await asyncio.to_thread(shutil.rmtree, sandbox.state_dir, True)
+        if sandbox.state_dir.exists():
+            problems.append(f"cannot remove {sandbox.state_dir}")
+        if problems:
+            raise DriverError(
+                f"destroying sandbox {sandbox.sandbox_id} left something behind: " + "; ".join(problems)
+            )
+
+    async def destroy_quietly(self, sandbox: Sandbox) -> None:
+        """Cleanup on a failure path: the original error matters more than a cleanup error."""
+        try:
+            await self.destroy(sandbox)
+        except Exception:
+            log.exception("cleanup of sandbox %s failed", sandbox.sandbox_id)
+
+    async def cleanup_strays(self, keep: set[str]) -> list[str]:
+        removed: list[str] = []
+        for state_dir in sorted(self.sandboxes_dir.iterdir()) if self.sandboxes_dir.is_dir() else []:
+            sandbox_id = state_dir.name
+            if sandbox_id in keep:
+                continue
+            sandbox = self.load(sandbox_id) or Sandbox(
+                sandbox_id,
+                self.name,
+                state_dir,
+                SandboxSpec(rootfs=Path("/"), process=ProcessConfig(argv=[])),
+                {},
+            )
+            log.info("removing stray sandbox %s", sandbox_id)
+            await self.destroy(sandbox)
+            removed.append(sandbox_id)
+        # Host objects whose state dir is gone (a crash between creating them and writing it).
+        keep_keys = {self.host_names(sandbox_id).key for sandbox_id in keep}
+        for name in netns.list_names(names.netns_prefix(self.scope)):
+            key = name[len(names.netns_prefix(self.scope)) :].split("-")[0]
+            if key not in keep_keys:
+                log.info("removing stray network namespace %s", name)
+                await netns.delete(name)
+        parent = names.cgroup_parent(self.scope)
+        for key in cgroups.children(self.layout, parent):
+            if key not in keep_keys:
+                log.info("removing stray cgroup %s/%s", parent, key)
+                await cgroups.Cgroup(self.layout, f"{parent}/{key}").remove()
+        await self.remove_orphans(keep_keys)
+        return removed

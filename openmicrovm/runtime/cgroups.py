@@ -1,0 +1,288 @@
+"""Control groups for sandboxes: memory, CPU and pids limits, freezing, usage, and cleanup.
+
+Both layouts are supported. cgroup v2 (one unified tree: memory.max, cpu.max, pids.max,
+cgroup.freeze) is what most current distributions use; cgroup v1 (one tree per controller:
+memory.limit_in_bytes, cpu.cfs_quota_us, pids.max, freezer.state) is what our Debian machines
+run in "hybrid" mode, where /sys/fs/cgroup/unified is a v2 tree without controllers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .driver import DriverError
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+CPU_PERIOD_US = 100_000
+V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "freezer")
+V2_CONTROLLERS = ("memory", "cpu", "pids")
+
+
+@dataclass(frozen=True)
+class Limits:
+    memory_bytes: int
+    vcpus: float
+    pids_max: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    version: int
+    # v1: controller -> mount point of its hierarchy; v2: {"unified": root}
+    mounts: dict[str, Path]
+
+    def dirs(self, relative: str) -> list[Path]:
+        """One directory per distinct hierarchy (cpu and cpuacct may share one)."""
+        seen: list[Path] = []
+        for mount in self.mounts.values():
+            path = mount / relative
+            if path not in seen:
+                seen.append(path)
+        return seen
+
+    def controller_dir(self, controller: str, relative: str) -> Path:
+        mount = self.mounts["unified"] if self.version == 2 else self.mounts[controller]
+        return mount / relative
+
+
+def _v1_mounts(mountinfo: str) -> dict[str, Path]:
+    mounts: dict[str, Path] = {}
+    for line in mountinfo.splitlines():
+        left, _, right = line.partition(" - ")
+        fields, rest = left.split(), right.split()
+        if len(fields) < 5 or len(rest) < 3 or rest[0] != "cgroup":
+            continue
+        options = set(rest[2].split(","))
+        for controller in V1_CONTROLLERS:
+            if controller in options and controller not in mounts:
+                mounts[controller] = Path(fields[4])
+    return mounts
+
+
+def detect() -> Layout | None:
+    """The cgroup layout of this host, or None when the controllers we need are missing."""
+    if (CGROUP_ROOT / "cgroup.controllers").exists():
+        available = set((CGROUP_ROOT / "cgroup.controllers").read_text().split())
+        if not set(V2_CONTROLLERS) <= available:
+            return None
+        return Layout(2, {"unified": CGROUP_ROOT})
+    try:
+        mounts = _v1_mounts(Path("/proc/self/mountinfo").read_text())
+    except OSError:
+        return None
+    if not set(V1_CONTROLLERS) <= set(mounts):
+        return None
+    return Layout(1, mounts)
+
+
+def _write(path: Path, value: str) -> None:
+    try:
+        path.write_text(value)
+    except OSError as error:
+        raise DriverError(f"cannot write {value!r} to {path}: {error.strerror}") from None
+
+
+def _read_keyed(path: Path) -> dict[str, int]:
+    values: dict[str, int] = {}
+    try:
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            with contextlib.suppress(ValueError):
+                values[key] = int(value)
+    except OSError:
+        pass
+    return values
+
+
+class Cgroup:
+    """One sandbox's cgroup, `relative` below the root of every hierarchy."""
+
+    def __init__(self, layout: Layout, relative: str) -> None:
+        self.layout = layout
+        self.relative = relative
+
+    @property
+    def path(self) -> str:
+        """The cgroup path as runtimes spell it (OCI linux.cgroupsPath)."""
+        return "/" + self.relative
+
+    def exists(self) -> bool:
+        return any(path.is_dir() for path in self.layout.dirs(self.relative))
+
+    def procs_files(self) -> list[Path]:
+        """Files a launcher writes its pid to, so that it and all it starts are inside."""
+        return [path / "cgroup.procs" for path in self.layout.dirs(self.relative)]
+
+    def create(self, limits: Limits) -> None:
+        if self.layout.version == 2:
+            self._enable_v2_controllers()
+        for path in self.layout.dirs(self.relative):
+            path.mkdir(parents=True, exist_ok=True)
+        quota = max(1000, int(limits.vcpus * CPU_PERIOD_US))
+        if self.layout.version == 1:
+            memory = self.layout.controller_dir("memory", self.relative)
+            _write(memory / "memory.limit_in_bytes", str(limits.memory_bytes))
+            # Without this a host with swap would let the sandbox swap instead of hitting its limit.
+            if (memory / "memory.memsw.limit_in_bytes").exists():
+                _write(memory / "memory.memsw.limit_in_bytes", str(limits.memory_bytes))
+            cpu = self.layout.controller_dir("cpu", self.relative)
+            _write(cpu / "cpu.cfs_period_us", str(CPU_PERIOD_US))
+            _write(cpu / "cpu.cfs_quota_us", str(quota))
+            _write(cpu / "cpu.shares", str(max(2, int(1024 * limits.vcpus))))
+        else:
+            base = self.layout.controller_dir("memory", self.relative)
+            _write(base / "memory.max", str(limits.memory_bytes))
+            if (base / "memory.swap.max").exists():
+                _write(base / "memory.swap.max", "0")
+            _write(base / "cpu.max", f"{quota} {CPU_PERIOD_US}")
+            _write(base / "cpu.weight", str(max(1, min(10000, int(100 * limits.vcpus)))))
+        _write(self.layout.controller_dir("pids", self.relative) / "pids.max", str(limits.pids_max))
+
+    def _enable_v2_controllers(self) -> None:
+        # In v2 a controller works in a cgroup only when every ancestor delegates it.
+        wanted = " ".join(f"+{c}" for c in V2_CONTROLLERS)
+        current = CGROUP_ROOT
+        for part in Path(self.relative).parts[:-1]:
+            enabled = set((current / "cgroup.subtree_control").read_text().split())
+            if not set(V2_CONTROLLERS) <= enabled:
+                _write(current / "cgroup.subtree_control", wanted)
+            current = current / part
+            current.mkdir(exist_ok=True)
+        enabled = set((current / "cgroup.subtree_control").read_text().split())
+        if not set(V2_CONTROLLERS) <= enabled:
+            _write(current / "cgroup.subtree_control", wanted)
+
+    def pids(self) -> list[int]:
+        found: set[int] = set()
+        for path in self.procs_files():
+            with contextlib.suppress(OSError):
+                found.update(int(line) for line in path.read_text().split())
+        return sorted(found)
+
+    # ---------------------------------------------------------------- freezing
+
+    def _freeze_file(self) -> Path:
+        if self.layout.version == 1:
+            return self.layout.controller_dir("freezer", self.relative) / "freezer.state"
+        return self.layout.controller_dir("memory", self.relative) / "cgroup.freeze"
+
+    def is_frozen(self) -> bool:
+        try:
+            if self.layout.version == 1:
+                return self._freeze_file().read_text().strip() == "FROZEN"
+            events = _read_keyed(self.layout.controller_dir("memory", self.relative) / "cgroup.events")
+            return events.get("frozen") == 1
+        except OSError:
+            return False
+
+    async def freeze(self, timeout: float = 10.0) -> None:
+        _write(self._freeze_file(), "FROZEN" if self.layout.version == 1 else "1")
+        # Freezing is asynchronous: tasks stop at their next return to user space.
+        deadline = time.monotonic() + timeout
+        while not self.is_frozen():
+            if time.monotonic() > deadline:
+                self.thaw()
+                raise DriverError(f"cgroup {self.relative} did not freeze within {timeout:g} s")
+            await asyncio.sleep(0.001)
+
+    def thaw(self) -> None:
+        _write(self._freeze_file(), "THAWED" if self.layout.version == 1 else "0")
+
+    # ---------------------------------------------------------------- usage
+
+    def memory_bytes(self) -> int:
+        """Working set: usage minus page cache the kernel can drop at once (as kubelet counts)."""
+        memory = self.layout.controller_dir("memory", self.relative)
+        stat = _read_keyed(memory / "memory.stat")
+        try:
+            if self.layout.version == 1:
+                usage = int((memory / "memory.usage_in_bytes").read_text())
+                inactive = stat.get("total_inactive_file", stat.get("inactive_file", 0))
+            else:
+                usage = int((memory / "memory.current").read_text())
+                inactive = stat.get("inactive_file", 0)
+        except (OSError, ValueError):
+            return 0
+        return max(0, usage - inactive)
+
+    def cpu_seconds(self) -> float:
+        try:
+            if self.layout.version == 1:
+                return (
+                    int((self.layout.controller_dir("cpuacct", self.relative) / "cpuacct.usage").read_text())
+                    / 1e9
+                )
+            stat = _read_keyed(self.layout.controller_dir("cpu", self.relative) / "cpu.stat")
+            return stat.get("usage_usec", 0) / 1e6
+        except (OSError, ValueError):
+            return 0.0
+
+    def oom_kills(self) -> int:
+        memory = self.layout.controller_dir("memory", self.relative)
+        if self.layout.version == 1:
+            return _read_keyed(memory / "memory.oom_control").get("oom_kill", 0)
+        return _read_keyed(memory / "memory.events").get("oom_kill", 0)
+
+    # ---------------------------------------------------------------- teardown
+
+    async def kill_all(self, timeout: float = 10.0) -> None:
+        """SIGKILL every process inside and wait until none is left."""
+        if not self.exists():
+            return
+        kill_file = self.layout.controller_dir("memory", self.relative) / "cgroup.kill"
+        deadline = time.monotonic() + timeout
+        while True:
+            pids = self.pids()
+            if not pids:
+                return
+            if self.layout.version == 2 and kill_file.exists():
+                with contextlib.suppress(OSError):
+                    kill_file.write_text("1")
+            else:
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                # A frozen task dies only once thawed.
+                with contextlib.suppress(DriverError, OSError):
+                    if self.is_frozen():
+                        self.thaw()
+            if time.monotonic() > deadline:
+                raise DriverError(
+                    f"processes {pids} in cgroup {self.relative} survived SIGKILL for {timeout:g} s"
+                )
+            await asyncio.sleep(0.01)
+
+    async def remove(self, timeout: float = 10.0) -> None:
+        await self.kill_all(timeout)
+        deadline = time.monotonic() + timeout
+        for path in self.layout.dirs(self.relative):
+            while path.is_dir():
+                try:
+                    path.rmdir()
+                except OSError as error:
+                    # EBUSY for a moment while the last task is being torn down.
+                    if error.errno not in (errno.EBUSY, errno.ENOTEMPTY) or time.monotonic() > deadline:
+                        raise DriverError(f"cannot remove cgroup {path}: {error.strerror}") from None
+                    await asyncio.sleep(0.01)
+
+
+def children(layout: Layout, parent: str) -> list[str]:
+    """Names of the cgroups directly below `parent`, in any hierarchy."""
+    names: set[str] = set()
+    for path in layout.dirs(parent):
+        with contextlib.suppress(OSError):
+            names.update(entry.name for entry in path.iterdir() if entry.is_dir())
+    return sorted(names)
+
+
+def remove_parent_if_empty(layout: Layout, parent: str) -> None:
+    for path in layout.dirs(parent):
+        with contextlib.suppress(OSError):
+            path.rmdir()

@@ -1,0 +1,435 @@
+"""The gvisor driver: every sandbox is a runsc (gVisor) sandbox on the ptrace platform.
+
+Memory snapshots are `runsc checkpoint` / `runsc restore`: a restored sandbox continues every
+process with its memory, open files and listening sockets, and any number of sandboxes can be
+restored from one image.
+
+Network topology, per sandbox (runsc 2022 needs all of this to checkpoint a networked sandbox):
+
+    [sandbox netns]  eth0 169.254.77.2/30  <--veth-->  veth0 169.254.77.1/30  [peer netns]
+    gVisor's netstack takes eth0 over            the driver opens its sockets here
+
+Every sandbox restored from one image has the same inner address (the snapshot carries gVisor's
+network configuration), so each sandbox gets its own small peer namespace holding the other end
+of its veth pair, and the driver reaches a sandbox by creating its socket inside that peer
+namespace. Neither namespace has a route anywhere else, so a sandbox reaches neither the host
+(loopback or otherwise) nor other sandboxes.
+
+The app's 127.0.0.1 is gVisor's own loopback, out of reach of any host socket, so connections to
+app ports are relayed by the guest agent (agent/agent.c), which runs as the sandbox's init and
+listens on 169.254.77.2:AGENT_PORT.
+
+Every runsc command runs inside a private mount namespace where /proc/sys/net is hidden under an
+empty tmpfs: this runsc decides "am I in the root network namespace?" by looking for
+/proc/sys/net/core/rmem_default, which newer kernels show in every namespace, and would refuse
+--network=sandbox.
+
+The writable layer is runsc's in-memory overlay (--overlay2=root:memory) over the read-only image:
+a checkpoint carries it. (This runsc also offers a file-backed overlay, --overlay2=root:<dir>, but
+its checkpoint fails with "encoding error at object tmpfs.filesystem"; measured 2026-11.) Files the
+app writes therefore count against its memory limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+from . import agent_build, agent_client, netns, oci, proc, rootfs
+from .agent_client import AGENT_PORT, AgentAddress
+from .base import (
+    SNAPSHOT_FILE,
+    BaseDriver,
+    SnapshotMeta,
+    discard_snapshot_contents,
+    log,
+    prepare_snapshot_dir,
+    read_snapshot_meta,
+    record_of,
+    write_private,
+)
+from .driver import (
+    DriverCapabilities,
+    DriverError,
+    PortNotListening,
+    Sandbox,
+    SandboxSpec,
+    SnapshotError,
+    SnapshotInfo,
+)
+from .host import MIB
+from .rootfs import overlay_safe
+
+SANDBOX_IP = "169.254.77.2"
+SANDBOX_CIDR = f"{SANDBOX_IP}/30"
+PEER_CIDR = "169.254.77.1/30"
+SANDBOX_DEV = "eth0"
+PEER_DEV = "veth0"
+MEMORY_IMAGE = "memory"  # directory inside a snapshot holding runsc's checkpoint.img
+SNAPSHOT_AGENT = "omv-agent"  # the agent binary the snapshot's processes were started from
+SUSPEND_IMAGE = "suspended"  # directory inside a sandbox's state dir while it is suspended
+# gVisor's own threads (sentry, gofer, ptrace stubs) count against the host pids limit too.
+PIDS_HEADROOM = 256
+
+# Runs every runsc command: hides /proc/sys/net (see the module docstring) and, for run/restore,
+# first joins the sandbox's cgroups and mounts its root (see _root_options). The mounts live in the
+# launcher's private mount namespace, which runsc's processes inherit, so the host never sees them
+# and they vanish with the sandbox.
+_LAUNCHER = (
+    'if [ -n "$OMV_ROOT" ]; then '
+    'for f in $OMV_JOIN; do echo $$ > "$f" || exit 125; done; '
+    'mount -t tmpfs -o size=1m,mode=0755 omv-stub "$OMV_STUB" && mkdir "$OMV_STUB/u" "$OMV_STUB/w" && '
+    'mount -t overlay omv-root -o "lowerdir=$OMV_IMAGE,upperdir=$OMV_STUB/u,workdir=$OMV_STUB/w" "$OMV_ROOT" '
+    "|| exit 125; fi; "
+    "mount -t tmpfs omv-netfix /proc/sys/net || exit 125; "
+    'exec "$@"'
+)
+
+
+class GVisorDriver(BaseDriver):
+    name = "gvisor"
+    capabilities = DriverCapabilities(memory_snapshot=True, suspend_releases_memory=True)
+    cold_start_footprint_bytes = 96 * MIB
+
+    def __init__(self, state_root: Path, cache_dir: Path, **options: object) -> None:
+        super().__init__(state_root, cache_dir, **options)  # type: ignore[arg-type]
+        runsc = shutil.which("runsc")
+        if runsc is None:
+            raise DriverError("runsc is not installed (apt-get install runsc)")
+        self.runsc = runsc
+        self.runsc_root = state_root / "runsc"
+        self.runsc_root.mkdir(parents=True, exist_ok=True)
+        for mount_point in (self.root_mount, self.state_root / "mnt" / "stub"):
+            mount_point.mkdir(parents=True, exist_ok=True)
+        self.unshare = shutil.which("unshare") or "unshare"
+        self.shell = shutil.which("sh") or "/bin/sh"
+
+    # ------------------------------------------------------------------ runsc
+
+    def _runsc_argv(self, args: list[str]) -> list[str]:
+        return [
+            self.runsc,
+            "--root",
+            str(self.runsc_root),
+            "--platform=ptrace",
+            "--network=sandbox",
+            "--overlay2=root:memory",
+            "--cpu-num-from-quota",
+            # Otherwise runsc removes CAP_NET_RAW, which spec §5.8 grants; the only link a raw
+            # socket could write to leads to the sandbox's own empty peer namespace.
+            "--net-raw",
+            *args,
+        ]
+
+    async def _runsc(
+        self,
+        args: list[str],
+        *,
+        launcher: bool = False,
+        root_for: Sandbox | None = None,
+        log_file: Path | None = None,
+        shim: Path | None = None,
+        timeout: float = 120.0,
+    ) -> proc.Completed:
+        argv = self._runsc_argv(args)
+        env = {"PATH": os.environ.get("PATH", rootfs.DEFAULT_PATH)}
+        if launcher:
+            argv = [
+                self.unshare,
+                "-m",
+                "--propagation",
+                "private",
+                self.shell,
+                "-c",
+                _LAUNCHER,
+                "omv-runsc",
+                *argv,
+            ]
+        if root_for is not None:
+            env.update(self._root_options(root_for))
+        if shim is not None:
+            argv = [str(shim), "--wait", "--", *argv]
+        return await proc.run(argv, check=False, timeout=timeout, env=env, stdout_path=log_file)
+
+    async def _container_status(self, container: str) -> str | None:
+        result = await self._runsc(["state", container], timeout=30)
+        if result.returncode != 0:
+            return None
+        try:
+            return str(json.loads(result.stdout).get("status"))
+        except ValueError:
+            return None
+
+    @property
+    def root_mount(self) -> Path:
+        """Where every sandbox's root is mounted, in its own mount namespace: one path for all, so
+        a checkpoint and every restore of it see the same root path."""
+        return self.state_root / "mnt" / "root"
+
+    def _root_options(self, sandbox: Sandbox) -> dict[str, str]:
+        """The sandbox root: a kernel overlay of the image under a throwaway tmpfs. runsc creates
+        mount points (/.omv/agent, and /proc, /dev, /sys where an image lacks them) in the root it
+        is given, before its own in-memory overlay applies; this keeps those writes off the image."""
+        return {
+            "OMV_JOIN": " ".join(str(path) for path in self.cgroup(sandbox.sandbox_id).procs_files()),
+            "OMV_STUB": str(self.state_root / "mnt" / "stub"),
+            "OMV_IMAGE": overlay_safe(sandbox.spec.rootfs.resolve()),
+            "OMV_ROOT": str(self.root_mount),
+        }
+
+    async def _launch(self, sandbox: Sandbox, args: list[str]) -> proc.Completed:
+        """run / restore: the sandbox inherits the launcher's stdio, which is the app log, and the
+        shim becomes the parent of the sandbox processes runsc leaves behind."""
+        return await self._runsc(
+            args,
+            launcher=True,
+            root_for=sandbox,
+            log_file=self.log_path(sandbox),
+            shim=await agent_build.ensure_shim(self.cache_dir),
+        )
+
+    # ------------------------------------------------------------------ pieces
+
+    def namespaces(self, sandbox_id: str) -> list[str]:
+        host = self.host_names(sandbox_id)
+        return [host.netns, host.peer_netns]
+
+    def agent_address(self, sandbox: Sandbox) -> AgentAddress:
+        peer = self.host_names(sandbox.sandbox_id).peer_netns
+
+        async def open_socket() -> socket.socket:
+            return await netns.connect(peer, SANDBOX_IP, AGENT_PORT, timeout=5.0)
+
+        return AgentAddress(open_socket, record_of(sandbox).token)
+
+    async def runtime_alive(self, sandbox: Sandbox) -> bool:
+        status = await self._container_status(self.host_names(sandbox.sandbox_id).container)
+        return status in ("created", "running", "paused")
+
+    async def _create_host_side(self, sandbox: Sandbox) -> None:
+        self.cgroup(sandbox.sandbox_id).create(self.cgroup_limits(sandbox.spec, PIDS_HEADROOM))
+        host = self.host_names(sandbox.sandbox_id)
+        await netns.create_pair(host.netns, host.peer_netns, SANDBOX_CIDR, PEER_CIDR, SANDBOX_DEV, PEER_DEV)
+
+    def _write_bundle(self, sandbox: Sandbox, agent_binary: Path) -> Path:
+        record = record_of(sandbox)
+        spec = sandbox.spec
+        user = rootfs.resolve_user(spec.rootfs, spec.process.user)
+        env = rootfs.app_environment(spec.process, user)
+        env["OMV_AGENT_TOKEN"] = record.token
+        args = [
+            oci.AGENT_IN_SANDBOX,
+            "--listen",
+            f"{SANDBOX_IP}:{AGENT_PORT}",
+            "--uid",
+            str(user.uid),
+            "--gid",
+            str(user.gid),
+            "--groups",
+            ",".join(str(g) for g in user.groups),
+            "--workdir",
+            spec.process.workdir or "/",
+            "--",
+            *spec.process.argv,
+        ]
+        host = self.host_names(sandbox.sandbox_id)
+        config = oci.runsc_spec(
+            rootfs=self.root_mount,
+            agent_binary=agent_binary,
+            args=args,
+            env=env,
+            hostname=spec.hostname,
+            all_capabilities=spec.all_capabilities,
+            netns_path=netns.path_of(host.netns),
+            cgroups_path=self.cgroup(sandbox.sandbox_id).path,
+        )
+        bundle = sandbox.state_dir / "bundle"
+        bundle.mkdir(exist_ok=True)
+        write_private(bundle / "config.json", json.dumps(config, indent=1))
+        return bundle
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self, sandbox_id: str, spec: SandboxSpec) -> Sandbox:
+        self.check_spec(spec)
+        self.gate.check("start a sandbox", self.cold_start_footprint_bytes, spec.memory_mib)
+        agent = await agent_build.ensure_agent(self.cache_dir)
+        sandbox = self.new_sandbox(sandbox_id, spec, self.new_token(), agent)
+        try:
+            await self._create_host_side(sandbox)
+            bundle = self._write_bundle(sandbox, agent)
+            container = self.host_names(sandbox_id).container
+            result = await self._launch(sandbox, ["run", "--detach", "--bundle", str(bundle), container])
+            if result.returncode != 0:
+                raise DriverError(f"runsc could not start the sandbox: {proc.tail(self.log_path(sandbox))}")
+            await self.wait_ready(sandbox, grace=self.exit_grace)
+            record_of(sandbox).state = "running"
+            self.save(sandbox)
+            log.info("gvisor sandbox %s started", sandbox_id)
+            return sandbox
+        except BaseException:
+            await self.destroy_quietly(sandbox)
+            raise
+
+    async def connect(self, sandbox: Sandbox, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        self.require_running(sandbox)
+        try:
+            return await agent_client.open_port(self.agent_address(sandbox), port)
+        except PortNotListening as error:
+            status = await self.app_status(sandbox)
+            if status.state != "running":
+                raise PortNotListening(f"{error}: {status.detail}") from None
+            raise
+        except (OSError, TimeoutError):
+            raise DriverError(
+                f"cannot reach sandbox {sandbox.sandbox_id}: {self.stopped_detail(sandbox)}"
+            ) from None
+
+    async def _checkpoint(self, sandbox: Sandbox, image_dir: Path) -> proc.Completed:
+        # gVisor refuses to checkpoint while a TCP connection on eth0 is open: drop them all first.
+        await agent_client.control(self.agent_address(sandbox), "ABORT")
+        container = self.host_names(sandbox.sandbox_id).container
+        return await self._runsc(
+            ["checkpoint", "--image-path", str(image_dir), container], launcher=True, timeout=600
+        )
+
+    async def snapshot(self, sandbox: Sandbox, snapshot_dir: Path) -> SnapshotInfo:
+        record = self.require_running(sandbox)
+        prepare_snapshot_dir(snapshot_dir)
+        try:
+            status = await agent_client.control(self.agent_address(sandbox), "STATUS")
+            self.raise_if_app_down(sandbox, status)
+            disk_bytes = int(status.get("disk", "0"))
+            footprint = self.cgroup(sandbox.sandbox_id).memory_bytes()
+            # The snapshot keeps its own copy of the agent: its processes were started from that
+            # file, and a later agent build must not change what a restore maps.
+            await asyncio.to_thread(shutil.copy2, record.agent_binary, snapshot_dir / SNAPSHOT_AGENT)
+            image = snapshot_dir / MEMORY_IMAGE
+            image.mkdir()
+            result = await self._checkpoint(sandbox, image)
+            if result.returncode != 0:
+                raise SnapshotError(
+                    f"runsc could not checkpoint sandbox {sandbox.sandbox_id}: {result.describe()}"
+                )
+            meta = SnapshotMeta(self.name, sandbox.spec, record.token, footprint, disk_bytes)
+            # Written last: a snapshot without it is incomplete.
+            write_private(snapshot_dir / SNAPSHOT_FILE, meta.to_json())
+        except BaseException:
+            discard_snapshot_contents(snapshot_dir)
+            raise
+        await self.destroy(sandbox)
+        memory_bytes = sum(path.stat().st_size for path in (snapshot_dir / MEMORY_IMAGE).iterdir())
+        return SnapshotInfo(
+            snapshot_dir, memory_bytes, disk_bytes, await self.code_bytes(sandbox.spec.rootfs)
+        )
+
+    async def restore(self, sandbox_id: str, snapshot_dir: Path) -> Sandbox:
+        meta = read_snapshot_meta(snapshot_dir, self.name)
+        image = snapshot_dir / MEMORY_IMAGE
+        checkpoint = image / "checkpoint.img"
+        agent = snapshot_dir / SNAPSHOT_AGENT
+        if not checkpoint.is_file() or checkpoint.stat().st_size == 0:
+            raise SnapshotError(
+                f"snapshot {snapshot_dir} is incomplete: {MEMORY_IMAGE}/checkpoint.img is missing"
+            )
+        if not agent.is_file():
+            raise SnapshotError(f"snapshot {snapshot_dir} is incomplete: {SNAPSHOT_AGENT} is missing")
+        self.gate.check("restore a sandbox", meta.footprint_bytes, meta.spec.memory_mib)
+        sandbox = self.new_sandbox(sandbox_id, meta.spec, meta.token, agent)
+        try:
+            await self._create_host_side(sandbox)
+            bundle = self._write_bundle(sandbox, agent)
+            container = self.host_names(sandbox_id).container
+            args = ["restore", "--detach", "--image-path", str(image), "--bundle", str(bundle), container]
+            result = await self._launch(sandbox, args)
+            if result.returncode != 0:
+                raise SnapshotError(
+                    f"cannot restore from snapshot {snapshot_dir} (corrupt or made by another runsc?): "
+                    f"{proc.tail(self.log_path(sandbox), 1500)}"
+                )
+            await self.wait_ready(sandbox)
+            record_of(sandbox).state = "running"
+            self.save(sandbox)
+            return sandbox
+        except BaseException:
+            await self.destroy_quietly(sandbox)
+            raise
+
+    async def suspend(self, sandbox: Sandbox) -> None:
+        record = self.require_running(sandbox)
+        cgroup = self.cgroup(sandbox.sandbox_id)
+        footprint = cgroup.memory_bytes()
+        image = sandbox.state_dir / SUSPEND_IMAGE
+        await asyncio.to_thread(shutil.rmtree, image, True)
+        image.mkdir()
+        result = await self._checkpoint(sandbox, image)
+        if result.returncode != 0:
+            await asyncio.to_thread(shutil.rmtree, image, True)
+            raise DriverError(f"cannot suspend sandbox {sandbox.sandbox_id}: {result.describe()}")
+        # The checkpoint stopped the sandbox; deleting the container frees its processes' memory.
+        await self._runsc(["delete", "-force", self.host_names(sandbox.sandbox_id).container])
+        await cgroup.kill_all()
+        record.state = "suspended"
+        record.footprint_bytes = footprint
+        self.save(sandbox)
+
+    async def resume(self, sandbox: Sandbox) -> None:
+        record = record_of(sandbox)
+        if record.state != "suspended":
+            raise DriverError(f"sandbox {sandbox.sandbox_id} is not suspended")
+        image = sandbox.state_dir / SUSPEND_IMAGE
+        if not (image / "checkpoint.img").is_file():
+            raise SnapshotError(f"the suspend image of sandbox {sandbox.sandbox_id} is missing")
+        self.gate.check("resume a sandbox", record.footprint_bytes, sandbox.spec.memory_mib)
+        host = self.host_names(sandbox.sandbox_id)
+        await netns.ensure_address(host.netns, SANDBOX_DEV, SANDBOX_CIDR)
+        bundle = sandbox.state_dir / "bundle"
+        args = ["restore", "--detach", "--image-path", str(image), "--bundle", str(bundle), host.container]
+        try:
+            result = await self._launch(sandbox, args)
+            if result.returncode != 0:
+                raise DriverError(
+                    f"cannot resume sandbox {sandbox.sandbox_id}: {proc.tail(self.log_path(sandbox), 1500)}"
+                )
+            await self.wait_ready(sandbox)
+        except BaseException:
+            # Stay suspended (the image is kept), so a later resume can try again.
+            await self._runsc(["delete", "-force", host.container])
+            await self.cgroup(sandbox.sandbox_id).kill_all()
+            raise
+        record.state = "running"
+        self.save(sandbox)
+        await asyncio.to_thread(shutil.rmtree, image, True)
+
+    async def teardown(self, sandbox: Sandbox) -> None:
+        container = self.host_names(sandbox.sandbox_id).container
+        if await self._container_status(container) is not None:
+            result = await self._runsc(["delete", "-force", container], timeout=60)
+            if result.returncode != 0 and await self._container_status(container) is not None:
+                raise DriverError(f"runsc could not delete container {container}: {result.describe()}")
+
+    async def adopt(self, sandbox_id: str) -> Sandbox | None:
+        sandbox = self.load(sandbox_id)
+        if sandbox is None:
+            return None
+        record = record_of(sandbox)
+        if record.state == "suspended":
+            return sandbox if (sandbox.state_dir / SUSPEND_IMAGE / "checkpoint.img").is_file() else None
+        if record.state == "running" and await self.runtime_alive(sandbox):
+            return sandbox
+        return None
+
+    async def remove_orphans(self, keep_keys: set[str]) -> None:
+        result = await self._runsc(["list", "-quiet"], timeout=30)
+        for container in result.stdout.split():
+            if container.startswith("omv-") and container[4:] not in keep_keys:
+                known = any(
+                    self.host_names(path.name).container == container for path in self.sandboxes_dir.iterdir()
+                )
+                if not known:
+                    log.info("removing stray runsc container %s", container)
+                    await self._runsc(["delete", "-force", container], timeout=60)
