@@ -64,6 +64,9 @@ class Settings:
     # Memory kept free for the host: a MicroVM is refused (InsufficientCapacityException) when
     # restoring it would leave less than this.
     host_memory_reserve_mib: int = 256
+    # How long one "minute" of an auth token's expirationInMinutes lasts. 60, except in tests that
+    # need to watch a token expire. Not for production use.
+    auth_token_minute_seconds: float = 60.0
     # Largest request body the API accepts.
     max_request_bytes: int = 1024 * 1024
     # Bounds on what an artifact may unpack to (zip bombs).
@@ -90,6 +93,11 @@ def _coerce(name: str, value: Any, like: Any) -> Any:
             return int(value)
         except (TypeError, ValueError):
             raise ValueError(f"setting {name} must be an integer, got {value!r}") from None
+    if isinstance(like, float):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"setting {name} must be a number, got {value!r}") from None
     if isinstance(like, Path):
         return Path(os.path.expanduser(str(value)))
     return str(value)

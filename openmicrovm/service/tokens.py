@@ -68,7 +68,7 @@ def _issue(
         ports=ports,
         kind=kind,
         issued_at=now,
-        expires_at=now + minutes * 60,
+        expires_at=now + minutes * service.settings.auth_token_minute_seconds,
         token_id=str(uuid.uuid4()),
     )
     return {"authToken": {AUTH_HEADER: service.keyring.seal(claims)}}

@@ -22,11 +22,17 @@ def sample_image(server: ServerProcess, sample_uri: str) -> str:
     """The ARN of a CREATED image of examples/sample-app with every hook enabled, 512 MiB."""
     client = server.client()
     arn = client.create_microvm_image(
-        **image_request(f"sample-{uuid.uuid4().hex[:8]}", sample_uri, hooks=ALL_HOOKS,
-                        resources=[{"minimumMemoryInMiB": 512}])
+        **image_request(
+            f"sample-{uuid.uuid4().hex[:8]}",
+            sample_uri,
+            hooks=ALL_HOOKS,
+            resources=[{"minimumMemoryInMiB": 512}],
+        )
     )["imageArn"]
     image = wait_image_settled(client, arn)
-    assert image["state"] == "CREATED", client.list_microvm_image_builds(imageIdentifier=arn, imageVersion="1.0")
+    assert image["state"] == "CREATED", client.list_microvm_image_builds(
+        imageIdentifier=arn, imageVersion="1.0"
+    )
     return arn
 
 

@@ -66,8 +66,9 @@ def test_sample_app_builds_to_an_active_version(server: ServerProcess, sample_im
     assert (version["state"], version["status"], version.get("stateReason")) == ("SUCCESSFUL", "ACTIVE", None)
     builds = client.list_microvm_image_builds(imageIdentifier=sample_image, imageVersion="1.0")["items"]
     assert [b["buildState"] for b in builds] == ["SUCCESSFUL"]
-    build = client.get_microvm_image_build(imageIdentifier=sample_image, imageVersion="1.0",
-                                           buildId=builds[0]["buildId"])
+    build = client.get_microvm_image_build(
+        imageIdentifier=sample_image, imageVersion="1.0", buildId=builds[0]["buildId"]
+    )
     sizes = build["snapshotBuild"]
     assert sizes["memorySnapshotSizeInBytes"] >= 0
     assert sizes["codeInstallSizeInBytes"] > 10 * 1024 * 1024  # a Debian root filesystem with python3
@@ -88,13 +89,26 @@ def test_version_summary_field_by_field(server: ServerProcess, sample_image: str
     shape = service_model().shape_for("MicrovmImageVersionSummary")
     assert set(item) == set(shape.members)  # every member present (null when unset), nothing else
     expected = {
-        "imageArn": sample_image, "imageVersion": "1.0", "state": "SUCCESSFUL", "status": "ACTIVE",
-        "baseImageArn": "arn:aws:lambda:us-east-1:aws:microvm-image:al2023-1", "baseImageVersion": "1.0",
-        "buildRoleArn": "arn:aws:iam::123456789012:role/microvm-build", "hooks": ALL_HOOKS,
-        "resources": [{"minimumMemoryInMiB": 512}], "stateReason": None, "description": None,
-        "logging": None, "cpuConfigurations": None, "additionalOsCapabilities": None,
-        "environmentVariables": None, "kmsKeyIdentifier": None, "tags": {},
-        "egressNetworkConnectors": ["arn:aws:lambda:us-east-1:aws:network-connector:aws-network-connector:INTERNET_EGRESS"],
+        "imageArn": sample_image,
+        "imageVersion": "1.0",
+        "state": "SUCCESSFUL",
+        "status": "ACTIVE",
+        "baseImageArn": "arn:aws:lambda:us-east-1:aws:microvm-image:al2023-1",
+        "baseImageVersion": "1.0",
+        "buildRoleArn": "arn:aws:iam::123456789012:role/microvm-build",
+        "hooks": ALL_HOOKS,
+        "resources": [{"minimumMemoryInMiB": 512}],
+        "stateReason": None,
+        "description": None,
+        "logging": None,
+        "cpuConfigurations": None,
+        "additionalOsCapabilities": None,
+        "environmentVariables": None,
+        "kmsKeyIdentifier": None,
+        "tags": {},
+        "egressNetworkConnectors": [
+            "arn:aws:lambda:us-east-1:aws:network-connector:aws-network-connector:INTERNET_EGRESS"
+        ],
     }
     for member, value in expected.items():
         assert item[member] == value, member
@@ -106,11 +120,22 @@ def test_update_builds_a_second_version(server: ServerProcess, moto: MotoServer,
     """The main path through the AWS CLI: create, wait, update, activate/deactivate."""
     client = server.client()
     uri = upload(moto, zip_files({"Dockerfile": DOCKERFILE, "app.py": APP}))
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "AKIDCLI", "AWS_SECRET_ACCESS_KEY": "x",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": str(tmp_path / "none"),
-           "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none")}
-    aws = [os.path.join(os.path.dirname(sys.executable), "aws"), "--endpoint-url", server.url, "--output", "json",
-           "lambda-microvms"]
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": "AKIDCLI",
+        "AWS_SECRET_ACCESS_KEY": "x",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+    }
+    aws = [
+        os.path.join(os.path.dirname(sys.executable), "aws"),
+        "--endpoint-url",
+        server.url,
+        "--output",
+        "json",
+        "lambda-microvms",
+    ]
 
     def cli(*args: str) -> dict[str, Any]:
         done = subprocess.run([*aws, *args], env=env, capture_output=True, text=True, timeout=60)
@@ -118,23 +143,45 @@ def test_update_builds_a_second_version(server: ServerProcess, moto: MotoServer,
         return json.loads(done.stdout) if done.stdout.strip() else {}
 
     name = _name("cli")
-    common = ["--base-image-arn", "arn:aws:lambda:us-east-1:aws:microvm-image:al2023-1",
-              "--build-role-arn", "arn:aws:iam::123456789012:role/build", "--code-artifact", f"uri={uri}",
-              "--hooks", json.dumps({"port": 8080, "microvmImageHooks": {"ready": "ENABLED"}})]
+    common = [
+        "--base-image-arn",
+        "arn:aws:lambda:us-east-1:aws:microvm-image:al2023-1",
+        "--build-role-arn",
+        "arn:aws:iam::123456789012:role/build",
+        "--code-artifact",
+        f"uri={uri}",
+        "--hooks",
+        json.dumps({"port": 8080, "microvmImageHooks": {"ready": "ENABLED"}}),
+    ]
     arn = cli("create-microvm-image", "--name", name, *common)["imageArn"]
     assert wait_image_settled(client, arn)["state"] == "CREATED"
     updated = cli("update-microvm-image", "--image-identifier", arn, *common, "--description", "v2")
     assert updated["imageVersion"] == "2.0" and updated["state"] == "UPDATING"
     assert updated["latestActiveImageVersion"] == "1.0"
-    code, message, status = _error(client.update_microvm_image_version, imageIdentifier=arn, imageVersion="1.0",
-                                   status="INACTIVE")
-    assert (code, message, status) == ("ConflictException", "MicroVM Image is already in state: UPDATING", 409)
+    code, message, status = _error(
+        client.update_microvm_image_version, imageIdentifier=arn, imageVersion="1.0", status="INACTIVE"
+    )
+    assert (code, message, status) == (
+        "ConflictException",
+        "MicroVM Image is already in state: UPDATING",
+        409,
+    )
     image = wait_image_settled(client, arn)
     assert image["state"] == "UPDATED" and image["latestActiveImageVersion"] == "2.0"
     versions = cli("list-microvm-image-versions", "--image-identifier", arn)["items"]
     assert [(v["imageVersion"], v["state"], v["status"]) for v in versions] == [
-        ("1.0", "SUCCESSFUL", "ACTIVE"), ("2.0", "SUCCESSFUL", "ACTIVE")]
-    cli("update-microvm-image-version", "--image-identifier", arn, "--image-version", "2.0", "--status", "INACTIVE")
+        ("1.0", "SUCCESSFUL", "ACTIVE"),
+        ("2.0", "SUCCESSFUL", "ACTIVE"),
+    ]
+    cli(
+        "update-microvm-image-version",
+        "--image-identifier",
+        arn,
+        "--image-version",
+        "2.0",
+        "--status",
+        "INACTIVE",
+    )
     assert client.get_microvm_image(imageIdentifier=arn)["latestActiveImageVersion"] == "1.0"
 
     # Deleting a version frees its disk and puts the image in UPDATING while it drains.
@@ -146,8 +193,14 @@ def test_update_builds_a_second_version(server: ServerProcess, moto: MotoServer,
     code, _, status = _error(client.get_microvm_image_version, imageIdentifier=arn, imageVersion="1.0")
     assert (code, status) == ("ResourceNotFoundException", 404)
     assert not any(path.exists() for path in build_dirs)
-    code, message, status = _error(client.delete_microvm_image_version, imageIdentifier=arn, imageVersion="2.0")
-    assert (code, message, status) == ("ValidationException", "This is the last version. Please delete the entire image", 400)
+    code, message, status = _error(
+        client.delete_microvm_image_version, imageIdentifier=arn, imageVersion="2.0"
+    )
+    assert (code, message, status) == (
+        "ValidationException",
+        "This is the last version. Please delete the entire image",
+        400,
+    )
 
     # Deleting the image frees everything, then the image is gone.
     build_dirs = _build_dirs(server, client, arn, "2.0")
@@ -203,7 +256,9 @@ def test_ready_hook_failures(server: ServerProcess, moto: MotoServer) -> None:
     failing = _failed_build(client, uri, hooks=hooks, environmentVariables={"READY_STATUS": "500"})
     assert failing == "Ready hook check failed: the application returned a server error (HTTP 5xx) response"
     client_error = _failed_build(client, uri, hooks=hooks, environmentVariables={"READY_STATUS": "404"})
-    assert client_error == "Ready hook check failed: the application returned a client error (HTTP 4xx) response"
+    assert (
+        client_error == "Ready hook check failed: the application returned a client error (HTTP 4xx) response"
+    )
     hanging = _failed_build(client, uri, hooks=hooks, environmentVariables={"READY_DELAY": "3600"})
     assert "timed out" in hanging.lower() or "timeout" in hanging.lower()
 
@@ -224,8 +279,16 @@ def test_a_restart_during_a_build_never_leaves_it_in_progress(
     client = server.client()
     uri = upload(moto, zip_files({"Dockerfile": DOCKERFILE, "app.py": APP}))
     arn = client.create_microvm_image(**image_request("restart", uri))["imageArn"]
-    wait_for(lambda: client.list_microvm_image_builds(imageIdentifier=arn, imageVersion="1.0")["items"][0]
-             ["buildState"] == "IN_PROGRESS", 60, "the build to start")
+    wait_for(
+        lambda: (
+            client.list_microvm_image_builds(imageIdentifier=arn, imageVersion="1.0")["items"][0][
+                "buildState"
+            ]
+            == "IN_PROGRESS"
+        ),
+        60,
+        "the build to start",
+    )
     server.kill()  # SIGKILL, in the middle of the build
     server.start()
     client = server.client()
