@@ -15,73 +15,14 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.endpoint.conftest import run_microvm
 from tests.support.endpoint import auth_token, call
 from tests.support.images import (
-    ALL_HOOKS,
-    REPO,
-    image_request,
-    upload,
-    wait_image_settled,
     wait_microvm,
-    zip_dir,
 )
-from tests.support.moto import MotoServer
 from tests.support.server import ServerProcess
 
-ECHO_APP = REPO / "tests" / "apps" / "echo"
-SHELL = "arn:aws:lambda:us-east-1:aws:network-connector:aws-network-connector:SHELL_INGRESS"
-HTTP = "arn:aws:lambda:us-east-1:aws:network-connector:aws-network-connector:HTTP_INGRESS"
 NO_INGRESS = "arn:aws:lambda:us-east-1:aws:network-connector:aws-network-connector:NO_INGRESS"
-
-
-@pytest.fixture(scope="module")
-def endpoint_server(tmp_path_factory: pytest.TempPathFactory, moto: MotoServer) -> Iterator[ServerProcess]:
-    """A server whose auth-token "minute" lasts 2 s and whose idle minimum is 1 s (test-only knobs)."""
-    server = ServerProcess(
-        tmp_path_factory.mktemp("endpoint"),
-        {"auth_token_minute_seconds": 2, "min_idle_seconds": 1},
-        env=moto.environment(),
-    )
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def echo_image(endpoint_server: ServerProcess, moto: MotoServer) -> str:
-    client = endpoint_server.client()
-    arn = client.create_microvm_image(
-        **image_request("echo", upload(moto, zip_dir(ECHO_APP)), resources=[{"minimumMemoryInMiB": 512}])
-    )["imageArn"]
-    assert wait_image_settled(client, arn)["state"] == "CREATED"
-    return arn
-
-
-@pytest.fixture(scope="module")
-def hooked_image(endpoint_server: ServerProcess, moto: MotoServer) -> str:
-    from tests.support.images import sample_app_uri
-
-    client = endpoint_server.client()
-    arn = client.create_microvm_image(
-        **image_request(
-            "hooked", sample_app_uri(moto), hooks=ALL_HOOKS, resources=[{"minimumMemoryInMiB": 512}]
-        )
-    )["imageArn"]
-    assert wait_image_settled(client, arn)["state"] == "CREATED"
-    return arn
-
-
-def _run(server: ServerProcess, arn: str, **kwargs: Any) -> dict[str, Any]:
-    client = server.client(client_side_validation=False, validate="idlePolicy" not in kwargs)
-    vm = client.run_microvm(imageIdentifier=arn, **kwargs)
-    return wait_microvm(client, vm["microvmId"], {"RUNNING"})
-
-
-@pytest.fixture(scope="module")
-def echo_vm(endpoint_server: ServerProcess, echo_image: str) -> Iterator[dict[str, Any]]:
-    vm = _run(endpoint_server, echo_image, ingressNetworkConnectors=[HTTP, SHELL])
-    yield vm
-    endpoint_server.client().terminate_microvm(microvmIdentifier=vm["microvmId"])
 
 
 def _all_ports_token(server: ServerProcess, vm: dict[str, Any]) -> str:
@@ -104,7 +45,7 @@ def test_authentication_refusals(
     ):
         response = call(server, vm["endpoint"], token, "/headers")
         assert (response.status, response.body) == (403, b"Request missing authentication"), token
-    other = _run(server, echo_image)
+    other = run_microvm(server, echo_image)
     try:
         foreign = auth_token(client, other["microvmId"])
         response = call(server, vm["endpoint"], foreign, "/headers")
@@ -288,7 +229,7 @@ def test_suspended_and_terminated_microvms_answer_502(
     endpoint_server: ServerProcess, echo_image: str
 ) -> None:
     client = endpoint_server.client()
-    vm = _run(endpoint_server, echo_image)
+    vm = run_microvm(endpoint_server, echo_image)
     token = auth_token(client, vm["microvmId"])
     client.suspend_microvm(microvmIdentifier=vm["microvmId"])
     wait_microvm(client, vm["microvmId"], {"SUSPENDED"})
@@ -303,7 +244,7 @@ def test_suspended_and_terminated_microvms_answer_502(
 
 def test_no_ingress_has_no_endpoint(endpoint_server: ServerProcess, echo_image: str) -> None:
     client = endpoint_server.client()
-    vm = _run(endpoint_server, echo_image, ingressNetworkConnectors=[NO_INGRESS])
+    vm = run_microvm(endpoint_server, echo_image, ingressNetworkConnectors=[NO_INGRESS])
     try:
         with pytest.raises(Exception, match="NO_INGRESS"):
             auth_token(client, vm["microvmId"])
@@ -317,7 +258,7 @@ def test_auto_resume_keeps_memory_and_concurrent_requests_share_one_resume(
     endpoint_server: ServerProcess, hooked_image: str
 ) -> None:
     client = endpoint_server.client(validate=False)
-    vm = _run(
+    vm = run_microvm(
         endpoint_server,
         hooked_image,
         idlePolicy={
@@ -353,7 +294,7 @@ def test_auto_resume_keeps_memory_and_concurrent_requests_share_one_resume(
 
 def test_idle_suspension_counts_endpoint_bytes(endpoint_server: ServerProcess, echo_image: str) -> None:
     client = endpoint_server.client(validate=False)
-    vm = _run(
+    vm = run_microvm(
         endpoint_server,
         echo_image,
         idlePolicy={"maxIdleDurationSeconds": 2, "suspendedDurationSeconds": 600, "autoResumeEnabled": False},
