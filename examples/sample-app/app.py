@@ -4,8 +4,10 @@ GET / answers JSON: the id chosen at import (shared by every MicroVM restored fr
 a request counter, the microvmId and payload the run hook delivered, and how often each hook ran.
 Every lifecycle hook is served on the same port under /aws/lambda-microvms/runtime/v1/<hook>.
 
-Knobs, read from the environment on every request so tests can make hooks misbehave:
-  PORT (8080)            where to listen (all interfaces, as the hook caller requires)
+Knobs, read on every request so tests can make hooks misbehave. They come from the environment
+(the image's environmentVariables, shared by every MicroVM of a version) or, for one MicroVM, from
+a run hook payload that is a JSON object, e.g. runHookPayload='{"SUSPEND_STATUS": "500"}':
+  PORT (8080)            where to listen (all interfaces, as the hook caller requires; env only)
   READY_DELAY (0.3)      seconds after start during which /ready answers 503 ("not yet")
   <HOOK>_STATUS (200)    status a hook answers, e.g. READY_STATUS=500, SUSPEND_STATUS=500
   <HOOK>_SLEEP (0)       seconds a hook waits before answering, e.g. READY_SLEEP=3600
@@ -30,12 +32,35 @@ lock = threading.Lock()
 counter = 0
 run_hook_body: dict[str, object] = {"microvmId": None, "runHookPayload": None}
 hook_calls = {hook: 0 for hook in HOOKS}
+payload_knobs: dict[str, str] = {}  # this MicroVM's knobs, from its run hook payload
+
+
+def knob(name: str, default: str) -> str:
+    return payload_knobs.get(name, os.environ.get(name, default))
 
 
 def hook_status(hook: str) -> int:
-    if hook == "ready" and time.monotonic() - STARTED < float(os.environ.get("READY_DELAY", "0.3")):
+    if hook == "ready" and time.monotonic() - STARTED < float(knob("READY_DELAY", "0.3")):
         return 503
-    return int(os.environ.get(f"{hook.upper()}_STATUS", "200"))
+    return int(knob(f"{hook.upper()}_STATUS", "200"))
+
+
+def take_run_body(raw: bytes) -> None:
+    """Remember microvmId and runHookPayload; a payload that is a JSON object also sets knobs."""
+    try:
+        body = json.loads(raw or b"{}")
+    except ValueError:
+        body = None
+    body = body if isinstance(body, dict) else {}
+    payload = body.get("runHookPayload")
+    run_hook_body["microvmId"] = body.get("microvmId")
+    run_hook_body["runHookPayload"] = payload
+    try:
+        knobs = json.loads(payload) if isinstance(payload, str) else None
+    except ValueError:
+        knobs = None  # an ordinary string payload
+    if isinstance(knobs, dict):
+        payload_knobs.update({str(key): str(value) for key, value in knobs.items()})
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -72,17 +97,13 @@ class Handler(BaseHTTPRequestHandler):
         if hook not in HOOKS:
             self.send_json(404, {"error": f"no such path {self.path}"})
             return
-        time.sleep(float(os.environ.get(f"{hook.upper()}_SLEEP", "0")))
+        if hook == "run":
+            with lock:
+                take_run_body(raw)
+        time.sleep(float(knob(f"{hook.upper()}_SLEEP", "0")))
         status = hook_status(hook)
         with lock:
             hook_calls[hook] += 1
-            if hook == "run" and status == 200:
-                try:
-                    body = json.loads(raw or b"{}")
-                except ValueError:
-                    body = {}
-                run_hook_body["microvmId"] = body.get("microvmId")
-                run_hook_body["runHookPayload"] = body.get("runHookPayload")
         self.send_json(status, {"hook": hook, "status": status}, close=True)
 
     def log_message(self, format: str, *args: object) -> None:

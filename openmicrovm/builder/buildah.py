@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import signal
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -119,6 +120,8 @@ def _make_store(cache_dir: Path, driver: str) -> BuildahStore:
 async def open_store(cache_dir: Path) -> BuildahStore:
     """The buildah storage for `cache_dir`, choosing (once per process) the driver that works:
     $OPENMICROVM_BUILDAH_DRIVER if set, else overlay when a probe succeeds, else vfs."""
+    if shutil.which("buildah") is None:
+        raise BuildahError("buildah is not installed on this server (Debian: apt-get install buildah)")
     cache_dir = cache_dir.resolve()
     choice = os.environ.get("OPENMICROVM_BUILDAH_DRIVER", "").strip()
     known = _stores.get(cache_dir)

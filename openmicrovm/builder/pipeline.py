@@ -77,6 +77,9 @@ class BuildRequest:
     all_capabilities: bool = False
     cache_dir: Path = field(default_factory=default_cache_dir)
     s3_endpoint_url: str | None = None  # None: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / real S3
+    # As AWS: an artifact bucket in another region than the image fails the build. A single-region
+    # S3-compatible store (MinIO reports us-east-1) serving images of several regions needs False.
+    require_bucket_region: bool = True
     limits: UnpackLimits = field(default_factory=UnpackLimits)
     pull_timeout_seconds: float = DEFAULT_PULL_TIMEOUT_SECONDS
     # Without a ready hook: how long the app may take to accept connections.
@@ -225,6 +228,7 @@ class _Build:
                 region=request.region,
                 max_bytes=request.limits.max_total_bytes,
                 endpoint_url=request.s3_endpoint_url,
+                require_bucket_region=request.require_bucket_region,
                 log=self.log,
             )
             self.log(f"fetched {request.code_uri} ({artifact_bytes} bytes)")
