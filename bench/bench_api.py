@@ -23,7 +23,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.support.server import ServerProcess, free_port  # noqa: E402
+from tests.support.server import ServerProcess, free_port
 
 HELLO = """
 from aiohttp import web

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import signal
 from contextlib import suppress
+from pathlib import Path
+from typing import IO
 
 from aiohttp import web
 
@@ -31,10 +34,42 @@ def database_url(settings: Settings) -> str:
     return f"sqlite:///{settings.data_dir / 'openmicrovm.db'}"
 
 
+class DataDirLock:
+    """One server (or one `openmicrovm cleanup`) per data dir at a time: two would each think
+    they own the same sandboxes."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / "server.lock"
+        self._handle: IO[str] | None = None
+
+    def acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return False
+        self._handle = handle
+        return True
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+class DataDirBusy(Exception):
+    pass
+
+
 class Server:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = DataDirLock(settings.data_dir)
+        if not self.lock.acquire():
+            raise DataDirBusy(f"another openmicrovm server is using the data dir {settings.data_dir}")
         self.db = Database(database_url(settings))
         self.service = Service(self.db, settings)
         self.logs = LogStore(settings.data_dir / "logs", settings.log_max_bytes, settings.log_keep_files)
@@ -94,6 +129,7 @@ class Server:
         await self.build_engine.close()
         await self.microvm_engine.close()
         self.db.close()
+        self.lock.release()
 
 
 async def serve(settings: Settings) -> None:

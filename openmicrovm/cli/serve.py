@@ -21,8 +21,13 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"openmicrovm: {error}", file=sys.stderr)
         return 2
+    from openmicrovm.server import DataDirBusy
+
     try:
         asyncio.run(serve(settings))
+    except DataDirBusy as error:
+        print(f"openmicrovm: {error}; stop it, or give this one another --data-dir", file=sys.stderr)
+        return 1
     except OSError as error:
         print(f"openmicrovm: cannot serve on {settings.host}:{settings.port}: {error}", file=sys.stderr)
         return 1

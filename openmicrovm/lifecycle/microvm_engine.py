@@ -257,8 +257,11 @@ class MicrovmEngine:
             self._changed(microvm_id, "TERMINATED")
         self._live.pop(microvm_id, None)
 
-    async def close(self) -> None:
-        """Server shut-down: stop background work; sandboxes stay for the next start to adopt."""
+    async def close(self, grace_seconds: float = 15.0) -> None:
+        """Server shut-down: operations under way (a terminate just asked for, a suspend) get a
+        moment to finish; then background work stops. Sandboxes stay for the next start to adopt."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=grace_seconds)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -101,15 +101,22 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def stop(self, timeout: float = 30.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+    def stop(self, timeout: float = 30.0, cleanup: bool = True) -> None:
+        """Stop the server; with cleanup, also every sandbox it leaves running (MicroVMs outlive a
+        server stop on purpose, so that a restart can re-adopt them)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if cleanup and (self.data_dir / "openmicrovm.db").exists():
+            subprocess.run(
+                [sys.executable, "-m", "openmicrovm", "--log-level", "WARNING", "cleanup", "--data-dir",
+                 str(self.data_dir)],
+                cwd=REPO, capture_output=True, timeout=120, check=True,
+            )
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -117,7 +124,7 @@ class ServerProcess:
             self.process.wait()
 
     def restart(self) -> None:
-        self.stop()
+        self.stop(cleanup=False)
         self.start()
 
     def client(

@@ -1,0 +1,62 @@
+"""`openmicrovm cleanup`: stop every sandbox of a data dir while its server is not running.
+
+MicroVMs outlive a server stop on purpose (the next start re-adopts them). This is the way to
+really stop them all: each live MicroVM is marked TERMINATED with a reason that says why, and
+every sandbox, network namespace and cgroup of the data dir is removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from openmicrovm.config import load_settings
+from openmicrovm.server import DataDirLock, database_url
+
+REASON = "Terminated by `openmicrovm cleanup` while the server was stopped."
+
+
+async def _cleanup(data_dir: Path, cache_dir: Path, driver_name: str) -> tuple[int, list[str]]:
+    from openmicrovm.runtime import make_driver
+    from openmicrovm.service import microvms
+    from openmicrovm.service.core import Service
+    from openmicrovm.store.db import Database
+
+    settings = load_settings(None, {"data_dir": data_dir, "cache_dir": cache_dir, "driver": driver_name})
+    db = Database(database_url(settings))
+    try:
+        service = Service(db, settings)
+        live = [row["id"] for row in db.all("SELECT id FROM microvms WHERE state != 'TERMINATED'")]
+        for microvm_id in live:
+            microvms.mark_terminated(service, microvm_id, REASON)
+    finally:
+        db.close()
+    driver = make_driver(settings.driver, settings.data_dir / "sandboxes", settings.cache_dir)
+    removed = await driver.cleanup_strays(set())
+    return len(live), removed
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config, {"data_dir": args.data_dir})
+    if not (settings.data_dir / "openmicrovm.db").exists():
+        print(f"openmicrovm cleanup: {settings.data_dir} holds no openmicrovm data", file=sys.stderr)
+        return 0
+    lock = DataDirLock(settings.data_dir)
+    if not lock.acquire():
+        print(f"openmicrovm cleanup: a server is running on {settings.data_dir}; stop it first", file=sys.stderr)
+        return 1
+    try:
+        terminated, removed = asyncio.run(_cleanup(settings.data_dir, settings.cache_dir, settings.driver))
+    finally:
+        lock.release()
+    print(f"terminated {terminated} MicroVM(s); removed {len(removed)} sandbox(es)")
+    return 0
+
+
+def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    cleanup = commands.add_parser("cleanup", help="stop every sandbox of a data dir (server stopped)")
+    cleanup.add_argument("--data-dir", type=Path, help="the data dir (default ~/.local/share/openmicrovm)")
+    cleanup.add_argument("--config", type=Path, help="settings file (default <data dir>/settings.toml)")
+    cleanup.set_defaults(run=_run)
