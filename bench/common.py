@@ -13,13 +13,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.support.images import (  # noqa: E402
-    MANAGED_BASE,
+from tests.support.images import (
     BUILD_ROLE,
+    MANAGED_BASE,
     wait_image_settled,
     zip_dir,
 )
-from tests.support.server import ServerProcess  # noqa: E402
+from tests.support.server import ServerProcess
 
 
 def build_image(server: ServerProcess, name: str, app_dir: Path, scratch: Path, **extra: Any) -> str:
@@ -42,7 +42,7 @@ def build_image(server: ServerProcess, name: str, app_dir: Path, scratch: Path, 
 
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 def summary(values: list[float]) -> dict[str, float]:
