@@ -49,6 +49,9 @@ class Settings:
     data_dir: Path = field(default_factory=default_data_dir)
     # Shared, rebuildable artefacts (the Debian base root filesystem, buildah layers).
     cache_dir: Path = field(default_factory=default_cache_dir)
+    # A second port serving the API and the endpoints over TLS with a local CA (0: none).
+    # `openmicrovm tls init` makes the CA; clients trust <data dir>/tls/ca.pem.
+    tls_port: int = 0
     # "auto" picks gvisor when runsc is installed, else process.
     driver: str = "auto"
     default_region: str = "us-east-1"

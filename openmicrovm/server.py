@@ -18,6 +18,7 @@ from openmicrovm.endpoint.backend import EndpointBackend
 from openmicrovm.endpoint.front_door import FrontDoor, endpoint_hostname, start_front_door
 from openmicrovm.endpoint.proxy import Counters
 from openmicrovm.endpoint.shell import shell_handler
+from openmicrovm.endpoint.tls import all_regions, server_context, tls_dir
 from openmicrovm.lifecycle.build_engine import BuildEngine
 from openmicrovm.lifecycle.microvm_engine import MicrovmEngine
 from openmicrovm.lifecycle.recovery import recover_microvms
@@ -88,6 +89,7 @@ class Server:
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
         self._front_door: FrontDoor | None = None
+        self._tls_listener: asyncio.Server | None = None
 
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
         if endpoint_hostname(request.host) is not None:
@@ -115,10 +117,22 @@ class Server:
         self._listener, self._front_door = await start_front_door(
             self._runner, self.endpoints, self.endpoint_counters, self.settings.host, self.settings.port
         )
+        if self.settings.tls_port:
+            context = server_context(
+                tls_dir(self.settings.data_dir), all_regions(self.settings.default_region)
+            )
+            self._tls_listener = await asyncio.get_running_loop().create_server(
+                self._front_door.protocol,
+                self.settings.host,
+                self.settings.tls_port,
+                ssl=context,
+                reuse_address=True,
+            )
 
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.close()
+        for listener in (self._listener, self._tls_listener):
+            if listener is not None:
+                listener.close()
         if self._front_door is not None:
             await self._front_door.close()
         if self._runner is not None:
@@ -138,6 +152,12 @@ async def serve(settings: Settings) -> None:
         log.info(line)
     await server.start()
     print(f"openmicrovm listening on http://{settings.host}:{settings.port}", flush=True)
+    if settings.tls_port:
+        print(
+            f"openmicrovm listening on https://{settings.host}:{settings.tls_port} "
+            f"(CA: {tls_dir(settings.data_dir) / 'ca.pem'})",
+            flush=True,
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
