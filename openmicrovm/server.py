@@ -23,7 +23,10 @@ from openmicrovm.lifecycle.build_engine import BuildEngine
 from openmicrovm.lifecycle.microvm_engine import MicrovmEngine
 from openmicrovm.lifecycle.recovery import recover_microvms
 from openmicrovm.lifecycle.timers import Timers
+from openmicrovm.logs.cloudwatch import CloudWatchShipper
+from openmicrovm.logs.route import LOGS_ROUTE, make_logs_handler
 from openmicrovm.logs.store import LogStore
+from openmicrovm.metrics import Metrics, metrics_handler
 from openmicrovm.runtime import make_driver
 from openmicrovm.service import Service
 from openmicrovm.store.db import Database
@@ -82,8 +85,19 @@ class Server:
         self.timers = Timers(self.service)
         self.control_plane = ControlPlane(self.service)
         self.endpoints = EndpointBackend(self.service, self.microvm_engine)
-        self.endpoint_counters = Counters()
+        self.metrics = Metrics(
+            self.db, self.logs, sandboxes=self.microvm_engine.live_sandboxes, sandbox_stats=self.driver.stats
+        )
+        self.microvm_engine.listeners.append(self.metrics.microvm_state_changed)
+        self.microvm_engine.transition_observers.append(self.metrics.observe_transition)
+        self.shipper = CloudWatchShipper(self.db, self.logs, observer=self.metrics)
+        self.endpoint_counters = Counters(
+            on_bytes=self.metrics.endpoint_bytes_relayed, on_request=self.metrics.endpoint_request_served
+        )
         self.app = web.Application(client_max_size=settings.max_request_bytes)
+        # Before the catch-all: aiohttp tries routes in the order they were added.
+        self.app.router.add_get(LOGS_ROUTE, make_logs_handler(self.service, self.logs))
+        self.app.router.add_get("/metrics", metrics_handler(self.metrics))
         self.app.router.add_route("*", "/{tail:.*}", self.dispatch)
         self._background: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
@@ -112,6 +126,7 @@ class Server:
         await recover_microvms(self.microvm_engine)
         self.build_engine.resume_pending_work()
         self._background.append(asyncio.get_running_loop().create_task(self.timers.run()))
+        self._background.append(asyncio.get_running_loop().create_task(self.shipper.run()))
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
         self._listener, self._front_door = await start_front_door(
@@ -142,6 +157,7 @@ class Server:
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.build_engine.close()
         await self.microvm_engine.close()
+        self.logs.close()
         self.db.close()
         self.lock.release()
 

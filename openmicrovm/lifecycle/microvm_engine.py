@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from openmicrovm.lifecycle.app_output import AppOutput
 from openmicrovm.lifecycle.hook_calls import call_lifecycle_hook
 from openmicrovm.logs.store import LogStore
 from openmicrovm.runtime.driver import DriverError, Sandbox, SandboxDriver
@@ -52,8 +54,11 @@ class MicrovmEngine:
         self.logs = logs
         self._live: dict[str, _Live] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.app_output = AppOutput(logs)
         # Observers of state changes (metrics, the endpoint); called with (microvm_id, state).
         self.listeners: list[Callable[[str, str], None]] = []
+        # Observers of how long operations took: (kind, seconds), kind run|suspend|resume|terminate.
+        self.transition_observers: list[Callable[[str, float], None]] = []
 
     # -- the seam -------------------------------------------------------------------------------
     def check_capacity(self, memory_mib: int, snapshot_memory_bytes: int) -> None:
@@ -123,11 +128,18 @@ class MicrovmEngine:
             return None
         return Path(json.loads(build["artifacts"])["snapshotDir"])
 
-    def _event(self, microvm_id: str, message: str) -> None:
+    def _logging_enabled(self, microvm_id: str) -> bool:
         row = self._row(microvm_id)
         config = json.loads(row["config"]) if row else {}
-        if "disabled" not in (config.get("logging") or {}):
+        return "disabled" not in (config.get("logging") or {})
+
+    def _event(self, microvm_id: str, message: str) -> None:
+        if self._logging_enabled(microvm_id):
             self.logs.append(f"microvms/{microvm_id}", message)
+
+    def _follow_output(self, microvm_id: str, sandbox: Sandbox) -> None:
+        if self._logging_enabled(microvm_id):
+            self.app_output.follow(microvm_id, self.driver.log_path(sandbox))
 
     def _changed(self, microvm_id: str, state: str) -> None:
         self._event(microvm_id, f"state: {state}")
@@ -144,6 +156,7 @@ class MicrovmEngine:
 
     async def _fail(self, microvm_id: str, entry: _Live, reason: str) -> None:
         """Terminate after a failure: the sandbox goes, the record says why."""
+        await self.app_output.stop(microvm_id)
         await self._destroy(entry)
         if records.mark_terminated(self.service, microvm_id, reason):
             self._changed(microvm_id, "TERMINATED")
@@ -152,6 +165,14 @@ class MicrovmEngine:
     def adopt(self, microvm_id: str, sandbox: Sandbox) -> None:
         """Take charge of a sandbox found at start-up (see recovery.py)."""
         self._entry(microvm_id).sandbox = sandbox
+        self._follow_output(microvm_id, sandbox)
+
+    def live_sandboxes(self) -> list[tuple[str, Sandbox]]:
+        return [(microvm_id, e.sandbox) for microvm_id, e in self._live.items() if e.sandbox is not None]
+
+    def _observe(self, kind: str, seconds: float) -> None:
+        for observer in self.transition_observers:
+            observer(kind, seconds)
 
     def sandbox(self, microvm_id: str) -> Sandbox | None:
         entry = self._live.get(microvm_id)
@@ -171,6 +192,7 @@ class MicrovmEngine:
         except DriverError as error:
             await self._fail(microvm_id, entry, f"The MicroVM could not be restored from its snapshot: {error}")
             return
+        self._follow_output(microvm_id, entry.sandbox)
         config = json.loads(row["config"])
         outcome = await call_lifecycle_hook(
             self.driver, entry.sandbox, self._version_config(row), "run",
@@ -185,11 +207,13 @@ class MicrovmEngine:
             self.service, microvm_id, ("PENDING",), "RUNNING", last_activity_at=now, config=json.dumps(config)
         ):
             self._changed(microvm_id, "RUNNING")
+            self._observe("run", now - row["started_at"])
 
     async def _suspend(self, microvm_id: str, entry: _Live) -> None:
         row = self._row(microvm_id)
         if row is None or row["state"] != "SUSPENDING" or entry.sandbox is None:
             return
+        started = time.monotonic()
         outcome = await call_lifecycle_hook(self.driver, entry.sandbox, self._version_config(row), "suspend")
         if not outcome.ok:
             # The live service terminates a MicroVM whose suspend hook fails (spec §5.7).
@@ -200,6 +224,7 @@ class MicrovmEngine:
             self.service, microvm_id, ("SUSPENDING",), "SUSPENDED", suspended_at=self.service.clock()
         ):
             self._changed(microvm_id, "SUSPENDED")
+            self._observe("suspend", time.monotonic() - started)
 
     async def resume(self, microvm_id: str) -> bool:
         """Resume a SUSPENDED MicroVM; concurrent callers (API, auto-resume) share one resume.
@@ -224,6 +249,7 @@ class MicrovmEngine:
         row = self._row(microvm_id)
         if row is None or row["state"] != "SUSPENDED" or entry.sandbox is None:
             return
+        started = time.monotonic()
         try:
             await self.driver.resume(entry.sandbox)
         except DriverError as error:
@@ -238,23 +264,27 @@ class MicrovmEngine:
             self.service, microvm_id, ("SUSPENDED",), "RUNNING", suspended_at=None, last_activity_at=now
         ):
             self._changed(microvm_id, "RUNNING")
+            self._observe("resume", time.monotonic() - started)
 
     async def _terminate(self, microvm_id: str, entry: _Live) -> None:
         row = self._row(microvm_id)
         if row is None or row["state"] != "TERMINATING":
             return
+        started = time.monotonic()
         suspended = row["suspended_at"] is not None
         if entry.sandbox is not None and not suspended:
             # Best effort, bounded by the hook's timeout; termination goes on whatever it answers.
             outcome = await call_lifecycle_hook(self.driver, entry.sandbox, self._version_config(row), "terminate")
             if not outcome.ok:
                 self._event(microvm_id, f"terminate hook: {outcome.reason}")
+        await self.app_output.stop(microvm_id)
         await self._destroy(entry)
         if records.transition(
             self.service, microvm_id, ("TERMINATING",), "TERMINATED",
             state_reason=row["state_reason"] or SUCCESS, terminated_at=self.service.clock(),
         ):
             self._changed(microvm_id, "TERMINATED")
+            self._observe("terminate", time.monotonic() - started)
         self._live.pop(microvm_id, None)
 
     async def close(self, grace_seconds: float = 15.0) -> None:
@@ -265,3 +295,4 @@ class MicrovmEngine:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.app_output.close()

@@ -16,7 +16,7 @@ from botocore.exceptions import ClientError
 
 from tests.lifecycle.conftest import run
 from tests.support.endpoint import app_state, auth_token
-from tests.support.images import ALL_HOOKS, image_request, wait_image_settled, wait_microvm
+from tests.support.images import ALL_HOOKS, image_request, wait_for, wait_image_settled, wait_microvm
 from tests.support.server import ServerProcess
 
 
@@ -334,3 +334,29 @@ def test_aws_cli_runs_suspends_resumes_terminates(
     assert cli("get-microvm", "--microvm-identifier", microvm_id)["state"] == "RUNNING"
     cli("terminate-microvm", "--microvm-identifier", microvm_id)
     wait_microvm(client, microvm_id, {"TERMINATED"})
+
+
+def test_app_output_and_lifecycle_events_reach_the_microvm_log(
+    server: ServerProcess, sample_image: str
+) -> None:
+    client = server.client()
+    vm = wait_microvm(client, run(client, sample_image)["microvmId"], {"RUNNING"})
+    app_state(server, vm, auth_token(client, vm["microvmId"]))
+    client.terminate_microvm(microvmIdentifier=vm["microvmId"])
+    wait_microvm(client, vm["microvmId"], {"TERMINATED"})
+
+    def logs() -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "openmicrovm", "logs", vm["microvmId"], "--endpoint-url", server.url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        return done.stdout
+
+    def app_lines() -> str | None:
+        text = logs()
+        return text if "app: GET / " in text else None
+
+    text = wait_for(app_lines, 30, "the app's output")
+    assert "state: RUNNING" in text and "state: TERMINATED" in text

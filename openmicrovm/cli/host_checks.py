@@ -1,0 +1,154 @@
+"""What `openmicrovm doctor` looks at on this machine: tools, sandbox drivers, cgroups, disk.
+
+The runtime knows best which drivers can run (runtime.host.describe_host); when it is not there
+(an older or partial install) the checks fall back to looking for runsc and bwrap on PATH.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+OK, WARN, FAIL = "ok", "warn", "FAIL"
+# Binary, Debian package, why it matters, and whether the server cannot work without it.
+TOOLS = (
+    ("buildah", "buildah", "runs the Dockerfile of every build", True),
+    ("debootstrap", "debootstrap", "makes the base root filesystem", True),
+    ("runsc", "runsc", "gVisor sandboxes with memory snapshots", False),
+    ("bwrap", "bubblewrap", "process sandboxes (used when runsc is missing)", False),
+)
+FREE_DISK_WARN = 5 * 1024**3
+FREE_DISK_FAIL = 1024**3
+_PACKAGE = re.compile(r"apt-get install ([a-z0-9.+ -]+)\)")
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # OK, WARN or FAIL
+    detail: str
+    packages: tuple[str, ...] = ()  # what `apt-get install` would fix
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "status": self.status,
+            "detail": self.detail,
+            "install": list(self.packages),
+        }
+
+
+def tool_checks() -> list[Check]:
+    checks = []
+    for binary, package, purpose, required in TOOLS:
+        path = shutil.which(binary)
+        if path:
+            checks.append(Check(binary, OK, f"{path}: {purpose}"))
+        else:
+            checks.append(Check(binary, FAIL if required else WARN, f"missing: {purpose}", (package,)))
+    return checks
+
+
+def _describe_host() -> Any | None:
+    try:
+        from openmicrovm.runtime.host import describe_host
+    except ImportError:
+        return None
+    return asyncio.run(describe_host())
+
+
+def driver_check(configured: str) -> Check:
+    """Which sandbox driver the server will use, given its `driver` setting."""
+    report = _describe_host()
+    if report is None:
+        available = {
+            "gvisor": "available" if shutil.which("runsc") else "missing: runsc (apt-get install runsc)",
+            "process": "available"
+            if shutil.which("bwrap")
+            else "missing: bwrap (apt-get install bubblewrap)",
+        }
+        default = next((name for name, state in available.items() if state == "available"), None)
+    else:
+        available, default = dict(report.drivers), report.default_driver
+    chosen = default if configured == "auto" else configured
+    others = "; ".join(f"{name}: {state}" for name, state in available.items() if name != chosen)
+    if chosen is None or available.get(chosen, "unknown driver") != "available":
+        why = available.get(chosen or "", "") if chosen else "no driver can run here"
+        packages = tuple(sorted({p for state in available.values() for p in _packages(state)}))
+        return Check(
+            "sandbox driver",
+            FAIL,
+            f"{chosen or 'none'} cannot run: {why or 'unknown driver'}; {others}",
+            packages,
+        )
+    return Check(
+        "sandbox driver", OK, f"{chosen} (driver = {configured})" + (f"; {others}" if others else "")
+    )
+
+
+def _packages(text: str) -> list[str]:
+    found: list[str] = []
+    for match in _PACKAGE.finditer(text):
+        found += match.group(1).split()
+    return found
+
+
+def cgroup_check(root: Path = Path("/sys/fs/cgroup"), mounts_file: Path = Path("/proc/self/mounts")) -> Check:
+    try:
+        mounts = [line.split() for line in mounts_file.read_text().splitlines()]
+    except OSError as error:
+        return Check("cgroups", FAIL, f"cannot read {mounts_file}: {error.strerror}")
+    types = {fields[1]: fields[2] for fields in mounts if len(fields) > 2}
+    v1 = sorted({Path(point).name for point, kind in types.items() if kind == "cgroup"})
+    if types.get(str(root)) == "cgroup2":
+        controllers = (
+            (root / "cgroup.controllers").read_text().split()
+            if (root / "cgroup.controllers").exists()
+            else []
+        )
+        return Check("cgroups", OK, f"v2 (unified) at {root}; controllers: {' '.join(controllers) or 'none'}")
+    if v1:
+        hybrid = types.get(str(root / "unified")) == "cgroup2"
+        layout = (
+            f"v1 (hybrid: the v2 tree at {root / 'unified'} has no controllers)" if hybrid else "v1 (legacy)"
+        )
+        missing = {"memory", "cpu", "pids", "freezer"} - set(" ".join(v1).replace(",", " ").split())
+        if missing:
+            return Check("cgroups", FAIL, f"{layout}; missing controllers: {' '.join(sorted(missing))}")
+        return Check("cgroups", OK, f"{layout}; controllers: {' '.join(v1)}")
+    return Check(
+        "cgroups", FAIL, "no cgroup file system is mounted; sandboxes need cgroups for limits and freezing"
+    )
+
+
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def disk_check(label: str, folder: Path) -> Check:
+    where = _existing_ancestor(folder)
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError as error:
+        return Check(label, FAIL, f"{folder}: {error.strerror}")
+    text = f"{folder}: {free / 1024**3:.1f} GiB free"
+    if not os.access(where, os.W_OK):
+        return Check(label, WARN, text + f" ({where} is not writable by this user)")
+    if free < FREE_DISK_FAIL:
+        return Check(label, FAIL, text + "; builds and snapshots need a few GiB")
+    if free < FREE_DISK_WARN:
+        return Check(label, WARN, text + "; builds and snapshots need a few GiB")
+    return Check(label, OK, text)
+
+
+def privilege_check() -> Check:
+    if os.geteuid() == 0:
+        return Check("privileges", OK, "root")
+    return Check("privileges", WARN, "not root: the server needs root for namespaces, cgroups and mounts")
