@@ -9,6 +9,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from tests.conftest import MANAGED_BASE, image_request
+from tests.support.images import wait_image_settled
 from tests.support.server import ServerProcess
 
 
@@ -155,35 +156,22 @@ def test_client_token_idempotency_on_create(client: Any) -> None:
     )
 
 
-def test_update_makes_a_new_version_and_respects_the_busy_lock(client: Any) -> None:
-    name = _name("upd")
-    arn = client.create_microvm_image(**image_request(name))["imageArn"]
-    request = image_request(name)
-    del request["name"]
-    # The first build is still running or has failed; either way the rules of spec §3.1 apply.
-    state = client.get_microvm_image(imageIdentifier=arn)["state"]
-    if state == "CREATING":
-        code, message, status = _error(client.update_microvm_image, imageIdentifier=arn, **request)
-        assert (code, status) == ("ConflictException", 409)
-        assert message == "MicroVM Image is already in state: CREATING"
-        return
-    updated = client.update_microvm_image(imageIdentifier=arn, **request, description="second")
-    assert updated["imageVersion"] == "2.0" and updated["state"] == "UPDATING"
-    assert updated["description"] == "second"
-    assert "tags" not in updated or updated.get("tags") is None
-
-
-def test_update_rules_apply_to_every_new_version(client: Any) -> None:
+def test_update_checks_the_new_configuration(client: Any) -> None:
     arn = client.create_microvm_image(**image_request(_name("put")))["imageArn"]
-    _code, _message, status = _error(
+    wait_image_settled(client, arn)  # the artifact's bucket does not exist: CREATE_FAILED
+    code, message, status = _error(
         client.update_microvm_image,
         imageIdentifier=arn,
         baseImageArn=MANAGED_BASE,
         buildRoleArn="arn:aws:iam::123456789012:role/r",
-        codeArtifact={"uri": "s3://b/k"},
+        codeArtifact={"uri": "s3://some-bucket/app.zip"},
         resources=[{"minimumMemoryInMiB": 3000}],
     )
-    assert status in (400, 409)  # memory rule (400) unless the first build still holds the lock (409)
+    assert (code, status) == ("ValidationException", 400)
+    assert message.startswith("The requested memory size of 3000 MiB is not supported")
+    # Nothing was half-written: no version 2.0.
+    versions = client.list_microvm_image_versions(imageIdentifier=arn)["items"]
+    assert [v["imageVersion"] for v in versions] == ["1.0"]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,171 @@
+"""SIGKILL at random and at chosen moments, restart, and check that the server held: legal states,
+nothing stuck once recovered, nothing on the host without a record, no record without its
+snapshot, and every acknowledged call's effect still there (invariants.py, crashes.py).
+
+A few trials here; `python -m bench.crash_trials` runs hundreds."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.reliability.conftest import TENANT_APP
+from tests.reliability.crashes import CrashHarness
+from tests.reliability.invariants import read_snapshot, settled_violations
+from tests.support.endpoint import app_state, auth_token
+from tests.support.images import SAMPLE_APP, wait_for, wait_microvm
+from tests.support.moto import MotoServer
+from tests.support.server import ServerProcess
+
+# Scripted starts make sure the few CI trials hit a build, a suspend and a mix; the kill lands at
+# a random moment within the given window.
+PLANS: list[tuple[list[str], tuple[float, float]]] = [
+    (["create-good"], (2.0, 4.0)),
+    (["run", "run", "suspend"], (1.0, 3.0)),
+    ([], (0.5, 5.0)),
+]
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory: pytest.TempPathFactory, moto: MotoServer) -> Iterator[CrashHarness]:
+    server = ServerProcess(tmp_path_factory.mktemp("crash"), {}, env=moto.environment())
+    server.start()
+    try:
+        made = CrashHarness(server, moto, SAMPLE_APP, TENANT_APP, seed=None)
+        yield made
+        made.terminate_everything()
+    finally:
+        server.stop()
+
+
+def test_random_crashes_keep_every_invariant(harness: CrashHarness) -> None:
+    report = []
+    for script, (low, high) in PLANS:
+        result = harness.trial(kill_after=harness.rng.uniform(low, high), script=script)
+        report.append(result.describe())
+        assert not result.unexpected, "\n".join(report)
+    print("\n".join(report))
+
+
+def _sandbox_dir(server: ServerProcess, microvm_id: str) -> Path:
+    return server.data_dir / "sandboxes" / "sandboxes" / microvm_id
+
+
+def _state(server: ServerProcess, microvm_id: str) -> str:
+    row = read_snapshot(server.data_dir).microvm(microvm_id)
+    assert row is not None
+    return str(row["state"])
+
+
+def _restart_and_settle(harness: CrashHarness) -> None:
+    harness.server.start()
+    assert not [v for v in harness._wait_settled() if v.startswith("stuck")]
+
+
+def _own_violations(harness: CrashHarness, microvm_id: str) -> list[str]:
+    server = harness.server
+    assert server.process is not None
+    return [v for v in settled_violations(server.data_dir, frozenset({server.process.pid})) if microvm_id in v]
+
+
+def test_a_running_microvm_survives_a_crash_with_its_memory(harness: CrashHarness) -> None:
+    client = harness.server.client()
+    vm = wait_microvm(client, client.run_microvm(imageIdentifier=harness.stable_image)["microvmId"], {"RUNNING"})
+    token = auth_token(client, vm["microvmId"])
+    before = app_state(harness.server, vm, token)
+    harness.server.kill()
+    _restart_and_settle(harness)
+    client = harness.server.client()
+    assert client.get_microvm(microvmIdentifier=vm["microvmId"])["state"] == "RUNNING"
+    after = app_state(harness.server, vm, token)  # the token and the endpoint outlive the restart
+    assert (after["id"], after["counter"]) == (before["id"], before["counter"] + 1)
+    client.terminate_microvm(microvmIdentifier=vm["microvmId"])
+    wait_microvm(client, vm["microvmId"], {"TERMINATED"})
+    assert _own_violations(harness, vm["microvmId"]) == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: lifecycle/recovery.py restarts a PENDING MicroVM without removing the sandbox the "
+    "killed server had half made (driver.adopt() returns None for a record still 'starting', so "
+    "nothing is destroyed); the new restore then fails with 'sandbox <id> already exists', the "
+    "MicroVM ends TERMINATED and the old sandbox (runsc container, netns, cgroups) leaks",
+)
+def test_a_microvm_being_started_survives_a_crash(harness: CrashHarness) -> None:
+    server = harness.server
+    client = server.client()
+    for _ in range(3):  # until the kill lands while the sandbox is being restored
+        microvm_id = client.run_microvm(imageIdentifier=harness.stable_image)["microvmId"]
+        wait_for(lambda: _sandbox_dir(server, microvm_id).exists(), 30, "the restore to begin", interval=0.005)
+        server.kill()
+        if _state(server, microvm_id) == "PENDING":
+            break
+        server.start()
+        client = server.client()
+    _restart_and_settle(harness)
+    client = server.client()
+    try:
+        vm = client.get_microvm(microvmIdentifier=microvm_id)
+        assert (vm["state"], vm["stateReason"]) == ("RUNNING", None)
+        assert _own_violations(harness, microvm_id) == []
+    finally:
+        client.terminate_microvm(microvmIdentifier=microvm_id)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: a crash while a MicroVM is SUSPENDING loses it: the checkpoint (a runsc child that "
+    "outlives the server) completes, but the sandbox record still says 'running', so "
+    "GVisorDriver.adopt() finds a stopped container, returns None, and recovery.py marks the MicroVM "
+    "TERMINATED ('sandbox was gone') although its suspend image is complete",
+)
+def test_a_microvm_being_suspended_survives_a_crash(harness: CrashHarness) -> None:
+    server = harness.server
+    client = server.client()
+    microvm_id = client.run_microvm(imageIdentifier=harness.stable_image)["microvmId"]
+    wait_microvm(client, microvm_id, {"RUNNING"})
+    client.suspend_microvm(microvmIdentifier=microvm_id)
+    image = _sandbox_dir(server, microvm_id) / "suspended"
+    wait_for(image.exists, 30, "the checkpoint to begin", interval=0.005)
+    server.kill()
+    _restart_and_settle(harness)
+    client = server.client()
+    try:
+        vm = client.get_microvm(microvmIdentifier=microvm_id)
+        assert (vm["state"], vm["stateReason"]) == ("SUSPENDED", None)
+        client.resume_microvm(microvmIdentifier=microvm_id)
+        assert wait_microvm(client, microvm_id, {"RUNNING", "TERMINATED"})["state"] == "RUNNING"
+    finally:
+        client.terminate_microvm(microvmIdentifier=microvm_id)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: ResumeMicrovm answers 200 but persists nothing (the MicroVM stays SUSPENDED while "
+    "it resumes, service/microvms.py resume_microvm): after a crash the acknowledged resume is "
+    "forgotten, and a runsc restore that finished after the kill leaves a running container "
+    "beside a record that says 'suspended' (the next resume then fails 'container already exists')",
+)
+def test_an_acknowledged_resume_survives_a_crash(harness: CrashHarness) -> None:
+    server = harness.server
+    client = server.client()
+    microvm_id = client.run_microvm(imageIdentifier=harness.stable_image)["microvmId"]
+    wait_microvm(client, microvm_id, {"RUNNING"})
+    client.suspend_microvm(microvmIdentifier=microvm_id)
+    wait_microvm(client, microvm_id, {"SUSPENDED"})
+    client.resume_microvm(microvmIdentifier=microvm_id)
+    server.kill()
+    _restart_and_settle(harness)
+    client = server.client()
+    try:
+        state = wait_for(
+            lambda: (s := client.get_microvm(microvmIdentifier=microvm_id)["state"]) != "SUSPENDED" and s,
+            15,
+            "the acknowledged resume to complete",
+        )
+        assert state == "RUNNING"
+        assert _own_violations(harness, microvm_id) == []
+    finally:
+        client.terminate_microvm(microvmIdentifier=microvm_id)

@@ -1,0 +1,350 @@
+"""Sandbox lifecycle against every available driver: start, reach, limit, isolate, snapshot, suspend."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from openmicrovm.runtime import DriverError, SandboxDriver, make_driver
+from openmicrovm.runtime.base import BaseDriver
+from tests.runtime.conftest import run
+from tests.runtime.helpers import app_spec, http, probe, run_command
+
+# Spec §5.8: chown, dac_override, fowner, fsetid, kill, setgid, setuid, setpcap, net_bind_service,
+# net_raw, sys_chroot, mknod, audit_write, setfcap (capability numbers from linux/capability.h).
+REDUCED_CAPS = {0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 27, 29, 31}
+CAP_SYS_ADMIN = 21
+
+
+def test_app_is_reachable_on_loopback_and_runs_as_the_image_user(
+    driver: SandboxDriver, app_rootfs: Path
+) -> None:
+    async def scenario() -> None:
+        sandbox = await driver.start("microvm-reach", app_spec(app_rootfs, user="nobody"))
+        try:
+            status, body = await http(driver, sandbox)
+            assert status == 200
+            assert body["count"] == 1
+            assert body["hostname"] == "microvm"
+            assert body["uid"] == 65534
+            stats = await driver.stats(sandbox)
+            assert stats.rss_bytes > 0 and stats.cpu_seconds > 0
+            app = await driver.app_status(sandbox)
+            assert app.state == "running" and not app.oom_killed
+            assert driver.log_path(sandbox).read_text().count("app listening on 127.0.0.1:8080") == 1
+        finally:
+            await driver.destroy(sandbox)
+        # destroy() twice is allowed
+        await driver.destroy(sandbox)
+
+    run(scenario())
+
+
+def test_pty_runs_commands_with_the_sandbox_hostname_and_follows_resizes(
+    driver: SandboxDriver, app_rootfs: Path
+) -> None:
+    async def scenario() -> None:
+        sandbox = await driver.start("microvm-pty", app_spec(app_rootfs))
+        try:
+            status, output = await run_command(driver, sandbox, ["id"])
+            assert status == 0
+            assert "uid=0(root)" in output
+
+            session = await driver.exec_pty(sandbox, ["/bin/sh"], rows=24, cols=80)
+            seen = bytearray()
+            try:
+                await session.write(b"stty size; echo MARK1\n")
+                while b"MARK1\r\n" not in seen.replace(b"echo MARK1", b""):
+                    seen += await asyncio.wait_for(session.read(), 30)
+                assert b"24 80" in seen
+                await session.resize(40, 120)
+                await session.write(b"stty size; hostname; exit 7\n")
+                while chunk := await asyncio.wait_for(session.read(), 30):
+                    seen += chunk
+                assert await session.wait() == 7
+            finally:
+                await session.close()
+            text = seen.decode(errors="replace")
+            assert "40 120" in text
+            assert "microvm" in text.split("exit 7", 1)[1]
+        finally:
+            await driver.destroy(sandbox)
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("all_capabilities", [False, True])
+def test_capabilities_follow_the_spec(
+    driver: SandboxDriver, app_rootfs: Path, all_capabilities: bool
+) -> None:
+    async def scenario() -> None:
+        spec = app_spec(app_rootfs, all_capabilities=all_capabilities)
+        sandbox = await driver.start(f"microvm-caps-{all_capabilities}", spec)
+        try:
+            status, output = await run_command(
+                driver, sandbox, ["grep", "-E", "^(CapEff|CapBnd|NoNewPrivs)", "/proc/self/status"]
+            )
+            assert status == 0, output
+        finally:
+            await driver.destroy(sandbox)
+        fields = dict(line.split(":\t") for line in output.strip().splitlines())
+        effective = {bit for bit in range(64) if int(fields["CapEff"], 16) >> bit & 1}
+        bounding = {bit for bit in range(64) if int(fields["CapBnd"], 16) >> bit & 1}
+        if all_capabilities:
+            assert CAP_SYS_ADMIN in effective and REDUCED_CAPS < effective
+        else:
+            assert effective == REDUCED_CAPS
+            assert bounding == REDUCED_CAPS
+            # gVisor's /proc/self/status has no NoNewPrivs line; where it is shown it must be set.
+            assert fields.get("NoNewPrivs", "1").strip() == "1"
+
+    run(scenario())
+
+
+def test_memory_limit_kills_an_over_allocating_process(driver: SandboxDriver, app_rootfs: Path) -> None:
+    """The host is protected either way. The process driver's kernel kills just the offender; under
+    gVisor all of a sandbox's memory belongs to one host process (the sentry), so the host kernel
+    kills the whole sandbox, and the driver says so."""
+
+    async def scenario() -> None:
+        sandbox = await driver.start("microvm-oom", app_spec(app_rootfs, memory_mib=512))
+        try:
+            await http(driver, sandbox)
+            hog = ["python3", "-c", "b = bytearray(1536 * 1024 * 1024); print('allocated', len(b))"]
+            command = asyncio.create_task(run_command(driver, sandbox, hog))
+            # Wait for the command to end, or for the whole sandbox to stop (gVisor).
+            while not command.done() and (await driver.app_status(sandbox)).state == "running":
+                await asyncio.wait([command], timeout=0.2)
+            if command.done() and command.exception() is None:
+                status, output = command.result()
+            else:
+                command.cancel()
+                status, output = None, ""
+            assert "allocated" not in output
+            app = await driver.app_status(sandbox)
+            assert app.oom_killed, app
+            if driver.name == "process":
+                assert status == 128 + 9, output  # SIGKILL from the OOM killer
+                assert app.state == "running"
+                status, _ = await http(driver, sandbox)
+                assert status == 200
+            else:
+                assert app.state == "stopped", app
+                assert "memory limit of 512 MiB" in app.detail
+        finally:
+            await driver.destroy(sandbox)
+
+    run(scenario())
+
+
+class HostListener:
+    """A TCP listener on the host that counts connections."""
+
+    def __init__(self, address: str) -> None:
+        self.sock = socket.socket()
+        self.sock.bind((address, 0))
+        self.sock.listen()
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def host_listeners() -> Iterator[tuple[HostListener, HostListener]]:
+    loopback, everywhere = HostListener("127.0.0.1"), HostListener("0.0.0.0")
+    yield loopback, everywhere
+    loopback.close()
+    everywhere.close()
+
+
+def _host_addresses() -> list[str]:
+    out = subprocess.run(
+        ["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True, check=True
+    ).stdout
+    return sorted({line.split()[3].split("/")[0] for line in out.splitlines()} - {"127.0.0.1"})
+
+
+def test_sandbox_reaches_neither_host_services_nor_other_sandboxes(
+    driver: SandboxDriver, app_rootfs: Path, host_listeners: tuple[HostListener, HostListener]
+) -> None:
+    loopback, everywhere = host_listeners
+
+    async def scenario() -> None:
+        # The other sandbox listens on every interface it has, on a port nobody else uses.
+        other = await driver.start(
+            "microvm-other", app_spec(app_rootfs, env={"APP_HOST": "0.0.0.0", "APP_PORT": "9090"})
+        )
+        sandbox = await driver.start("microvm-probe", app_spec(app_rootfs))
+        try:
+            status, _ = await http(driver, other, port=9090)
+            assert status == 200  # it does listen
+            status, _ = await http(driver, sandbox)
+            assert status == 200
+            targets = [f"127.0.0.1:{loopback.port}", "127.0.0.1:9090", f"169.254.77.1:{everywhere.port}"]
+            targets += ["169.254.77.1:9090", "169.254.77.2:9090"]
+            targets += [f"{address}:{everywhere.port}" for address in _host_addresses()]
+            targets += [f"{address}:9090" for address in _host_addresses()]
+            results = await probe(driver, sandbox, targets)
+            assert results.keys() == set(targets)
+            assert all(result != "connected" for result in results.values()), results
+            # ... while its own loopback works, so the probe itself is sound.
+            own = await probe(driver, sandbox, ["127.0.0.1:8080"])
+            assert own == {"127.0.0.1:8080": "connected"}
+        finally:
+            await driver.destroy(sandbox)
+            await driver.destroy(other)
+        assert loopback.accepted == 0 and everywhere.accepted == 0
+
+    run(scenario())
+
+
+def test_snapshot_then_two_restores(driver: SandboxDriver, app_rootfs: Path, tmp_path: Path) -> None:
+    """gvisor: both restores continue from the snapshot's memory, then diverge. process: the
+    capability says there is no memory snapshot, and a restore cold-starts the app (its counter
+    starts over) on the snapshot's files."""
+
+    async def scenario() -> None:
+        sandbox = await driver.start("build-snap", app_spec(app_rootfs))
+        try:
+            _, first = await http(driver, sandbox)
+            _, second = await http(driver, sandbox)
+            assert second["count"] == 2
+            await http(driver, sandbox, "/write?path=/srv/note.txt&text=before-snapshot")
+            info = await driver.snapshot(sandbox, tmp_path / "snap")
+        except BaseException:
+            await driver.destroy(sandbox)
+            raise
+        assert info.path == tmp_path / "snap"
+        assert info.code_bytes > 50 * 1024 * 1024
+        assert not (app_rootfs / "srv" / "note.txt").exists()  # the image was not written to
+        restored = []
+        try:
+            for name in ("microvm-r1", "microvm-r2"):
+                restored.append(await driver.restore(name, tmp_path / "snap"))
+            r1, r2 = restored
+            _, a1 = await http(driver, r1)
+            _, b1 = await http(driver, r2)
+            _, a2 = await http(driver, r1)
+            for box in (r1, r2):
+                _, note = await http(driver, box, "/read?path=/srv/note.txt")
+                assert note == {"text": "before-snapshot"}
+            if driver.capabilities.memory_snapshot:
+                assert info.memory_bytes > 0
+                assert a1["token"] == b1["token"] == first["token"]
+                assert (a1["count"], b1["count"], a2["count"]) == (3, 3, 4)
+            else:
+                assert info.memory_bytes == 0
+                assert a1["token"] != first["token"] and b1["token"] != a1["token"]
+                assert (a1["count"], b1["count"], a2["count"]) == (1, 1, 2)
+        finally:
+            for box in restored:
+                await driver.destroy(box)
+
+    run(scenario())
+
+
+def test_suspend_and_resume_keep_memory(driver: SandboxDriver, app_rootfs: Path) -> None:
+    async def scenario() -> None:
+        sandbox = await driver.start("microvm-suspend", app_spec(app_rootfs))
+        try:
+            _, before = await http(driver, sandbox)
+            running_rss = (await driver.stats(sandbox)).rss_bytes
+            await driver.suspend(sandbox)
+            assert driver.is_suspended(sandbox)
+            assert (await driver.app_status(sandbox)).state == "suspended"
+            with pytest.raises(DriverError, match="suspended"):
+                await driver.connect(sandbox, 8080)
+            suspended_rss = (await driver.stats(sandbox)).rss_bytes
+            if driver.capabilities.suspend_releases_memory:
+                assert suspended_rss < running_rss / 4
+            else:
+                assert suspended_rss > running_rss / 2
+            await driver.resume(sandbox)
+            assert not driver.is_suspended(sandbox)
+            _, after = await http(driver, sandbox)
+            assert after["token"] == before["token"]
+            assert after["count"] == before["count"] + 1
+        finally:
+            await driver.destroy(sandbox)
+
+    run(scenario())
+
+
+def test_a_restarted_server_adopts_its_sandboxes(
+    driver: BaseDriver, app_rootfs: Path, cache_dir: Path
+) -> None:
+    async def scenario() -> None:
+        running = await driver.start("microvm-adopt-run", app_spec(app_rootfs))
+        suspended = await driver.start("microvm-adopt-sus", app_spec(app_rootfs))
+        try:
+            _, before = await http(driver, running)
+            await driver.suspend(suspended)
+            # A new driver object on the same state root, as after a server restart.
+            again = make_driver(driver.name, driver.state_root, cache_dir)
+            adopted = await again.adopt("microvm-adopt-run")
+            assert adopted is not None and not again.is_suspended(adopted)
+            _, after = await http(again, adopted)
+            assert (after["token"], after["count"]) == (before["token"], before["count"] + 1)
+            adopted_suspended = await again.adopt("microvm-adopt-sus")
+            assert adopted_suspended is not None and again.is_suspended(adopted_suspended)
+            assert await again.adopt("microvm-never-existed") is None
+            assert await again.cleanup_strays({"microvm-adopt-run"}) == ["microvm-adopt-sus"]
+            assert await again.adopt("microvm-adopt-sus") is None
+            _, still = await http(again, adopted)
+            assert still["count"] == before["count"] + 2
+        finally:
+            await driver.destroy(running)
+            await driver.destroy(suspended)
+
+    run(scenario())
+
+
+def test_agent_requires_the_token_and_copes_with_partial_reads(driver: BaseDriver, app_rootfs: Path) -> None:
+    """The agent listens inside the sandbox, where the app could reach it too: without the secret
+    a request gets nothing."""
+    from openmicrovm.runtime import agent_client
+
+    async def scenario() -> None:
+        sandbox = await driver.start("microvm-agent", app_spec(app_rootfs))
+        try:
+            address = driver.agent_address(sandbox)
+            forged = agent_client.AgentAddress(address.open_socket, "0" * 32)
+            with pytest.raises(agent_client.AgentError, match="bad token"):
+                await agent_client.control(forged, "STATUS")
+            # A request line that arrives one byte at a time is still understood.
+            sock = await address.open_socket()
+            reader, writer = await asyncio.open_connection(sock=sock)
+            for byte in agent_client.request_line(address.token, "STATUS"):
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0.001)
+            reply = agent_client.parse_reply(await asyncio.wait_for(reader.readline(), 30))
+            writer.close()
+            assert reply["app"] == "running"
+            with pytest.raises(agent_client.AgentError, match="malformed"):
+                await agent_client.control(address, "CONNECT")
+            with pytest.raises(agent_client.AgentError, match="unknown verb"):
+                await agent_client.control(address, "REBOOT")
+        finally:
+            await driver.destroy(sandbox)
+
+    run(scenario())
