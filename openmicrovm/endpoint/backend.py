@@ -38,13 +38,17 @@ class EndpointBackend:
 
     def lookup(self, hostname: str) -> Target | None:
         row = self.service.db.one(
-            "SELECT id, account, state, auto_resume, config FROM microvms WHERE endpoint = ?", (hostname.lower(),)
+            "SELECT id, account, state, auto_resume, config FROM microvms WHERE endpoint = ?",
+            (hostname.lower(),),
         )
         if row is None:
             return None
         connectors = json.loads(row["config"]).get("ingressNetworkConnectors") or []
         return Target(
-            row["id"], row["account"], row["state"], bool(row["auto_resume"]),
+            row["id"],
+            row["account"],
+            row["state"],
+            bool(row["auto_resume"]),
             frozenset(arn.rsplit(":", 1)[-1] for arn in connectors),
         )
 

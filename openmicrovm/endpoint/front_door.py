@@ -75,7 +75,9 @@ class _FirstHead(asyncio.Protocol):
         end = self.buffer.find(b"\r\n\r\n")
         if end < 0:
             if len(self.buffer) > MAX_HEAD_BYTES:
-                self.transport.write(simple_response(400, "Bad Request", b"request head too large", close=True))
+                self.transport.write(
+                    simple_response(400, "Bad Request", b"request head too large", close=True)
+                )
                 self.transport.close()
             return
         if self.timer is not None:
@@ -90,7 +92,9 @@ class _FirstHead(asyncio.Protocol):
 
 
 class FrontDoor:
-    def __init__(self, app_server: Callable[[], asyncio.Protocol], backend: EndpointBackend, counters: Counters) -> None:
+    def __init__(
+        self, app_server: Callable[[], asyncio.Protocol], backend: EndpointBackend, counters: Counters
+    ) -> None:
         self.app_server = app_server  # aiohttp's protocol factory (web.Server)
         self.backend = backend
         self.counters = counters
@@ -113,7 +117,9 @@ class FrontDoor:
         protocol.connection_made(transport)
         protocol.data_received(received)
         writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-        task = loop.create_task(self._serve(EndpointConnection(self.backend, hostname, reader, writer, self.counters)))
+        task = loop.create_task(
+            self._serve(EndpointConnection(self.backend, hostname, reader, writer, self.counters))
+        )
         self._connections.add(task)
         task.add_done_callback(self._connections.discard)
 

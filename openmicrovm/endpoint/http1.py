@@ -72,7 +72,12 @@ def parse_head(data: bytes, request: bool) -> Head:
         raise ProtocolError(f"malformed start line {lines[0][:100]!r}")
     if request:
         method, target, version = start
-        if not _TOKEN.fullmatch(method) or not target or b" " in target or version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        if (
+            not _TOKEN.fullmatch(method)
+            or not target
+            or b" " in target
+            or version not in (b"HTTP/1.1", b"HTTP/1.0")
+        ):
             raise ProtocolError(f"malformed request line {lines[0][:100]!r}")
     else:
         version, status, _reason = start

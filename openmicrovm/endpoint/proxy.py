@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from openmicrovm.endpoint.backend import EndpointBackend, Target, Unreachable
+from openmicrovm.endpoint.h2c import H2Exchange, UpstreamNotH2, decoded_body
 from openmicrovm.endpoint.http1 import (
     Framing,
     Head,
@@ -38,6 +39,7 @@ log = logging.getLogger("openmicrovm.endpoint")
 DEFAULT_PORT = 8080
 HEAD_TIMEOUT = 30.0  # a client gets this long to send a request head (slowloris)
 AUTH_HEADER = "x-aws-proxy-auth"
+FORCE_H2_HEADER = "x-aws-proxy-force-h2"
 PORT_HEADER = "x-aws-proxy-port"
 SUBPROTOCOL_PREFIX = "lambda-microvms"
 MISSING_AUTH = b"Request missing authentication"
@@ -98,7 +100,9 @@ def choose_port(head: Head) -> int:
     return int(text)
 
 
-def authorize(backend: EndpointBackend, target: Target | None, head: Head, kind: str, port: int) -> TokenClaims:
+def authorize(
+    backend: EndpointBackend, target: Target | None, head: Head, kind: str, port: int
+) -> TokenClaims:
     token = _token(head)
     if not token:
         raise Refusal(403, "Forbidden", MISSING_AUTH)
@@ -120,7 +124,11 @@ def authorize(backend: EndpointBackend, target: Target | None, head: Head, kind:
 def _strip_for_app(head: Head, request_id: str) -> None:
     """Remove everything of ours before the app sees the request (spec §5.3)."""
     head.remove(lambda name: name.startswith("x-aws-proxy-"))
-    protocols = [p for p in _subprotocols(head) if p != SUBPROTOCOL_PREFIX and not p.startswith(f"{SUBPROTOCOL_PREFIX}.")]
+    protocols = [
+        p
+        for p in _subprotocols(head)
+        if p != SUBPROTOCOL_PREFIX and not p.startswith(f"{SUBPROTOCOL_PREFIX}.")
+    ]
     head.remove(lambda name: name == "sec-websocket-protocol" or name == "x-amzn-requestid")
     if protocols:
         head.headers.append(("Sec-WebSocket-Protocol", ", ".join(protocols)))
@@ -205,6 +213,8 @@ class EndpointConnection:
                 await self.backend.ready(target)
             except Unreachable:
                 raise Refusal(502, "Bad Gateway", close=True) from None
+            if (head.get(FORCE_H2_HEADER) or "").strip().lower() == "true":
+                return await self._proxy_h2(target, head, framing, port)
             return await self._proxy(target, head, framing, port)
         except ProtocolError as error:
             self.writer.write(simple_response(400, "Bad Request", str(error).encode(), close=True))
@@ -273,6 +283,28 @@ class EndpointConnection:
             up_writer.close()
         return client_keep_alive and body.kind != "close"
 
+    async def _proxy_h2(self, target: Target, head: Head, framing: Framing, port: int) -> bool:
+        """X-aws-proxy-force-h2: the app speaks h2c; the client keeps speaking HTTP/1.1."""
+        vm = target.microvm_id
+        authority = head.get("host") or self.hostname
+        _strip_for_app(head, str(uuid.uuid4()))
+
+        def count(piece: bytes) -> None:
+            self.backend.record_activity(vm)
+            self.counters.on_bytes(vm, len(piece))
+
+        try:
+            up_reader, up_writer = await self.backend.connect(vm, port)
+        except (PortNotListening, Unreachable):
+            raise Refusal(502, "Bad Gateway") from None
+        body = decoded_body(framing, self.reader) if framing.kind != "none" else None
+        try:
+            await H2Exchange(up_reader, up_writer).run(head, authority, body, self.writer, count)
+        except UpstreamNotH2:
+            raise Refusal(502, "Bad Gateway", close=True) from None
+        self.counters.on_request(vm, 200)
+        return _client_keeps_alive(head)
+
     async def _response_head(
         self, up_reader: asyncio.StreamReader, count: Callable[[bytes], None]
     ) -> tuple[bytes | None, Head | None, int]:
@@ -293,8 +325,13 @@ class EndpointConnection:
                 continue
             return raw, response, status
 
-    async def _tunnel(self, up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter,
-                      count: Callable[[bytes], None], sending: asyncio.Future[None]) -> None:
+    async def _tunnel(
+        self,
+        up_reader: asyncio.StreamReader,
+        up_writer: asyncio.StreamWriter,
+        count: Callable[[bytes], None],
+        sending: asyncio.Future[None],
+    ) -> None:
         sending.cancel()
         # Bytes the client sent after its upgrade request may already be buffered in our reader.
         await asyncio.gather(pipe(self.reader, up_writer, count), pipe(up_reader, self.writer, count))

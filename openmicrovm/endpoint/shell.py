@@ -43,17 +43,21 @@ async def shell_handler(backend: EndpointBackend, request: web.Request) -> web.S
             await backend.ready(target)
         except Unreachable:
             raise Refusal(502, "Bad Gateway") from None
-        session = await backend.open_shell(target.microvm_id, _size(request, "rows", 24), _size(request, "cols", 80))
+        session = await backend.open_shell(
+            target.microvm_id, _size(request, "rows", 24), _size(request, "cols", 80)
+        )
     except Refusal as refusal:
-        return web.Response(status=refusal.status, body=refusal.body,
-                            content_type="text/plain" if refusal.body else None)
+        return web.Response(
+            status=refusal.status, body=refusal.body, content_type="text/plain" if refusal.body else None
+        )
     except Unreachable:
         return web.Response(status=502)
 
     socket = web.WebSocketResponse(protocols=("lambda-microvms",), heartbeat=30)
     await socket.prepare(request)
-    await socket.send_str(json.dumps({"type": "session_init", "microvmId": target.microvm_id,
-                                      "sessionId": str(uuid.uuid4())}))
+    await socket.send_str(
+        json.dumps({"type": "session_init", "microvmId": target.microvm_id, "sessionId": str(uuid.uuid4())})
+    )
 
     async def output() -> None:
         while data := await session.read():
