@@ -3,14 +3,13 @@ a domain error into the AWS error form (X-Amzn-Errortype header, JSON body with 
 
 from __future__ import annotations
 
-import functools
 import json
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qs
 
-from botocore.model import ListShape, MapShape, OperationModel, Shape, StructureShape
+import orjson
+from botocore.model import ListShape, OperationModel, Shape, StructureShape
 
 from openmicrovm.api.model import error_shape
 from openmicrovm.service.errors import ServiceError, ValidationError
@@ -75,48 +74,6 @@ def parse_input(
     return params
 
 
-Converter = Callable[[Any], Any]
-
-
-def _timestamp(value: Any) -> Any:
-    # rest-json timestamps are epoch seconds; keep millisecond precision like AWS.
-    return math.floor(float(value) * 1000) / 1000
-
-
-@functools.cache
-def _converter(shape: Shape) -> Converter | None:
-    """How to turn a result value of this shape into JSON-ready data; None when it already is
-    (only timestamps need converting), which keeps serialising lists of summaries cheap."""
-    if shape.type_name == "timestamp":
-        return _timestamp
-    if isinstance(shape, StructureShape):
-        members = {name: _converter(member) for name, member in shape.members.items()}
-        active = {name: convert for name, convert in members.items() if convert is not None}
-        if not active:
-            return None
-
-        def structure(value: dict[str, Any]) -> dict[str, Any]:
-            converted = dict(value)
-            for name, convert in active.items():
-                item = converted.get(name)
-                if item is not None:
-                    converted[name] = convert(item)
-            return converted
-
-        return structure
-    if isinstance(shape, ListShape):
-        convert_member = _converter(shape.member)
-        if convert_member is None:
-            return None
-        return lambda value: [None if item is None else convert_member(item) for item in value]
-    if isinstance(shape, MapShape):
-        convert_value = _converter(shape.value)
-        if convert_value is None:
-            return None
-        return lambda value: {k: None if v is None else convert_value(v) for k, v in value.items()}
-    return None
-
-
 def serialize_output(operation: OperationModel, result: Mapping[str, Any]) -> bytes | None:
     shape = operation.output_shape
     if shape is None:
@@ -126,8 +83,8 @@ def serialize_output(operation: OperationModel, result: Mapping[str, Any]) -> by
         name: None for name in shape.members if shape.members[name].serialization.get("location") is None
     }
     document.update(result)
-    convert = _converter(shape)
-    return json.dumps(convert(document) if convert else document, separators=(",", ":")).encode()
+    # Timestamps are stored as epoch seconds to the millisecond (Service.clock), the rest-json form.
+    return orjson.dumps(document)
 
 
 # Errors that are not in the model but that AWS front doors answer with.

@@ -48,7 +48,8 @@ class Router:
             if found:
                 # Decode each label on its own, so an encoded "/" inside an ARN stays inside it.
                 return Match(
-                    route.operation, {name: unquote(v) for name, v in zip(route.labels, found.groups(), strict=True)}
+                    route.operation,
+                    {name: unquote(v) for name, v in zip(route.labels, found.groups(), strict=True)},
                 )
         return None
 

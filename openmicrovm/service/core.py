@@ -31,16 +31,22 @@ def operation(name: str) -> Callable[[Operation], Operation]:
     return register
 
 
+def millisecond_clock() -> float:
+    """Epoch seconds to the millisecond, the precision AWS timestamps have. Every stored time is
+    already what the wire carries, so responses need no conversion."""
+    return round(time.time(), 3)
+
+
 class Service:
     def __init__(
         self,
         db: Database,
         settings: Settings,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.db = db
         self.settings = settings
-        self.clock = clock
+        self.clock = clock or millisecond_clock
         self.builds: BuildEngine = IdleBuildEngine()
         self.microvms: MicrovmEngine = IdleMicrovmEngine()
         self._after_commit: list[Callable[[], None]] = []
