@@ -65,8 +65,14 @@ class Settings:
     # exercise idle suspension in seconds. Not for production use.
     min_idle_seconds: int = 60
     # Memory kept free for the host: a MicroVM is refused (InsufficientCapacityException) when
-    # restoring it would leave less than this.
-    host_memory_reserve_mib: int = 256
+    # restoring it would leave less than this. 0: 5 % of RAM, at least 256 MiB.
+    host_memory_reserve_mib: int = 0
+    # A suspended MicroVM is frozen with its memory at once (resume in milliseconds), and its memory
+    # is written to disk and freed this many seconds later (0: at once). gvisor driver only.
+    suspend_to_disk_after_seconds: float = 20.0
+    # Restored, frozen sandboxes kept ready per recently run snapshot, so RunMicrovm does not wait
+    # for a restore (0: none). gvisor driver only.
+    restore_pool_size: int = 1
     # How long one "minute" of an auth token's expirationInMinutes lasts. 60, except in tests that
     # need to watch a token expire. Not for production use.
     auth_token_minute_seconds: float = 60.0

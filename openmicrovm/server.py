@@ -77,7 +77,14 @@ class Server:
         self.db = Database(database_url(settings))
         self.service = Service(self.db, settings)
         self.logs = LogStore(settings.data_dir / "logs", settings.log_max_bytes, settings.log_keep_files)
-        self.driver = make_driver(settings.driver, settings.data_dir / "sandboxes", settings.cache_dir)
+        self.driver = make_driver(
+            settings.driver,
+            settings.data_dir / "sandboxes",
+            settings.cache_dir,
+            memory_reserve_mib=settings.host_memory_reserve_mib or None,
+            suspend_to_disk_after=settings.suspend_to_disk_after_seconds,
+            restore_pool_size=settings.restore_pool_size,
+        )
         self.build_engine = BuildEngine(self.service, self.driver, self.logs)
         self.microvm_engine = MicrovmEngine(self.service, self.driver, self.logs)
         self.service.builds = self.build_engine
@@ -157,6 +164,7 @@ class Server:
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.build_engine.close()
         await self.microvm_engine.close()
+        await self.driver.close()
         self.logs.close()
         self.db.close()
         self.lock.release()

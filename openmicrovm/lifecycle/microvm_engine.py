@@ -20,7 +20,8 @@ from typing import Any
 from openmicrovm.lifecycle.app_output import AppOutput
 from openmicrovm.lifecycle.hook_calls import call_lifecycle_hook
 from openmicrovm.logs.store import LogStore
-from openmicrovm.runtime.driver import DriverError, Sandbox, SandboxDriver
+from openmicrovm.runtime.driver import CapacityError, DriverError, Sandbox, SandboxDriver
+from openmicrovm.runtime.host import MemoryGate
 from openmicrovm.service import microvms as records
 from openmicrovm.service.core import Service
 from openmicrovm.service.errors import InsufficientCapacityError
@@ -28,14 +29,6 @@ from openmicrovm.service.managed import host_architecture
 
 log = logging.getLogger("openmicrovm.microvms")
 SUCCESS = "Success."
-
-
-def _mem_available_mib() -> int:
-    with open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) // 1024
-    return 0
 
 
 @dataclass
@@ -55,6 +48,7 @@ class MicrovmEngine:
         self._live: dict[str, _Live] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.app_output = AppOutput(logs)
+        self.memory_gate = MemoryGate(service.settings.host_memory_reserve_mib or None)
         # Observers of state changes (metrics, the endpoint); called with (microvm_id, state).
         self.listeners: list[Callable[[str, str], None]] = []
         # Observers of how long operations took: (kind, seconds), kind run|suspend|resume|terminate.
@@ -62,14 +56,14 @@ class MicrovmEngine:
 
     # -- the seam -------------------------------------------------------------------------------
     def check_capacity(self, memory_mib: int, snapshot_memory_bytes: int) -> None:
-        """A restore needs about the snapshot's memory now; the memory tier is its ceiling."""
-        needed = max(snapshot_memory_bytes // (1024 * 1024), 32)
-        spare = _mem_available_mib() - self.service.settings.host_memory_reserve_mib
-        if spare < needed:
+        """A restore takes about the snapshot's memory at once and may grow up to the tier; the
+        same admission rule as the driver's, answered before the MicroVM is even recorded."""
+        try:
+            self.memory_gate.check("run a MicroVM", snapshot_memory_bytes, memory_mib)
+        except CapacityError as error:
             raise InsufficientCapacityError(
-                f"This host has {max(spare, 0)} MiB of memory to spare and a new MicroVM of this image needs about "
-                f"{needed} MiB ({memory_mib} MiB at most). Terminate or suspend MicroVMs, or try again later."
-            )
+                f"Insufficient capacity: {error}. Terminate or suspend MicroVMs, or try again later."
+            ) from None
 
     def schedule_start(self, microvm_id: str) -> None:
         self._spawn(self._locked(microvm_id, self._start))

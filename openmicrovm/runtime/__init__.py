@@ -3,7 +3,13 @@
     driver = make_driver("auto", state_root, cache_dir)
 
 "auto" picks gvisor when runsc is installed and usable here, else process. Drivers accept
-keyword options (memory_reserve_mib, start_timeout, exit_grace; see base.BaseDriver).
+keyword options (memory_reserve_mib, start_timeout, exit_grace, suspend_to_disk_after,
+restore_pool_size; see base.BaseDriver). Call `await driver.close()` when the server stops.
+
+Modules: driver (the interface), gvisor / process (the drivers), base (what they share), pool (warm
+restores), agent/agent.c + agent_client (the guest agent and its protocol), agent/shim.c +
+agent_build (the host-side keeper, compiling both), netns, cgroups, oci, rootfs (image lookups),
+names, host (tools, memory admission, describe_host), proc (subprocesses), hooks (lifecycle hooks).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What both drivers share: state directories, records, admission, the agent, teardown.
 
 Layout under a driver's state root:
-    sandboxes/<sandbox id>/record.json   what the sandbox is (spec, agent secret, state)
+    sandboxes/<sandbox id>/record.json   what the sandbox is (spec, host key, agent secret, state)
     sandboxes/<sandbox id>/app.log       the app's stdout and stderr
     sandboxes/<sandbox id>/...           driver-specific (bundle, writable layer, suspend image)
 A snapshot directory holds snapshot.json plus driver-specific files; it belongs to the caller and
@@ -62,9 +62,11 @@ class SandboxRecord:
     sandbox_id: str
     driver: str
     spec: SandboxSpec
-    token: str
+    key: str  # names the sandbox's host objects (names.host_names)
+    token: str  # the agent's secret
     agent_binary: str
     state: str = "starting"  # starting | running | suspended
+    suspended_in: str = ""  # while suspended: "memory" (frozen) or "disk" (checkpointed)
     footprint_bytes: int = 0  # memory in use when last snapshotted or suspended
 
     def to_json(self) -> str:
@@ -115,15 +117,17 @@ def read_snapshot_meta(snapshot_dir: Path, driver: str) -> SnapshotMeta:
         raise SnapshotError(
             f"snapshot {snapshot_dir} is corrupt: cannot read {SNAPSHOT_FILE}: {error}"
         ) from None
+    if not isinstance(data, dict):
+        raise SnapshotError(f"snapshot {snapshot_dir} is corrupt: {SNAPSHOT_FILE} is not an object")
+    if data.get("format") != SNAPSHOT_FORMAT:
+        raise SnapshotError(
+            f"snapshot {snapshot_dir} has format {data.get('format')!r}, expected {SNAPSHOT_FORMAT}"
+        )
+    if data.get("driver") != driver:
+        raise SnapshotError(
+            f"snapshot {snapshot_dir} was made by the {data.get('driver')} driver and cannot be restored by {driver}"
+        )
     try:
-        if data.get("format") != SNAPSHOT_FORMAT:
-            raise SnapshotError(
-                f"snapshot {snapshot_dir} has format {data.get('format')!r}, expected {SNAPSHOT_FORMAT}"
-            )
-        if data["driver"] != driver:
-            raise SnapshotError(
-                f"snapshot {snapshot_dir} was made by the {data['driver']} driver and cannot be restored by {driver}"
-            )
         meta = SnapshotMeta(
             driver=data["driver"],
             spec=spec_from_dict(data["spec"]),
@@ -164,7 +168,16 @@ def record_of(sandbox: Sandbox) -> SandboxRecord:
 
 
 class BaseDriver(SandboxDriver):
-    """Common parts of the gvisor and process drivers. Subclasses implement the runtime itself."""
+    """Common parts of the gvisor and process drivers. Subclasses implement the runtime itself.
+
+    Options (keyword arguments of make_driver):
+      memory_reserve_mib     memory the host keeps for itself (see host.MemoryGate)
+      start_timeout          seconds a sandbox may take to come up
+      exit_grace             seconds start() watches a new app, to report one that exits at once
+      suspend_to_disk_after  drivers that write memory to disk (gvisor): seconds a suspended
+                             sandbox stays frozen in RAM first, so that a quick resume is instant
+      restore_pool_size      gvisor: sandboxes kept restored ahead of time per hot snapshot
+    """
 
     # What a freshly cold-started sandbox occupies before the app grows (admission estimate).
     cold_start_footprint_bytes = 64 * MIB
@@ -177,6 +190,8 @@ class BaseDriver(SandboxDriver):
         memory_reserve_mib: int | None = None,
         start_timeout: float = 60.0,
         exit_grace: float = 0.2,
+        suspend_to_disk_after: float = 20.0,
+        restore_pool_size: int = 1,
     ) -> None:
         layout = cgroups.detect()
         if layout is None:
@@ -189,9 +204,11 @@ class BaseDriver(SandboxDriver):
         self.scope = names.scope_for(state_root, self.name)
         self.gate = MemoryGate(memory_reserve_mib)
         self.start_timeout = start_timeout
-        # How long start() watches a freshly started app, to report one that exits at once.
         self.exit_grace = exit_grace
+        self.suspend_to_disk_after = suspend_to_disk_after
+        self.restore_pool_size = restore_pool_size
         self._code_bytes: dict[Path, int] = {}
+        self._locks: dict[tuple[int, str], asyncio.Lock] = {}
         self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ hooks for subclasses
@@ -201,13 +218,12 @@ class BaseDriver(SandboxDriver):
 
     async def runtime_alive(self, sandbox: Sandbox) -> bool:
         """Is the sandbox's runtime (runsc, bwrap) still there?"""
-        raise NotImplementedError
+        return bool(self.cgroup_of(sandbox).pids())
 
-    async def teardown(self, sandbox: Sandbox) -> None:
+    async def teardown(self, sandbox: Sandbox, host: names.HostNames) -> None:
         """Stop the runtime and remove what only this driver creates; destroy() does the rest."""
-        raise NotImplementedError
 
-    def namespaces(self, sandbox_id: str) -> list[str]:
+    def namespaces(self, host: names.HostNames) -> list[str]:
         raise NotImplementedError
 
     async def remove_orphans(self, keep_keys: set[str]) -> None:
@@ -222,11 +238,30 @@ class BaseDriver(SandboxDriver):
     def state_dir(self, sandbox_id: str) -> Path:
         return self.sandboxes_dir / sandbox_id
 
-    def host_names(self, sandbox_id: str) -> names.HostNames:
-        return names.host_names(self.scope, sandbox_id)
+    def names_of(self, sandbox: Sandbox) -> names.HostNames:
+        return names.host_names(self.scope, record_of(sandbox).key)
 
-    def cgroup(self, sandbox_id: str) -> cgroups.Cgroup:
-        return cgroups.Cgroup(self.layout, self.host_names(sandbox_id).cgroup)
+    def cgroup_for(self, host: names.HostNames) -> cgroups.Cgroup:
+        return cgroups.Cgroup(self.layout, host.cgroup)
+
+    def cgroup_of(self, sandbox: Sandbox) -> cgroups.Cgroup:
+        return self.cgroup_for(self.names_of(sandbox))
+
+    def lock(self, sandbox_id: str) -> asyncio.Lock:
+        """Serialises state changes of one sandbox (suspend, resume, the disk tier, destroy)."""
+        key = (id(asyncio.get_running_loop()), sandbox_id)
+        if key not in self._locks:
+            self._locks[key] = asyncio.Lock()
+        return self._locks[key]
+
+    def refresh(self, sandbox: Sandbox) -> SandboxRecord:
+        """The record as on disk: background work (the disk tier) may have changed it since this
+        handle was made. Updates the handle's record object in place."""
+        record = record_of(sandbox)
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            stored = SandboxRecord.from_json((sandbox.state_dir / RECORD_FILE).read_text())
+            record.__dict__.update(stored.__dict__)
+        return record
 
     def save(self, sandbox: Sandbox) -> None:
         write_private(sandbox.state_dir / RECORD_FILE, record_of(sandbox).to_json())
@@ -247,7 +282,7 @@ class BaseDriver(SandboxDriver):
             state_dir.mkdir(mode=0o700)
         except FileExistsError:
             raise DriverError(f"sandbox {sandbox_id} already exists") from None
-        record = SandboxRecord(sandbox_id, self.name, spec, token, str(agent_binary))
+        record = SandboxRecord(sandbox_id, self.name, spec, names.new_key(), token, str(agent_binary))
         sandbox = Sandbox(sandbox_id, self.name, state_dir, spec, {"record": record})
         self.save(sandbox)
         return sandbox
@@ -326,9 +361,8 @@ class BaseDriver(SandboxDriver):
         return f"the app exited with {how}; last output: {output}"
 
     def stopped_detail(self, sandbox: Sandbox) -> str:
-        cgroup = self.cgroup(sandbox.sandbox_id)
         words = "the sandbox is not running"
-        if cgroup.oom_kills() > 0:
+        if self.cgroup_of(sandbox).oom_kills() > 0:
             words += f" (it was killed at its memory limit of {sandbox.spec.memory_mib} MiB)"
         output = proc.tail(self.log_path(sandbox), 1500)
         return words + (f"; log: {output}" if output else "")
@@ -346,7 +380,7 @@ class BaseDriver(SandboxDriver):
         record = record_of(sandbox)
         if record.state == "suspended":
             return AppStatus("suspended")
-        oom = self.cgroup(sandbox.sandbox_id).oom_kills() > 0
+        oom = self.cgroup_of(sandbox).oom_kills() > 0
         # A dead gVisor sandbox does not even refuse connections; ask the host first.
         if not await self.runtime_alive(sandbox):
             return AppStatus("stopped", None, oom, self.stopped_detail(sandbox))
@@ -377,26 +411,34 @@ class BaseDriver(SandboxDriver):
             raise DriverError(f"cannot open a terminal in sandbox {sandbox.sandbox_id}: {error}") from None
 
     async def stats(self, sandbox: Sandbox) -> SandboxStats:
-        cgroup = self.cgroup(sandbox.sandbox_id)
+        cgroup = self.cgroup_of(sandbox)
         return SandboxStats(rss_bytes=cgroup.memory_bytes(), cpu_seconds=cgroup.cpu_seconds())
 
     # ------------------------------------------------------------------ teardown and recovery
 
     async def destroy(self, sandbox: Sandbox) -> None:
+        async with self.lock(sandbox.sandbox_id):
+            await self._destroy_locked(sandbox)
+
+    async def _destroy_locked(self, sandbox: Sandbox) -> None:
         problems: list[str] = []
-        try:
-            await self.teardown(sandbox)
-        except (DriverError, OSError) as error:
-            problems.append(str(error))
-        try:
-            await self.cgroup(sandbox.sandbox_id).remove()
-        except (DriverError, OSError) as error:
-            problems.append(str(error))
-        for name in self.namespaces(sandbox.sandbox_id):
+        host = names.host_names(self.scope, record_of(sandbox).key) if "record" in sandbox.extra else None
+        if host is not None:
             try:
-                await netns.delete(name)
+                await self.teardown(sandbox, host)
             except (DriverError, OSError) as error:
                 problems.append(str(error))
+            try:
+                await self.cgroup_for(host).remove()
+                # The per-server parent goes with its last sandbox (it is made again on demand).
+                cgroups.remove_parent_if_empty(self.layout, names.cgroup_parent(self.scope))
+            except (DriverError, OSError) as error:
+                problems.append(str(error))
+            for name in self.namespaces(host):
+                try:
+                    await netns.delete(name)
+                except (DriverError, OSError) as error:
+                    problems.append(str(error))
         await asyncio.to_thread(shutil.rmtree, sandbox.state_dir, True)
         if sandbox.state_dir.exists():
             problems.append(f"cannot remove {sandbox.state_dir}")
@@ -408,31 +450,30 @@ class BaseDriver(SandboxDriver):
     async def destroy_quietly(self, sandbox: Sandbox) -> None:
         """Cleanup on a failure path: the original error matters more than a cleanup error."""
         try:
-            await self.destroy(sandbox)
+            await self._destroy_locked(sandbox)
         except Exception:
             log.exception("cleanup of sandbox %s failed", sandbox.sandbox_id)
 
     async def cleanup_strays(self, keep: set[str]) -> list[str]:
         removed: list[str] = []
+        keep_keys: set[str] = set()
         for state_dir in sorted(self.sandboxes_dir.iterdir()) if self.sandboxes_dir.is_dir() else []:
             sandbox_id = state_dir.name
+            sandbox = self.load(sandbox_id)
             if sandbox_id in keep:
+                if sandbox is not None:
+                    keep_keys.add(record_of(sandbox).key)
                 continue
-            sandbox = self.load(sandbox_id) or Sandbox(
-                sandbox_id,
-                self.name,
-                state_dir,
-                SandboxSpec(rootfs=Path("/"), process=ProcessConfig(argv=[])),
-                {},
-            )
             log.info("removing stray sandbox %s", sandbox_id)
+            if sandbox is None:  # no readable record: its host objects are found by name below
+                sandbox = Sandbox(
+                    sandbox_id, self.name, state_dir, SandboxSpec(Path("/"), ProcessConfig(argv=[])), {}
+                )
             await self.destroy(sandbox)
             removed.append(sandbox_id)
-        # Host objects whose state dir is gone (a crash between creating them and writing it).
-        keep_keys = {self.host_names(sandbox_id).key for sandbox_id in keep}
+        # Host objects without a state dir (a crash between creating them and writing it).
         for name in netns.list_names(names.netns_prefix(self.scope)):
-            key = name[len(names.netns_prefix(self.scope)) :].split("-")[0]
-            if key not in keep_keys:
+            if names.key_of_netns(self.scope, name) not in keep_keys:
                 log.info("removing stray network namespace %s", name)
                 await netns.delete(name)
         parent = names.cgroup_parent(self.scope)
@@ -441,4 +482,6 @@ class BaseDriver(SandboxDriver):
                 log.info("removing stray cgroup %s/%s", parent, key)
                 await cgroups.Cgroup(self.layout, f"{parent}/{key}").remove()
         await self.remove_orphans(keep_keys)
+        if not keep_keys:
+            cgroups.remove_parent_if_empty(self.layout, parent)
         return removed

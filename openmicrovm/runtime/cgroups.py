@@ -269,8 +269,25 @@ class Cgroup:
                 except OSError as error:
                     # EBUSY for a moment while the last task is being torn down.
                     if error.errno not in (errno.EBUSY, errno.ENOTEMPTY) or time.monotonic() > deadline:
-                        raise DriverError(f"cannot remove cgroup {path}: {error.strerror}") from None
+                        raise DriverError(
+                            f"cannot remove cgroup {path}: {error.strerror} ({_occupants(path)})"
+                        ) from None
                     await asyncio.sleep(0.01)
+
+
+def _occupants(path: Path) -> str:
+    """What keeps a cgroup busy, for error messages: its tasks and their states."""
+    words = []
+    for name in ("tasks", "cgroup.procs"):
+        with contextlib.suppress(OSError):
+            for pid in (path / name).read_text().split():
+                try:
+                    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                    comm = Path(f"/proc/{pid}/comm").read_text().strip()
+                except OSError:
+                    state, comm = "?", "?"
+                words.append(f"{name} {pid} {comm} {state}")
+    return ", ".join(words) or "no tasks listed; an unreaped zombie may hold it"
 
 
 def children(layout: Layout, parent: str) -> list[str]:
@@ -282,7 +299,25 @@ def children(layout: Layout, parent: str) -> list[str]:
     return sorted(names)
 
 
+def all_hierarchies() -> list[Path]:
+    """Every cgroup mount point: runtimes (runsc) also create our paths in controllers we do not use
+    (cpuset, devices, blkio, ...) and leave the parents behind there."""
+    points = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            left, _, right = line.partition(" - ")
+            fields, rest = left.split(), right.split()
+            if len(fields) >= 5 and rest and rest[0] in ("cgroup", "cgroup2"):
+                points.append(Path(fields[4]))
+    return points
+
+
+def leftover_dirs(parent: str) -> list[Path]:
+    return [mount / parent for mount in all_hierarchies() if (mount / parent).is_dir()]
+
+
 def remove_parent_if_empty(layout: Layout, parent: str) -> None:
-    for path in layout.dirs(parent):
+    """rmdir `parent` in every hierarchy where it has no children left (cheap; fails harmlessly)."""
+    for path in {*layout.dirs(parent), *(mount / parent for mount in all_hierarchies())}:
         with contextlib.suppress(OSError):
             path.rmdir()

@@ -175,6 +175,11 @@ class SandboxDriver(abc.ABC):
     def is_suspended(self, sandbox: Sandbox) -> bool:
         """True between suspend() and resume() (also for a handle from adopt())."""
 
+    async def close(self) -> None:
+        """Stop the driver's background work (timers, warm pools) and destroy what only that work
+        holds. Sandboxes stay: they outlive a server restart. Call it when the server stops."""
+        return None  # a driver without background work has nothing to stop
+
     def log_path(self, sandbox: Sandbox) -> Path:
         """The file receiving the app's stdout and stderr (appended across suspend/resume)."""
         return sandbox.state_dir / "app.log"

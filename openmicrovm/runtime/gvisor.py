@@ -28,18 +28,23 @@ The writable layer is runsc's in-memory overlay (--overlay2=root:memory) over th
 a checkpoint carries it. (This runsc also offers a file-backed overlay, --overlay2=root:<dir>, but
 its checkpoint fails with "encoding error at object tmpfs.filesystem"; measured 2026-11.) Files the
 app writes therefore count against its memory limit.
+
+Suspend has two tiers: the sandbox is frozen at once (cgroup freezer; resume is a thaw, a few ms)
+and its memory goes to disk (checkpoint, RAM freed) after `suspend_to_disk_after` seconds, or at
+once when that is 0. Restores of a hot snapshot come from a warm pool (pool.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import socket
 from pathlib import Path
 
-from . import agent_build, agent_client, netns, oci, proc, rootfs
+from . import agent_build, agent_client, names, netns, oci, proc, rootfs
 from .agent_client import AGENT_PORT, AgentAddress
 from .base import (
     SNAPSHOT_FILE,
@@ -62,6 +67,7 @@ from .driver import (
     SnapshotInfo,
 )
 from .host import MIB
+from .pool import RestorePool
 from .rootfs import overlay_safe
 
 SANDBOX_IP = "169.254.77.2"
@@ -71,7 +77,8 @@ SANDBOX_DEV = "eth0"
 PEER_DEV = "veth0"
 MEMORY_IMAGE = "memory"  # directory inside a snapshot holding runsc's checkpoint.img
 SNAPSHOT_AGENT = "omv-agent"  # the agent binary the snapshot's processes were started from
-SUSPEND_IMAGE = "suspended"  # directory inside a sandbox's state dir while it is suspended
+SUSPEND_IMAGE = "suspended"  # directory inside a sandbox's state dir while it is suspended to disk
+CHECKPOINT_ATTEMPTS = 5
 # gVisor's own threads (sentry, gofer, ptrace stubs) count against the host pids limit too.
 PIDS_HEADROOM = 256
 
@@ -107,6 +114,9 @@ class GVisorDriver(BaseDriver):
             mount_point.mkdir(parents=True, exist_ok=True)
         self.unshare = shutil.which("unshare") or "unshare"
         self.shell = shutil.which("sh") or "/bin/sh"
+        self._disk_timers: dict[str, asyncio.TimerHandle] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self.pool = RestorePool(self.restore_pool_size, self._make_warm, self._hand_out, self._discard_warm)
 
     # ------------------------------------------------------------------ runsc
 
@@ -155,14 +165,8 @@ class GVisorDriver(BaseDriver):
             argv = [str(shim), "--wait", "--", *argv]
         return await proc.run(argv, check=False, timeout=timeout, env=env, stdout_path=log_file)
 
-    async def _container_status(self, container: str) -> str | None:
-        result = await self._runsc(["state", container], timeout=30)
-        if result.returncode != 0:
-            return None
-        try:
-            return str(json.loads(result.stdout).get("status"))
-        except ValueError:
-            return None
+    async def _container_exists(self, container: str) -> bool:
+        return (await self._runsc(["state", container], timeout=30)).returncode == 0
 
     @property
     def root_mount(self) -> Path:
@@ -175,7 +179,7 @@ class GVisorDriver(BaseDriver):
         mount points (/.omv/agent, and /proc, /dev, /sys where an image lacks them) in the root it
         is given, before its own in-memory overlay applies; this keeps those writes off the image."""
         return {
-            "OMV_JOIN": " ".join(str(path) for path in self.cgroup(sandbox.sandbox_id).procs_files()),
+            "OMV_JOIN": " ".join(str(path) for path in self.cgroup_of(sandbox).procs_files()),
             "OMV_STUB": str(self.state_root / "mnt" / "stub"),
             "OMV_IMAGE": overlay_safe(sandbox.spec.rootfs.resolve()),
             "OMV_ROOT": str(self.root_mount),
@@ -194,25 +198,20 @@ class GVisorDriver(BaseDriver):
 
     # ------------------------------------------------------------------ pieces
 
-    def namespaces(self, sandbox_id: str) -> list[str]:
-        host = self.host_names(sandbox_id)
+    def namespaces(self, host: names.HostNames) -> list[str]:
         return [host.netns, host.peer_netns]
 
     def agent_address(self, sandbox: Sandbox) -> AgentAddress:
-        peer = self.host_names(sandbox.sandbox_id).peer_netns
+        peer = self.names_of(sandbox).peer_netns
 
         async def open_socket() -> socket.socket:
             return await netns.connect(peer, SANDBOX_IP, AGENT_PORT, timeout=5.0)
 
         return AgentAddress(open_socket, record_of(sandbox).token)
 
-    async def runtime_alive(self, sandbox: Sandbox) -> bool:
-        status = await self._container_status(self.host_names(sandbox.sandbox_id).container)
-        return status in ("created", "running", "paused")
-
     async def _create_host_side(self, sandbox: Sandbox) -> None:
-        self.cgroup(sandbox.sandbox_id).create(self.cgroup_limits(sandbox.spec, PIDS_HEADROOM))
-        host = self.host_names(sandbox.sandbox_id)
+        self.cgroup_of(sandbox).create(self.cgroup_limits(sandbox.spec, PIDS_HEADROOM))
+        host = self.names_of(sandbox)
         await netns.create_pair(host.netns, host.peer_netns, SANDBOX_CIDR, PEER_CIDR, SANDBOX_DEV, PEER_DEV)
 
     def _write_bundle(self, sandbox: Sandbox, agent_binary: Path) -> Path:
@@ -236,7 +235,6 @@ class GVisorDriver(BaseDriver):
             "--",
             *spec.process.argv,
         ]
-        host = self.host_names(sandbox.sandbox_id)
         config = oci.runsc_spec(
             rootfs=self.root_mount,
             agent_binary=agent_binary,
@@ -244,15 +242,15 @@ class GVisorDriver(BaseDriver):
             env=env,
             hostname=spec.hostname,
             all_capabilities=spec.all_capabilities,
-            netns_path=netns.path_of(host.netns),
-            cgroups_path=self.cgroup(sandbox.sandbox_id).path,
+            netns_path=netns.path_of(self.names_of(sandbox).netns),
+            cgroups_path=self.cgroup_of(sandbox).path,
         )
         bundle = sandbox.state_dir / "bundle"
         bundle.mkdir(exist_ok=True)
         write_private(bundle / "config.json", json.dumps(config, indent=1))
         return bundle
 
-    # ------------------------------------------------------------------ lifecycle
+    # ------------------------------------------------------------------ start, connect
 
     async def start(self, sandbox_id: str, spec: SandboxSpec) -> Sandbox:
         self.check_spec(spec)
@@ -262,7 +260,7 @@ class GVisorDriver(BaseDriver):
         try:
             await self._create_host_side(sandbox)
             bundle = self._write_bundle(sandbox, agent)
-            container = self.host_names(sandbox_id).container
+            container = self.names_of(sandbox).container
             result = await self._launch(sandbox, ["run", "--detach", "--bundle", str(bundle), container])
             if result.returncode != 0:
                 raise DriverError(f"runsc could not start the sandbox: {proc.tail(self.log_path(sandbox))}")
@@ -289,61 +287,90 @@ class GVisorDriver(BaseDriver):
                 f"cannot reach sandbox {sandbox.sandbox_id}: {self.stopped_detail(sandbox)}"
             ) from None
 
+    # ------------------------------------------------------------------ snapshots
+
     async def _checkpoint(self, sandbox: Sandbox, image_dir: Path) -> proc.Completed:
-        # gVisor refuses to checkpoint while a TCP connection on eth0 is open: drop them all first.
-        await agent_client.control(self.agent_address(sandbox), "ABORT")
-        container = self.host_names(sandbox.sandbox_id).container
-        return await self._runsc(
-            ["checkpoint", "--image-path", str(image_dir), container], launcher=True, timeout=600
-        )
+        """runsc checkpoint, which refuses while a TCP connection on eth0 is open: the agent drops
+        them all first, and a connection that was just closing (one round trip in LAST_ACK) is
+        waited out by trying again; a refused checkpoint leaves the sandbox running."""
+        container = self.names_of(sandbox).container
+        for attempt in range(CHECKPOINT_ATTEMPTS):
+            await agent_client.control(self.agent_address(sandbox), "ABORT")
+            result = await self._runsc(
+                ["checkpoint", "--image-path", str(image_dir), container], launcher=True, timeout=600
+            )
+            if (
+                result.returncode == 0
+                or "cannot be saved in connected state" not in result.stdout + result.stderr
+            ):
+                return result
+            log.info("checkpoint of %s met a closing connection; trying again", sandbox.sandbox_id)
+            await asyncio.sleep(0.02 * 2**attempt)
+        return result
 
     async def snapshot(self, sandbox: Sandbox, snapshot_dir: Path) -> SnapshotInfo:
-        record = self.require_running(sandbox)
-        prepare_snapshot_dir(snapshot_dir)
-        try:
-            status = await agent_client.control(self.agent_address(sandbox), "STATUS")
-            self.raise_if_app_down(sandbox, status)
-            disk_bytes = int(status.get("disk", "0"))
-            footprint = self.cgroup(sandbox.sandbox_id).memory_bytes()
-            # The snapshot keeps its own copy of the agent: its processes were started from that
-            # file, and a later agent build must not change what a restore maps.
-            await asyncio.to_thread(shutil.copy2, record.agent_binary, snapshot_dir / SNAPSHOT_AGENT)
-            image = snapshot_dir / MEMORY_IMAGE
-            image.mkdir()
-            result = await self._checkpoint(sandbox, image)
-            if result.returncode != 0:
-                raise SnapshotError(
-                    f"runsc could not checkpoint sandbox {sandbox.sandbox_id}: {result.describe()}"
-                )
-            meta = SnapshotMeta(self.name, sandbox.spec, record.token, footprint, disk_bytes)
-            # Written last: a snapshot without it is incomplete.
-            write_private(snapshot_dir / SNAPSHOT_FILE, meta.to_json())
-        except BaseException:
-            discard_snapshot_contents(snapshot_dir)
-            raise
-        await self.destroy(sandbox)
+        async with self.lock(sandbox.sandbox_id):
+            self.refresh(sandbox)
+            record = self.require_running(sandbox)
+            prepare_snapshot_dir(snapshot_dir)
+            try:
+                status = await agent_client.control(self.agent_address(sandbox), "STATUS")
+                self.raise_if_app_down(sandbox, status)
+                disk_bytes = int(status.get("disk", "0"))
+                footprint = self.cgroup_of(sandbox).memory_bytes()
+                # The snapshot keeps its own copy of the agent: its processes were started from
+                # that file, and a later agent build must not change what a restore maps.
+                await asyncio.to_thread(shutil.copy2, record.agent_binary, snapshot_dir / SNAPSHOT_AGENT)
+                image = snapshot_dir / MEMORY_IMAGE
+                image.mkdir()
+                result = await self._checkpoint(sandbox, image)
+                if result.returncode != 0:
+                    raise SnapshotError(
+                        f"runsc could not checkpoint sandbox {sandbox.sandbox_id}: {result.describe()}"
+                    )
+                meta = SnapshotMeta(self.name, sandbox.spec, record.token, footprint, disk_bytes)
+                # Written last: a snapshot without it is incomplete.
+                write_private(snapshot_dir / SNAPSHOT_FILE, meta.to_json())
+            except BaseException:
+                discard_snapshot_contents(snapshot_dir)
+                raise
+            await self._destroy_locked(sandbox)
         memory_bytes = sum(path.stat().st_size for path in (snapshot_dir / MEMORY_IMAGE).iterdir())
         return SnapshotInfo(
             snapshot_dir, memory_bytes, disk_bytes, await self.code_bytes(sandbox.spec.rootfs)
         )
 
-    async def restore(self, sandbox_id: str, snapshot_dir: Path) -> Sandbox:
+    def _check_snapshot(self, snapshot_dir: Path) -> SnapshotMeta:
         meta = read_snapshot_meta(snapshot_dir, self.name)
-        image = snapshot_dir / MEMORY_IMAGE
-        checkpoint = image / "checkpoint.img"
-        agent = snapshot_dir / SNAPSHOT_AGENT
+        checkpoint = snapshot_dir / MEMORY_IMAGE / "checkpoint.img"
         if not checkpoint.is_file() or checkpoint.stat().st_size == 0:
             raise SnapshotError(
                 f"snapshot {snapshot_dir} is incomplete: {MEMORY_IMAGE}/checkpoint.img is missing"
             )
-        if not agent.is_file():
+        if not (snapshot_dir / SNAPSHOT_AGENT).is_file():
             raise SnapshotError(f"snapshot {snapshot_dir} is incomplete: {SNAPSHOT_AGENT} is missing")
-        self.gate.check("restore a sandbox", meta.footprint_bytes, meta.spec.memory_mib)
+        return meta
+
+    async def restore(self, sandbox_id: str, snapshot_dir: Path) -> Sandbox:
+        names.check_sandbox_id(sandbox_id)
+        meta = self._check_snapshot(snapshot_dir)
+        if self.state_dir(sandbox_id).exists():
+            raise DriverError(f"sandbox {sandbox_id} already exists")
+        sandbox = await self.pool.take(snapshot_dir, sandbox_id)
+        if sandbox is None:
+            self.gate.check("restore a sandbox", meta.footprint_bytes, meta.spec.memory_mib)
+            sandbox = await self._restore_new(sandbox_id, snapshot_dir, meta)
+        self.pool.restored(snapshot_dir)
+        return sandbox
+
+    async def _restore_new(self, sandbox_id: str, snapshot_dir: Path, meta: SnapshotMeta) -> Sandbox:
+        agent = snapshot_dir / SNAPSHOT_AGENT
         sandbox = self.new_sandbox(sandbox_id, meta.spec, meta.token, agent)
         try:
             await self._create_host_side(sandbox)
             bundle = self._write_bundle(sandbox, agent)
-            container = self.host_names(sandbox_id).container
+            image = snapshot_dir / MEMORY_IMAGE
+            container = self.names_of(sandbox).container
             args = ["restore", "--detach", "--image-path", str(image), "--bundle", str(bundle), container]
             result = await self._launch(sandbox, args)
             if result.returncode != 0:
@@ -359,10 +386,72 @@ class GVisorDriver(BaseDriver):
             await self.destroy_quietly(sandbox)
             raise
 
+    # ------------------------------------------------------------------ the warm pool
+
+    async def _make_warm(self, pool_id: str, snapshot_dir: Path) -> Sandbox:
+        meta = self._check_snapshot(snapshot_dir)
+        self.gate.check("keep a warm sandbox", meta.footprint_bytes, meta.spec.memory_mib)
+        sandbox = await self._restore_new(pool_id, snapshot_dir, meta)
+        try:
+            await self.cgroup_of(sandbox).freeze()
+            record_of(sandbox).state = "warm"
+            self.save(sandbox)
+        except BaseException:
+            await self.destroy_quietly(sandbox)
+            raise
+        return sandbox
+
+    async def _hand_out(self, pool_id: str, sandbox_id: str) -> Sandbox | None:
+        warm = self.load(pool_id)
+        if warm is None or record_of(warm).state != "warm":
+            return None
+        target = self.state_dir(sandbox_id)
+        try:
+            target.mkdir(mode=0o700)  # claims the id; the rename below replaces this empty dir
+        except FileExistsError:
+            raise DriverError(f"sandbox {sandbox_id} already exists") from None
+        os.rename(warm.state_dir, target)
+        record = record_of(warm)
+        record.sandbox_id, record.state = sandbox_id, "running"
+        sandbox = Sandbox(sandbox_id, self.name, target, record.spec, {"record": record})
+        self.save(sandbox)
+        self.cgroup_of(sandbox).thaw()
+        try:
+            self.raise_if_app_down(sandbox, await agent_client.control(self.agent_address(sandbox), "STATUS"))
+        except (OSError, TimeoutError, DriverError):
+            log.warning("warm sandbox for %s did not answer after thawing; restoring afresh", sandbox_id)
+            await self.destroy_quietly(sandbox)
+            return None
+        return sandbox
+
+    async def _discard_warm(self, pool_id: str) -> None:
+        sandbox = self.load(pool_id)
+        if sandbox is not None:
+            await self.destroy(sandbox)
+
+    # ------------------------------------------------------------------ suspend and resume
+
     async def suspend(self, sandbox: Sandbox) -> None:
-        record = self.require_running(sandbox)
-        cgroup = self.cgroup(sandbox.sandbox_id)
-        footprint = cgroup.memory_bytes()
+        async with self.lock(sandbox.sandbox_id):
+            self.refresh(sandbox)
+            record = self.require_running(sandbox)
+            cgroup = self.cgroup_of(sandbox)
+            record.footprint_bytes = cgroup.memory_bytes()
+            if self.suspend_to_disk_after > 0:
+                # Connections go first, as they would at a checkpoint: one closing while the
+                # sandbox is frozen could still be half-open when the disk tier checkpoints it.
+                await agent_client.control(self.agent_address(sandbox), "ABORT")
+                await cgroup.freeze()
+                record.state, record.suspended_in = "suspended", "memory"
+                self.save(sandbox)
+                self._schedule_disk_tier(sandbox)
+                return
+            await self._to_disk(sandbox)
+            record.state, record.suspended_in = "suspended", "disk"
+            self.save(sandbox)
+
+    async def _to_disk(self, sandbox: Sandbox) -> None:
+        """Checkpoint a running sandbox into its state dir and stop it, freeing its memory."""
         image = sandbox.state_dir / SUSPEND_IMAGE
         await asyncio.to_thread(shutil.rmtree, image, True)
         image.mkdir()
@@ -370,22 +459,72 @@ class GVisorDriver(BaseDriver):
         if result.returncode != 0:
             await asyncio.to_thread(shutil.rmtree, image, True)
             raise DriverError(f"cannot suspend sandbox {sandbox.sandbox_id}: {result.describe()}")
-        # The checkpoint stopped the sandbox; deleting the container frees its processes' memory.
-        await self._runsc(["delete", "-force", self.host_names(sandbox.sandbox_id).container])
-        await cgroup.kill_all()
-        record.state = "suspended"
-        record.footprint_bytes = footprint
-        self.save(sandbox)
+        await self._stop_container(sandbox)
+
+    async def _stop_container(self, sandbox: Sandbox) -> None:
+        # Killing through the cgroup first makes `runsc delete` quick: it finds nothing to wait for.
+        await self.cgroup_of(sandbox).kill_all()
+        await self._runsc(["delete", "-force", self.names_of(sandbox).container])
+
+    def _schedule_disk_tier(self, sandbox: Sandbox) -> None:
+        self._cancel_disk_tier(sandbox.sandbox_id)
+        loop = asyncio.get_running_loop()
+
+        def fire() -> None:
+            self._disk_timers.pop(sandbox.sandbox_id, None)
+            task = loop.create_task(self._disk_tier(sandbox))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+        self._disk_timers[sandbox.sandbox_id] = loop.call_later(self.suspend_to_disk_after, fire)
+
+    def _cancel_disk_tier(self, sandbox_id: str) -> None:
+        timer = self._disk_timers.pop(sandbox_id, None)
+        if timer is not None:
+            timer.cancel()
+
+    async def _disk_tier(self, sandbox: Sandbox) -> None:
+        """A frozen sandbox's memory goes to disk after a while."""
+        async with self.lock(sandbox.sandbox_id):
+            if not sandbox.state_dir.exists():
+                return
+            record = self.refresh(sandbox)
+            if record.state != "suspended" or record.suspended_in != "memory":
+                return
+            cgroup = self.cgroup_of(sandbox)
+            cgroup.thaw()  # runsc checkpoints a running sandbox only
+            try:
+                await self._to_disk(sandbox)
+            except Exception:
+                log.exception(
+                    "sandbox %s stays suspended in memory: writing it to disk failed", sandbox.sandbox_id
+                )
+                with contextlib.suppress(DriverError):
+                    await cgroup.freeze()
+                return
+            record.suspended_in = "disk"
+            self.save(sandbox)
 
     async def resume(self, sandbox: Sandbox) -> None:
+        async with self.lock(sandbox.sandbox_id):
+            record = self.refresh(sandbox)
+            if record.state != "suspended":
+                raise DriverError(f"sandbox {sandbox.sandbox_id} is not suspended")
+            self._cancel_disk_tier(sandbox.sandbox_id)
+            if record.suspended_in == "memory":
+                self.cgroup_of(sandbox).thaw()
+            else:
+                await self._resume_from_disk(sandbox)
+            record.state, record.suspended_in = "running", ""
+            self.save(sandbox)
+
+    async def _resume_from_disk(self, sandbox: Sandbox) -> None:
         record = record_of(sandbox)
-        if record.state != "suspended":
-            raise DriverError(f"sandbox {sandbox.sandbox_id} is not suspended")
         image = sandbox.state_dir / SUSPEND_IMAGE
         if not (image / "checkpoint.img").is_file():
             raise SnapshotError(f"the suspend image of sandbox {sandbox.sandbox_id} is missing")
         self.gate.check("resume a sandbox", record.footprint_bytes, sandbox.spec.memory_mib)
-        host = self.host_names(sandbox.sandbox_id)
+        host = self.names_of(sandbox)
         await netns.ensure_address(host.netns, SANDBOX_DEV, SANDBOX_CIDR)
         bundle = sandbox.state_dir / "bundle"
         args = ["restore", "--detach", "--image-path", str(image), "--bundle", str(bundle), host.container]
@@ -398,38 +537,45 @@ class GVisorDriver(BaseDriver):
             await self.wait_ready(sandbox)
         except BaseException:
             # Stay suspended (the image is kept), so a later resume can try again.
-            await self._runsc(["delete", "-force", host.container])
-            await self.cgroup(sandbox.sandbox_id).kill_all()
+            await self._stop_container(sandbox)
             raise
-        record.state = "running"
-        self.save(sandbox)
         await asyncio.to_thread(shutil.rmtree, image, True)
 
-    async def teardown(self, sandbox: Sandbox) -> None:
-        container = self.host_names(sandbox.sandbox_id).container
-        if await self._container_status(container) is not None:
-            result = await self._runsc(["delete", "-force", container], timeout=60)
-            if result.returncode != 0 and await self._container_status(container) is not None:
-                raise DriverError(f"runsc could not delete container {container}: {result.describe()}")
+    # ------------------------------------------------------------------ teardown and recovery
+
+    async def teardown(self, sandbox: Sandbox, host: names.HostNames) -> None:
+        self._cancel_disk_tier(sandbox.sandbox_id)
+        await self.cgroup_for(host).kill_all()
+        if await self._container_exists(host.container):
+            result = await self._runsc(["delete", "-force", host.container], timeout=60)
+            if result.returncode != 0 and await self._container_exists(host.container):
+                raise DriverError(f"runsc could not delete container {host.container}: {result.describe()}")
 
     async def adopt(self, sandbox_id: str) -> Sandbox | None:
         sandbox = self.load(sandbox_id)
         if sandbox is None:
             return None
         record = record_of(sandbox)
-        if record.state == "suspended":
+        cgroup = self.cgroup_of(sandbox)
+        if record.state == "suspended" and record.suspended_in == "disk":
             return sandbox if (sandbox.state_dir / SUSPEND_IMAGE / "checkpoint.img").is_file() else None
-        if record.state == "running" and await self.runtime_alive(sandbox):
+        if record.state == "suspended" and cgroup.pids() and cgroup.is_frozen():
+            self._schedule_disk_tier(sandbox)
+            return sandbox
+        if record.state == "running" and cgroup.pids() and not cgroup.is_frozen():
             return sandbox
         return None
 
     async def remove_orphans(self, keep_keys: set[str]) -> None:
         result = await self._runsc(["list", "-quiet"], timeout=30)
         for container in result.stdout.split():
-            if container.startswith("omv-") and container[4:] not in keep_keys:
-                known = any(
-                    self.host_names(path.name).container == container for path in self.sandboxes_dir.iterdir()
-                )
-                if not known:
-                    log.info("removing stray runsc container %s", container)
-                    await self._runsc(["delete", "-force", container], timeout=60)
+            key = names.key_of_container(container)
+            if key is not None and key not in keep_keys:
+                log.info("removing stray runsc container %s", container)
+                await self.cgroup_for(names.host_names(self.scope, key)).kill_all()
+                await self._runsc(["delete", "-force", container], timeout=60)
+
+    async def close(self) -> None:
+        for sandbox_id in list(self._disk_timers):
+            self._cancel_disk_tier(sandbox_id)
+        await self.pool.close()

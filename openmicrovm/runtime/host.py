@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import platform
 import shutil
+import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -97,6 +99,14 @@ def _overlayfs_supported() -> bool:
         return False
 
 
+@functools.cache
+def _runsc_runs() -> bool:
+    try:
+        return subprocess.run(["runsc", "--version"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
 def missing_for(driver: str) -> list[str]:
     """Why `driver` cannot run on this host (empty when it can)."""
     problems = []
@@ -111,8 +121,11 @@ def missing_for(driver: str) -> list[str]:
             problems.append(f"{tool} (apt-get install {package})")
     if agent_build.compiler() is None:
         problems.append("gcc to build the guest agent (apt-get install gcc libc6-dev)")
-    if driver == "gvisor" and shutil.which("runsc") is None:
-        problems.append("runsc (apt-get install runsc)")
+    if driver == "gvisor":
+        if shutil.which("runsc") is None:
+            problems.append("runsc (apt-get install runsc)")
+        elif not _runsc_runs():
+            problems.append("a working runsc (`runsc --version` fails; reinstall: apt-get install runsc)")
     if driver == "process":
         if shutil.which("bwrap") is None:
             problems.append("bwrap (apt-get install bubblewrap)")

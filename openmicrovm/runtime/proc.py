@@ -21,7 +21,10 @@ class Completed:
     stderr: str
 
     def describe(self) -> str:
-        output = (self.stderr.strip() or self.stdout.strip())[-2000:]
+        output = self.stderr.strip() or self.stdout.strip()
+        if len(output) > 2000:
+            # The first lines usually say what failed (Go panics put a stack trace after them).
+            output = output[:1500] + " [...] " + output[-500:]
         return f"`{shlex.join(self.argv)}` exited with status {self.returncode}: {output or '(no output)'}"
 
 

@@ -25,7 +25,7 @@ import shutil
 import socket
 from pathlib import Path
 
-from . import agent_build, netns, oci, proc, rootfs
+from . import agent_build, names, netns, oci, proc, rootfs
 from .agent_client import AGENT_PORT, AgentAddress
 from .base import (
     SNAPSHOT_FILE,
@@ -76,19 +76,16 @@ class ProcessDriver(BaseDriver):
 
     # ------------------------------------------------------------------ pieces
 
-    def namespaces(self, sandbox_id: str) -> list[str]:
-        return [self.host_names(sandbox_id).netns]
+    def namespaces(self, host: names.HostNames) -> list[str]:
+        return [host.netns]
 
     def agent_address(self, sandbox: Sandbox) -> AgentAddress:
-        name = self.host_names(sandbox.sandbox_id).netns
+        name = self.names_of(sandbox).netns
 
         async def open_socket() -> socket.socket:
             return await netns.connect(name, "127.0.0.1", AGENT_PORT, timeout=5.0)
 
         return AgentAddress(open_socket, record_of(sandbox).token)
-
-    async def runtime_alive(self, sandbox: Sandbox) -> bool:
-        return bool(self.cgroup(sandbox.sandbox_id).pids())
 
     def _bwrap_argv(self, sandbox: Sandbox, merged: Path, agent: Path) -> list[str]:
         spec = sandbox.spec
@@ -143,8 +140,8 @@ class ProcessDriver(BaseDriver):
     async def _boot(self, sandbox: Sandbox, agent: Path, grace: float) -> None:
         """Cold-start the sandbox on the writable layer already in its state dir."""
         spec = sandbox.spec
-        host = self.host_names(sandbox.sandbox_id)
-        cgroup = self.cgroup(sandbox.sandbox_id)
+        host = self.names_of(sandbox)
+        cgroup = self.cgroup_for(host)
         cgroup.create(self.cgroup_limits(spec))
         await netns.create(host.netns)
         upper, work, merged = (sandbox.state_dir / name for name in (LAYER, "work", "merged"))
@@ -201,9 +198,7 @@ class ProcessDriver(BaseDriver):
     async def connect(self, sandbox: Sandbox, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         self.require_running(sandbox)
         try:
-            sock = await netns.connect(
-                self.host_names(sandbox.sandbox_id).netns, "127.0.0.1", port, timeout=10.0
-            )
+            sock = await netns.connect(self.names_of(sandbox).netns, "127.0.0.1", port, timeout=10.0)
         except ConnectionRefusedError:
             status = await self.app_status(sandbox)
             message = f"nothing in the sandbox accepts connections on port {port}"
@@ -215,23 +210,27 @@ class ProcessDriver(BaseDriver):
         return await asyncio.open_connection(sock=sock)
 
     async def snapshot(self, sandbox: Sandbox, snapshot_dir: Path) -> SnapshotInfo:
-        record = self.require_running(sandbox)
-        prepare_snapshot_dir(snapshot_dir)
-        cgroup = self.cgroup(sandbox.sandbox_id)
-        # Frozen, the app cannot change its files halfway through the copy.
-        await cgroup.freeze()
-        try:
-            footprint = cgroup.memory_bytes()
-            upper = sandbox.state_dir / LAYER
-            disk_bytes = await asyncio.to_thread(rootfs.tree_size, upper)
-            await proc.run(["cp", "-a", "--reflink=auto", str(upper), str(snapshot_dir / LAYER)], timeout=600)
-            meta = SnapshotMeta(self.name, sandbox.spec, record.token, footprint, disk_bytes)
-            write_private(snapshot_dir / SNAPSHOT_FILE, meta.to_json())
-        except BaseException:
-            discard_snapshot_contents(snapshot_dir)
-            cgroup.thaw()
-            raise
-        await self.destroy(sandbox)
+        async with self.lock(sandbox.sandbox_id):
+            self.refresh(sandbox)
+            record = self.require_running(sandbox)
+            prepare_snapshot_dir(snapshot_dir)
+            cgroup = self.cgroup_of(sandbox)
+            # Frozen, the app cannot change its files halfway through the copy.
+            await cgroup.freeze()
+            try:
+                footprint = cgroup.memory_bytes()
+                upper = sandbox.state_dir / LAYER
+                disk_bytes = await asyncio.to_thread(rootfs.tree_size, upper)
+                await proc.run(
+                    ["cp", "-a", "--reflink=auto", str(upper), str(snapshot_dir / LAYER)], timeout=600
+                )
+                meta = SnapshotMeta(self.name, sandbox.spec, record.token, footprint, disk_bytes)
+                write_private(snapshot_dir / SNAPSHOT_FILE, meta.to_json())
+            except BaseException:
+                discard_snapshot_contents(snapshot_dir)
+                cgroup.thaw()
+                raise
+            await self._destroy_locked(sandbox)
         return SnapshotInfo(snapshot_dir, 0, disk_bytes, await self.code_bytes(sandbox.spec.rootfs))
 
     async def restore(self, sandbox_id: str, snapshot_dir: Path) -> Sandbox:
@@ -264,30 +263,28 @@ class ProcessDriver(BaseDriver):
             raise
 
     async def suspend(self, sandbox: Sandbox) -> None:
-        record = self.require_running(sandbox)
-        await self.cgroup(sandbox.sandbox_id).freeze()
-        record.state = "suspended"
-        self.save(sandbox)
+        async with self.lock(sandbox.sandbox_id):
+            self.refresh(sandbox)
+            record = self.require_running(sandbox)
+            await self.cgroup_of(sandbox).freeze()
+            record.state, record.suspended_in = "suspended", "memory"
+            self.save(sandbox)
 
     async def resume(self, sandbox: Sandbox) -> None:
-        record = record_of(sandbox)
-        if record.state != "suspended":
-            raise DriverError(f"sandbox {sandbox.sandbox_id} is not suspended")
-        self.cgroup(sandbox.sandbox_id).thaw()
-        record.state = "running"
-        self.save(sandbox)
-
-    async def teardown(self, sandbox: Sandbox) -> None:
-        # Processes die with the cgroup (destroy() removes it next); the overlay mount lives only
-        # in the sandbox's own mount namespace and goes away with its last process.
-        return None
+        async with self.lock(sandbox.sandbox_id):
+            record = self.refresh(sandbox)
+            if record.state != "suspended":
+                raise DriverError(f"sandbox {sandbox.sandbox_id} is not suspended")
+            self.cgroup_of(sandbox).thaw()
+            record.state, record.suspended_in = "running", ""
+            self.save(sandbox)
 
     async def adopt(self, sandbox_id: str) -> Sandbox | None:
         sandbox = self.load(sandbox_id)
         if sandbox is None:
             return None
         record = record_of(sandbox)
-        cgroup = self.cgroup(sandbox_id)
+        cgroup = self.cgroup_of(sandbox)
         if not cgroup.pids():
             return None
         if record.state == "suspended" and cgroup.is_frozen():

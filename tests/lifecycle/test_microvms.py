@@ -265,7 +265,7 @@ def test_restart_readopts_a_running_microvm(
 
 
 def test_capacity_and_memory_quota(make_server: Callable[..., ServerProcess], sample_uri: str) -> None:
-    server = make_server({"quotas": {"microvm_memory_mib": 1024}, "host_memory_reserve_mib": 0})
+    server = make_server({"quotas": {"microvm_memory_mib": 1024}})
     client = server.client()
     arn = client.create_microvm_image(
         **image_request("quota", sample_uri, resources=[{"minimumMemoryInMiB": 512}])
@@ -294,7 +294,7 @@ def test_insufficient_capacity(make_server: Callable[..., ServerProcess], sample
     assert wait_image_settled(client, arn)["state"] == "CREATED"
     code, message, status = _error(client.run_microvm, imageIdentifier=arn)
     assert (code, status) == ("InsufficientCapacityException", 500)
-    assert "memory to spare" in message
+    assert "not enough memory on the host to run a MicroVM" in message
     assert client.list_microvms()["items"] == []  # nothing half-written
 
 

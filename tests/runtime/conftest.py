@@ -58,6 +58,9 @@ APP = textwrap.dedent(
                 count += 1
                 self.reply(200, {"token": TOKEN, "count": count, "hostname": socket.gethostname(),
                                  "uid": os.getuid()})
+            elif url.path == "/print":
+                print(query["text"], flush=True)
+                self.reply(200, {"printed": query["text"]})
             elif url.path == "/write":
                 with open(query["path"], "w") as handle:
                     handle.write(query["text"])
@@ -203,7 +206,9 @@ def leftovers(driver: BaseDriver) -> list[str]:
     """Everything of this driver's that is still on the host."""
     found: list[str] = []
     found += [f"netns {name}" for name in netns.list_names(names.netns_prefix(driver.scope))]
-    found += [f"cgroup {key}" for key in cgroups.children(driver.layout, names.cgroup_parent(driver.scope))]
+    parent = names.cgroup_parent(driver.scope)
+    found += [f"cgroup {key}" for key in cgroups.children(driver.layout, parent)]
+    found += [f"cgroup dir {path}" for path in cgroups.leftover_dirs(parent)]
     found += [f"state dir {path.name}" for path in driver.sandboxes_dir.iterdir()]
     marker = str(driver.state_root)
     for entry in Path("/proc").iterdir():
@@ -233,6 +238,7 @@ def driver(
     made = make_driver(driver_name, tmp_path / "state", cache_dir)
     assert isinstance(made, BaseDriver)
     yield made
+    run(made.close())  # drops the warm pool; what is left now, the test itself left behind
     left = leftovers(made)
     run(made.cleanup_strays(set()))
     after_sweep = leftovers(made)

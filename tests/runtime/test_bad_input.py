@@ -183,7 +183,7 @@ def _dummy(driver: BaseDriver, rootfs: Path) -> object:
     from openmicrovm.runtime.base import SandboxRecord
 
     spec = app_spec(rootfs)
-    record = SandboxRecord("nothing", driver.name, spec, "0" * 32, "/nonexistent", state="running")
+    record = SandboxRecord("nothing", driver.name, spec, "0" * 12, "0" * 32, "/nonexistent", state="running")
     return Sandbox("nothing", driver.name, driver.state_dir("nothing"), spec, {"record": record})
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from openmicrovm.runtime import DriverError, SandboxDriver, make_driver
-from openmicrovm.runtime.base import BaseDriver
+from openmicrovm.runtime.base import BaseDriver, record_of
 from tests.runtime.conftest import run
 from tests.runtime.helpers import app_spec, http, probe, run_command
 
@@ -244,9 +244,12 @@ def test_snapshot_then_two_restores(driver: SandboxDriver, app_rootfs: Path, tmp
             _, a1 = await http(driver, r1)
             _, b1 = await http(driver, r2)
             _, a2 = await http(driver, r1)
-            for box in (r1, r2):
+            for number, box in enumerate((r1, r2)):
                 _, note = await http(driver, box, "/read?path=/srv/note.txt")
                 assert note == {"text": "before-snapshot"}
+                # What the app prints after a restore lands in the restored sandbox's own log.
+                await http(driver, box, f"/print?text=hello-from-restore-{number}")
+                assert f"hello-from-restore-{number}" in driver.log_path(box).read_text()
             if driver.capabilities.memory_snapshot:
                 assert info.memory_bytes > 0
                 assert a1["token"] == b1["token"] == first["token"]
@@ -262,29 +265,94 @@ def test_snapshot_then_two_restores(driver: SandboxDriver, app_rootfs: Path, tmp
     run(scenario())
 
 
-def test_suspend_and_resume_keep_memory(driver: SandboxDriver, app_rootfs: Path) -> None:
+@pytest.mark.parametrize("tier", ["memory", "disk", "disk-later"])
+def test_suspend_and_resume_keep_memory(
+    driver: BaseDriver, app_rootfs: Path, cache_dir: Path, tier: str
+) -> None:
+    """memory: frozen in RAM, resume is a thaw. disk (drivers that can): the memory goes to disk at
+    once (suspend_to_disk_after=0) or after a while, and the RAM is freed until resume."""
+    if tier != "memory" and not driver.capabilities.suspend_releases_memory:
+        pytest.skip(f"the {driver.name} driver keeps a suspended sandbox in memory")
+    delay = {"memory": 3600.0, "disk": 0.0, "disk-later": 0.5}[tier]
+    tiered = make_driver(driver.name, driver.state_root, cache_dir, suspend_to_disk_after=delay)
+
     async def scenario() -> None:
-        sandbox = await driver.start("microvm-suspend", app_spec(app_rootfs))
+        sandbox = await tiered.start("microvm-suspend", app_spec(app_rootfs))
         try:
-            _, before = await http(driver, sandbox)
-            running_rss = (await driver.stats(sandbox)).rss_bytes
-            await driver.suspend(sandbox)
-            assert driver.is_suspended(sandbox)
-            assert (await driver.app_status(sandbox)).state == "suspended"
+            _, before = await http(tiered, sandbox)
+            running_rss = (await tiered.stats(sandbox)).rss_bytes
+            await tiered.suspend(sandbox)
+            assert tiered.is_suspended(sandbox)
+            assert (await tiered.app_status(sandbox)).state == "suspended"
             with pytest.raises(DriverError, match="suspended"):
-                await driver.connect(sandbox, 8080)
-            suspended_rss = (await driver.stats(sandbox)).rss_bytes
-            if driver.capabilities.suspend_releases_memory:
-                assert suspended_rss < running_rss / 4
-            else:
+                await tiered.connect(sandbox, 8080)
+            if tier == "disk-later":
+                for _ in range(600):  # the disk tier runs in the background
+                    if (
+                        record_of(sandbox).suspended_in == "disk"
+                        or tiered.refresh(sandbox).suspended_in == "disk"
+                    ):
+                        break
+                    await asyncio.sleep(0.05)
+            assert record_of(sandbox).suspended_in == ("memory" if tier == "memory" else "disk")
+            suspended_rss = (await tiered.stats(sandbox)).rss_bytes
+            if tier == "memory":
                 assert suspended_rss > running_rss / 2
-            await driver.resume(sandbox)
-            assert not driver.is_suspended(sandbox)
-            _, after = await http(driver, sandbox)
+            else:
+                assert suspended_rss < running_rss / 4
+            await tiered.resume(sandbox)
+            assert not tiered.is_suspended(sandbox)
+            _, after = await http(tiered, sandbox)
             assert after["token"] == before["token"]
             assert after["count"] == before["count"] + 1
         finally:
+            await tiered.destroy(sandbox)
+
+    run(scenario())
+
+
+def test_hot_snapshots_restore_from_a_warm_pool(
+    driver: BaseDriver, app_rootfs: Path, tmp_path: Path, cache_dir: Path
+) -> None:
+    if not driver.capabilities.memory_snapshot:
+        pytest.skip(f"the {driver.name} driver restores by cold start; there is nothing to keep warm")
+
+    async def scenario() -> None:
+        sandbox = await driver.start("build-pool", app_spec(app_rootfs))
+        try:
+            await http(driver, sandbox)
+            await driver.snapshot(sandbox, tmp_path / "snap")
+        except BaseException:
             await driver.destroy(sandbox)
+            raise
+        restored = []
+        try:
+            for name in ("microvm-p1", "microvm-p2"):  # the second restore makes the snapshot hot
+                restored.append(await driver.restore(name, tmp_path / "snap"))
+            warm_key = None
+            for _ in range(600):  # the pool fills in the background
+                warm = [path for path in driver.sandboxes_dir.iterdir() if path.name.startswith("pool-")]
+                if warm and (loaded := driver.load(warm[0].name)) and record_of(loaded).state == "warm":
+                    warm_key = record_of(loaded).key
+                    break
+                await asyncio.sleep(0.05)
+            assert warm_key is not None, "no warm sandbox appeared"
+            third = await driver.restore("microvm-p3", tmp_path / "snap")
+            restored.append(third)
+            assert record_of(third).key == warm_key  # handed out from the pool ...
+            _, body = await http(driver, third)
+            assert body["count"] == 2  # ... continuing from the snapshot like any restore
+            assert driver.load("microvm-p3") is not None and not driver.is_suspended(third)
+            # A handed-out sandbox is a sandbox like any other: it can go to disk and come back.
+            to_disk = make_driver(driver.name, driver.state_root, cache_dir, suspend_to_disk_after=0)
+            await to_disk.suspend(third)
+            assert record_of(third).suspended_in == "disk"
+            await to_disk.resume(third)
+            _, body = await http(driver, third)
+            assert body["count"] == 3
+        finally:
+            for box in restored:
+                await driver.destroy(box)
 
     run(scenario())
 

@@ -45,9 +45,11 @@
  * to TIME_WAIT for 60 s, which gVisor does not let a RST cut short. So the agent signals "end of
  * data" with an 'e' frame instead of a FIN and leaves TIME_WAIT to the host. Every accepted
  * socket carries SO_LINGER {1, 0}, so a connection the agent has to drop (ABORT, a killed
- * worker, a protocol error) ends in a RST, which leaves no state behind; the graceful path turns
- * linger off before closing so queued data is still delivered. The host sends ABORT before every
- * checkpoint.
+ * worker, a protocol error) ends in a RST, which leaves no state behind. A one-line answer
+ * (STATUS, ABORT, ERR ...) ends the same way once the client has read it and closed its side. A
+ * relay or PTY session ends gracefully (linger off) so queued data is still delivered; its socket
+ * then spends one round trip in LAST_ACK, which the host covers by retrying a checkpoint that
+ * finds a connection still open. The host sends ABORT before every checkpoint.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -195,7 +197,8 @@ static void reply(int fd, const char *fmt, ...) {
     write_all(fd, line, (size_t)n, 2000);
 }
 
-/* Wait (blocking, in a worker) until the client closes, then close gracefully; RST on timeout. */
+/* After a one-line answer: wait (blocking, in a worker) until the client, having read the answer,
+ * closes; then reset, so nothing of the connection outlives it (see the protocol notes). */
 static void wait_client_close(int fd) {
     char sink[4096];
     long long deadline = now_ms() + DRAIN_TIMEOUT_MS;
@@ -213,8 +216,7 @@ static void wait_client_close(int fd) {
         ssize_t n = read(fd, sink, sizeof sink);
         if (n > 0) continue;
         if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
-        if (n == 0) close_graceful(fd);
-        else close(fd);
+        close(fd); /* linger {1,0}: RST */
         return;
     }
 }
@@ -487,7 +489,7 @@ static void relay(int client, int app, const char *early, size_t early_len) {
         int r = poll(p, 2, -1);
         if (r < 0) {
             if (errno == EINTR) continue;
-            break;
+            goto reset;
         }
         if (p[0].revents & (POLLIN | POLLHUP | POLLERR)) {
             if (!client_eof && to_app_len < BUF_SIZE) {
@@ -890,10 +892,10 @@ bad:
 
 static void on_readable(struct conn *c, int listen_fd) {
     if (c->state == CONN_DRAINING) {
+        /* The client read the answer and closed: reset (see the protocol notes). */
         char sink[4096];
         ssize_t n = read(c->fd, sink, sizeof sink);
-        if (n == 0) free_conn(c, 1);
-        else if (n < 0 && errno != EAGAIN && errno != EINTR) free_conn(c, 0);
+        if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) free_conn(c, 0);
         return;
     }
     ssize_t n = read(c->fd, c->buf + c->len, MAX_LINE - c->len);
