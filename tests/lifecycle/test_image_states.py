@@ -26,18 +26,27 @@ def _error(call: Any, **kwargs: Any) -> tuple[str, str, int]:
 
 def test_the_busy_lock_and_settled_states(server: ServerProcess, sample_uri: str, moto: MotoServer) -> None:
     client = server.client()
-    request = image_request(f"held-{uuid.uuid4().hex[:6]}", sample_uri, hooks=READY, environmentVariables=HOLD)
+    request = image_request(
+        f"held-{uuid.uuid4().hex[:6]}", sample_uri, hooks=READY, environmentVariables=HOLD
+    )
     created = client.create_microvm_image(**request)
     arn = created["imageArn"]
     assert created["state"] == "CREATING" and created.get("latestActiveImageVersion") is None
     wait_for(
-        lambda: client.get_microvm_image_version(imageIdentifier=arn, imageVersion="1.0")["state"] == "IN_PROGRESS",
+        lambda: (
+            client.get_microvm_image_version(imageIdentifier=arn, imageVersion="1.0")["state"]
+            == "IN_PROGRESS"
+        ),
         30,
         "the build to start",
     )
     del request["name"]
     code, message, status = _error(client.update_microvm_image, imageIdentifier=arn, **request)
-    assert (code, message, status) == ("ConflictException", "MicroVM Image is already in state: CREATING", 409)
+    assert (code, message, status) == (
+        "ConflictException",
+        "MicroVM Image is already in state: CREATING",
+        409,
+    )
     code, message, status = _error(client.delete_microvm_image, imageIdentifier=arn)
     assert (code, message, status) == (
         "ValidationException",
@@ -64,7 +73,11 @@ def test_the_busy_lock_and_settled_states(server: ServerProcess, sample_uri: str
     assert (updated["imageVersion"], updated["state"]) == ("2.0", "UPDATING")
     assert updated["latestActiveImageVersion"] == "1.0"
     code, message, status = _error(client.update_microvm_image, imageIdentifier=arn, **request)
-    assert (code, message, status) == ("ConflictException", "MicroVM Image is already in state: UPDATING", 409)
+    assert (code, message, status) == (
+        "ConflictException",
+        "MicroVM Image is already in state: UPDATING",
+        409,
+    )
     code, message, status = _error(client.delete_microvm_image, imageIdentifier=arn)
     assert (code, message, status) == (
         "ValidationException",

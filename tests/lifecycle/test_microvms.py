@@ -287,11 +287,14 @@ def test_capacity_and_memory_quota(make_server: Callable[..., ServerProcess], sa
 
 
 def test_insufficient_capacity(make_server: Callable[..., ServerProcess], sample_uri: str) -> None:
-    # A host that must keep (almost) all its memory for itself has no room for a MicroVM.
-    server = make_server({"host_memory_reserve_mib": 10**7})
+    server = make_server()
     client = server.client()
     arn = client.create_microvm_image(**image_request("capacity", sample_uri))["imageArn"]
     assert wait_image_settled(client, arn)["state"] == "CREATED"
+    # The same host, now told to keep (almost) all its memory for itself: no room for a MicroVM.
+    server.settings["host_memory_reserve_mib"] = 10**7
+    server.restart()
+    client = server.client()
     code, message, status = _error(client.run_microvm, imageIdentifier=arn)
     assert (code, status) == ("InsufficientCapacityException", 500)
     assert "not enough memory on the host to run a MicroVM" in message
@@ -360,3 +363,41 @@ def test_app_output_and_lifecycle_events_reach_the_microvm_log(
 
     text = wait_for(app_lines, 30, "the app's output")
     assert "state: RUNNING" in text and "state: TERMINATED" in text
+
+
+def _processes_of(microvm_id: str) -> list[int]:
+    """The host processes running a MicroVM's sandbox (their command lines name its state dir)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                if microvm_id.encode() in handle.read():
+                    found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def test_a_suspended_microvm_goes_to_disk_and_frees_its_memory(
+    make_server: Callable[..., ServerProcess], sample_uri: str
+) -> None:
+    server = make_server({"suspend_to_disk_after_seconds": 1})
+    client = server.client()
+    arn = client.create_microvm_image(
+        **image_request("disk", sample_uri, hooks=ALL_HOOKS, resources=[{"minimumMemoryInMiB": 512}])
+    )["imageArn"]
+    assert wait_image_settled(client, arn)["state"] == "CREATED"
+    vm = wait_microvm(client, run(client, arn)["microvmId"], {"RUNNING"})
+    token = auth_token(client, vm["microvmId"])
+    before = app_state(server, vm, token)
+    assert _processes_of(vm["microvmId"])
+    client.suspend_microvm(microvmIdentifier=vm["microvmId"])
+    wait_microvm(client, vm["microvmId"], {"SUSPENDED"})
+    # Frozen first, then written to disk: no process of the MicroVM holds memory any more.
+    wait_for(lambda: not _processes_of(vm["microvmId"]), 30, "the suspended MicroVM's processes to exit")
+    client.resume_microvm(microvmIdentifier=vm["microvmId"])
+    resumed = wait_microvm(client, vm["microvmId"], {"RUNNING"})
+    after = app_state(server, resumed, token)
+    assert (after["id"], after["counter"]) == (before["id"], before["counter"] + 1)
+    client.terminate_microvm(microvmIdentifier=vm["microvmId"])
+    wait_microvm(client, vm["microvmId"], {"TERMINATED"})
