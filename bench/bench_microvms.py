@@ -4,9 +4,11 @@ plain host process in the same run.
     .venv/bin/python bench/bench_microvms.py [--runs 20]
 
 Prints, as medians (p10/p90) of --runs runs: RunMicrovm call → RUNNING; RunMicrovm → first 200
-from the app through its endpoint; SuspendMicrovm → SUSPENDED; ResumeMicrovm → first 200; the RSS
-of a running and of a suspended MicroVM; how many running MicroVMs of the sample app fit in this
-machine's memory; and `python3 app.py` → first 200 as the baseline.
+from the app through its endpoint, with a warm restore pool and with the pool just used;
+SuspendMicrovm → SUSPENDED; ResumeMicrovm → first 200 while the memory is still frozen in RAM and
+after it went to disk; the RSS of a running, a frozen and a suspended-to-disk MicroVM; how many
+running MicroVMs of the sample app fit in this machine's memory; and `python3 app.py` → first
+200 as the baseline.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -71,67 +74,99 @@ def _wait_state(client: Any, microvm_id: str, state: str) -> None:
         time.sleep(0.002)
 
 
-def _rss_of(microvm_id: str) -> int:
-    """Resident memory of every process that runs this MicroVM (sandbox, gofer, shim)."""
-    total = 0
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as handle:
-                if microvm_id.encode() not in handle.read():
-                    continue
-            with open(f"/proc/{pid}/status") as handle:
-                for line in handle:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
-        except OSError:
-            continue
-    return total
+def _rss_of(server: ServerProcess, microvm_id: str) -> int:
+    """The memory charged to a MicroVM's sandbox, as the server's /metrics reports it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{server.url}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        if family.name == "openmicrovm_sandbox_rss_bytes":
+            for sample in family.samples:
+                if sample.labels.get("microvm_id") == microvm_id:
+                    return int(sample.value)
+    return 0
+
+
+def _token(client: Any, microvm_id: str) -> str:
+    answer = client.create_microvm_auth_token(
+        microvmIdentifier=microvm_id, expirationInMinutes=5, allowedPorts=[{"port": 8080}]
+    )
+    return answer["authToken"]["X-aws-proxy-auth"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument(
+        "--refill-seconds", type=float, default=1.5, help="pause that lets the warm pool refill"
+    )
     args = parser.parse_args()
-    report: dict[str, Any] = {}
+    samples: dict[str, list[float]] = {
+        "RunMicrovm -> RUNNING (warm pool)": [],
+        "RunMicrovm -> first 200 (warm pool)": [],
+        "RunMicrovm -> first 200 (pool empty: back-to-back run)": [],
+        "SuspendMicrovm -> SUSPENDED": [],
+        "ResumeMicrovm -> first 200 (suspended < suspend_to_disk_after)": [],
+        "ResumeMicrovm -> first 200 (from disk)": [],
+    }
+    rss_running, rss_frozen, rss_on_disk = [], [], []
     with tempfile.TemporaryDirectory() as scratch_dir:
         scratch = Path(scratch_dir)
-        server = ServerProcess(scratch / "data")
+        server = ServerProcess(scratch / "data", {"suspend_to_disk_after_seconds": 2})
         server.start()
         try:
             arn = build_image(server, "sample", SAMPLE_APP, scratch, hooks=ALL_HOOKS)
             client = server.client(validate=False)
-            to_running, to_first_200, to_suspended, to_resumed_200 = [], [], [], []
-            rss_running, rss_suspended = [], []
             for _ in range(args.runs):
+                time.sleep(args.refill_seconds)
                 started = time.perf_counter()
                 vm = client.run_microvm(imageIdentifier=arn)
                 _wait_state(client, vm["microvmId"], "RUNNING")
-                to_running.append(time.perf_counter() - started)
+                samples["RunMicrovm -> RUNNING (warm pool)"].append(time.perf_counter() - started)
                 client.terminate_microvm(microvmIdentifier=vm["microvmId"])
 
+                time.sleep(args.refill_seconds)
                 started = time.perf_counter()
                 vm = client.run_microvm(imageIdentifier=arn)
-                token = client.create_microvm_auth_token(
-                    microvmIdentifier=vm["microvmId"], expirationInMinutes=5, allowedPorts=[{"port": 8080}]
-                )["authToken"]["X-aws-proxy-auth"]
+                token = _token(client, vm["microvmId"])
                 host = f"{vm['endpoint']}:{server.port}"
                 _first_200(server.port, host, token)  # held while PENDING, then served
-                to_first_200.append(time.perf_counter() - started)
-                rss_running.append(_rss_of(vm["microvmId"]))
+                samples["RunMicrovm -> first 200 (warm pool)"].append(time.perf_counter() - started)
+                rss_running.append(_rss_of(server, vm["microvmId"]))
+
+                started = time.perf_counter()
+                second = client.run_microvm(imageIdentifier=arn)  # the pool was just used
+                _first_200(
+                    server.port, f"{second['endpoint']}:{server.port}", _token(client, second["microvmId"])
+                )
+                samples["RunMicrovm -> first 200 (pool empty: back-to-back run)"].append(
+                    time.perf_counter() - started
+                )
+                client.terminate_microvm(microvmIdentifier=second["microvmId"])
 
                 started = time.perf_counter()
                 client.suspend_microvm(microvmIdentifier=vm["microvmId"])
                 _wait_state(client, vm["microvmId"], "SUSPENDED")
-                to_suspended.append(time.perf_counter() - started)
-                rss_suspended.append(_rss_of(vm["microvmId"]))
-
+                samples["SuspendMicrovm -> SUSPENDED"].append(time.perf_counter() - started)
+                rss_frozen.append(_rss_of(server, vm["microvmId"]))
                 started = time.perf_counter()
                 client.resume_microvm(microvmIdentifier=vm["microvmId"])
                 _wait_state(client, vm["microvmId"], "RUNNING")
                 _first_200(server.port, host, token)
-                to_resumed_200.append(time.perf_counter() - started)
+                samples["ResumeMicrovm -> first 200 (suspended < suspend_to_disk_after)"].append(
+                    time.perf_counter() - started
+                )
+
+                client.suspend_microvm(microvmIdentifier=vm["microvmId"])
+                _wait_state(client, vm["microvmId"], "SUSPENDED")
+                time.sleep(3.0)  # past suspend_to_disk_after: the memory is on disk
+                rss_on_disk.append(_rss_of(server, vm["microvmId"]))
+                started = time.perf_counter()
+                client.resume_microvm(microvmIdentifier=vm["microvmId"])
+                _wait_state(client, vm["microvmId"], "RUNNING")
+                _first_200(server.port, host, token)
+                samples["ResumeMicrovm -> first 200 (from disk)"].append(time.perf_counter() - started)
                 client.terminate_microvm(microvmIdentifier=vm["microvmId"])
         finally:
             server.stop()
@@ -139,19 +174,17 @@ def main() -> None:
     rss = sorted(rss_running)[len(rss_running) // 2]
     with open("/proc/meminfo") as meminfo:
         total = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemTotal:"))
-    report = {
-        "RunMicrovm -> RUNNING": summary(to_running),
-        "RunMicrovm -> first 200": summary(to_first_200),
-        "SuspendMicrovm -> SUSPENDED": summary(to_suspended),
-        "ResumeMicrovm -> first 200": summary(to_resumed_200),
-        "baseline: python3 app.py -> first 200": summary(baseline),
-        "RSS running MicroVM (MiB)": round(rss / 2**20, 1),
-        "RSS suspended MicroVM (MiB)": round(sorted(rss_suspended)[len(rss_suspended) // 2] / 2**20, 1),
-        "running MicroVMs that fit in this machine's memory": int(total // max(rss, 1)),
-        "running MicroVMs that fit in 8 GiB": int(8 * 2**30 // max(rss, 1)),
-    }
+    report: dict[str, Any] = {name: summary(values) for name, values in samples.items()}
+    report["baseline: python3 app.py -> first 200"] = summary(baseline)
+    report["RSS running MicroVM (MiB)"] = round(rss / 2**20, 1)
+    report["RSS suspended MicroVM, frozen (MiB)"] = round(sorted(rss_frozen)[len(rss_frozen) // 2] / 2**20, 1)
+    report["RSS suspended MicroVM, on disk (MiB)"] = round(
+        sorted(rss_on_disk)[len(rss_on_disk) // 2] / 2**20, 1
+    )
+    report["running MicroVMs that fit in this machine's memory"] = int(total // max(rss, 1))
+    report["running MicroVMs that fit in 8 GiB"] = int(8 * 2**30 // max(rss, 1))
     for name, value in report.items():
-        print(f"{name:55} {value}")
+        print(f"{name:64} {value}")
     print(json.dumps(report))
 
 
