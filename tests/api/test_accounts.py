@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -14,21 +11,14 @@ import pytest
 from botocore.auth import SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
-from botocore.exceptions import ClientError
 
 from tests.conftest import image_request
+from tests.support.clients import AwsCli, aws_error
 from tests.support.http import raw_request
 from tests.support.server import ServerProcess
 
 ALICE = {"access_key_id": "AKIDALICE", "secret_access_key": "alice-secret", "account_id": "111111111111"}
 BOB = {"access_key_id": "AKIDBOB", "secret_access_key": "bob-secret", "account_id": "222222222222"}
-
-
-def _error(call: Any, **kwargs: Any) -> tuple[str, str, int]:
-    with pytest.raises(ClientError) as caught:
-        call(**kwargs)
-    error = caught.value.response
-    return error["Error"]["Code"], error["Error"]["Message"], error["ResponseMetadata"]["HTTPStatusCode"]
 
 
 @pytest.fixture
@@ -57,7 +47,7 @@ def test_accounts_never_see_each_other(two_accounts: ServerProcess) -> None:
         (bob.run_microvm, {"imageIdentifier": arn}),
         (bob.list_microvms, {"imageIdentifier": arn}),
     ]:
-        code, _, status = _error(call, **kwargs)
+        code, _, status = aws_error(call, **kwargs)
         assert (code, status) == ("AccessDeniedException", 403), call
     assert alice.list_tags(Resource=arn)["Tags"] == {}
     assert alice.get_microvm_image(imageIdentifier=arn)["state"] != "DELETING"
@@ -65,11 +55,11 @@ def test_accounts_never_see_each_other(two_accounts: ServerProcess) -> None:
 
 def test_signatures_are_checked_when_keys_are_configured(two_accounts: ServerProcess) -> None:
     wrong_secret = two_accounts.client(key=ALICE["access_key_id"], secret="not-the-secret")
-    code, message, status = _error(wrong_secret.list_microvm_images)
+    code, message, status = aws_error(wrong_secret.list_microvm_images)
     assert (code, status) == ("InvalidSignatureException", 403)
     assert "signature we calculated does not match" in message
     unknown = two_accounts.client(key="AKIDNOBODY", secret="x")
-    code, _, status = _error(unknown.list_microvm_images)
+    code, _, status = aws_error(unknown.list_microvm_images)
     assert (code, status) == ("UnrecognizedClientException", 403)
     unsigned = raw_request(two_accounts.port, "GET", "/2025-09-09/microvm-images")
     assert unsigned.status == 403 and unsigned.error_type == "MissingAuthenticationTokenException"
@@ -80,7 +70,7 @@ def test_signatures_are_checked_when_keys_are_configured(two_accounts: ServerPro
         request.body = request.body.replace(b"tampered-a", b"tampered-b")
 
     alice.meta.events.register_last("before-send.lambda-microvms.CreateMicrovmImage", tamper)
-    code, _, status = _error(alice.create_microvm_image, **image_request("tampered-a"))
+    code, _, status = aws_error(alice.create_microvm_image, **image_request("tampered-a"))
     assert (code, status) == ("InvalidSignatureException", 403)
 
 
@@ -111,7 +101,7 @@ def test_quotas_answer_402(make_server: Callable[..., ServerProcess]) -> None:
     client = server.client()
     client.create_microvm_image(**image_request("q1"))
     client.create_microvm_image(**image_request("q2"))
-    code, message, status = _error(client.create_microvm_image, **image_request("q3"))
+    code, message, status = aws_error(client.create_microvm_image, **image_request("q3"))
     assert (code, status) == ("ServiceQuotaExceededException", 402)
     assert "maximum number of MicroVM images (2)" in message
     assert client.list_microvm_images()["items"][-1]["name"] == "q2"  # nothing half-written
@@ -143,25 +133,7 @@ def test_state_survives_a_restart(make_server: Callable[..., ServerProcess]) -> 
 
 
 def test_aws_cli_speaks_to_the_server(server: ServerProcess, tmp_path: Any) -> None:
-    env = {
-        **os.environ,
-        "AWS_ACCESS_KEY_ID": "AKIDCLI",
-        "AWS_SECRET_ACCESS_KEY": "x",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_CONFIG_FILE": str(tmp_path / "none"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
-    }
-    aws = [
-        os.path.join(os.path.dirname(sys.executable), "aws"),
-        "--endpoint-url",
-        server.url,
-        "--output",
-        "json",
-        "lambda-microvms",
-    ]
-
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*aws, *args], env=env, capture_output=True, text=True, timeout=60)
+    run = AwsCli(server, tmp_path).run
 
     managed = run("list-managed-microvm-images")
     assert managed.returncode == 0, managed.stderr

@@ -6,9 +6,9 @@ import uuid
 from typing import Any
 
 import pytest
-from botocore.exceptions import ClientError
 
 from tests.conftest import MANAGED_BASE, image_request
+from tests.support.clients import aws_error
 from tests.support.images import wait_image_settled
 from tests.support.server import ServerProcess
 
@@ -17,20 +17,13 @@ def _name(prefix: str = "img") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
-def _error(call: Any, **kwargs: Any) -> tuple[str, str, int]:
-    with pytest.raises(ClientError) as caught:
-        call(**kwargs)
-    error = caught.value.response
-    return error["Error"]["Code"], error["Error"]["Message"], error["ResponseMetadata"]["HTTPStatusCode"]
-
-
 def test_managed_images_catalog(client: Any) -> None:
     images = client.list_managed_microvm_images()
     assert [item["imageArn"] for item in images["items"]] == [MANAGED_BASE]
     versions = client.list_managed_microvm_image_versions(imageIdentifier=MANAGED_BASE)["items"]
     assert versions[0]["imageVersion"] == "1" and versions[0]["status"] == "AVAILABLE"
     assert versions[0]["supportedCpuConfigurations"][0]["architecture"] in ("X86_64", "ARM_64")
-    code, _message, status = _error(
+    code, _message, status = aws_error(
         client.list_managed_microvm_image_versions,
         imageIdentifier="arn:aws:lambda:us-east-1:aws:microvm-image:al2099-9",
     )
@@ -123,17 +116,17 @@ def test_pagination_across_pages_and_bad_tokens(server: ServerProcess, client: A
     good = first["nextToken"]
     tampered = good[:-2] + ("AA" if not good.endswith("AA") else "BB")
     for bad in (tampered, "garbage", good + "x"):
-        code, message, status = _error(client.list_microvm_images, nameFilter=marker, nextToken=bad)
+        code, message, status = aws_error(client.list_microvm_images, nameFilter=marker, nextToken=bad)
         assert (code, status) == ("ValidationException", 400)
         assert "Invalid nextToken" in message
     # A token is bound to its filter and its operation.
-    code, _, _ = _error(client.list_microvm_images, nameFilter="other", nextToken=good)
+    code, _, _ = aws_error(client.list_microvm_images, nameFilter="other", nextToken=good)
     assert code == "ValidationException"
-    code, _, _ = _error(client.list_microvms, nextToken=good)
+    code, _, _ = aws_error(client.list_microvms, nextToken=good)
     assert code == "ValidationException"
     # ...and to its caller's region.
     west = server.client(region="us-west-2")
-    code, _, _ = _error(west.list_microvm_images, nameFilter=marker, nextToken=good)
+    code, _, _ = aws_error(west.list_microvm_images, nameFilter=marker, nextToken=good)
     assert code == "ValidationException"
 
 
@@ -146,7 +139,7 @@ def test_client_token_idempotency_on_create(client: Any) -> None:
     replay.pop("ResponseMetadata")
     assert replay == first  # the original response, verbatim
     assert len(client.list_microvm_images(nameFilter=name)["items"]) == 1
-    code, message, status = _error(
+    code, message, status = aws_error(
         client.create_microvm_image, **image_request(name, description="changed"), clientToken=token
     )
     assert (code, message, status) == (
@@ -159,7 +152,7 @@ def test_client_token_idempotency_on_create(client: Any) -> None:
 def test_update_checks_the_new_configuration(client: Any) -> None:
     arn = client.create_microvm_image(**image_request(_name("put")))["imageArn"]
     wait_image_settled(client, arn)  # the artifact's bucket does not exist: CREATE_FAILED
-    code, message, status = _error(
+    code, message, status = aws_error(
         client.update_microvm_image,
         imageIdentifier=arn,
         baseImageArn=MANAGED_BASE,
@@ -212,13 +205,13 @@ def test_update_checks_the_new_configuration(client: Any) -> None:
     ],
 )
 def test_create_rules_beyond_the_shapes(client: Any, overrides: dict, message: str) -> None:
-    code, text, status = _error(client.create_microvm_image, **image_request(_name("rule"), **overrides))
+    code, text, status = aws_error(client.create_microvm_image, **image_request(_name("rule"), **overrides))
     assert (code, status) == ("ValidationException", 400)
     assert message in text
 
 
 def test_unknown_base_image_is_not_found(client: Any) -> None:
-    code, _message, status = _error(
+    code, _message, status = aws_error(
         client.create_microvm_image,
         **image_request(_name(), baseImageArn="arn:aws:lambda:us-east-1:aws:microvm-image:al2099-1"),
     )
@@ -226,37 +219,37 @@ def test_unknown_base_image_is_not_found(client: Any) -> None:
 
 
 def test_identifier_rules(client: Any) -> None:
-    code, message, _ = _error(client.get_microvm_image, imageIdentifier="just-a-name")
+    code, message, _ = aws_error(client.get_microvm_image, imageIdentifier="just-a-name")
     assert (code, message) == ("ValidationException", "Invalid ARN format: just-a-name")
-    code, message, _ = _error(client.run_microvm, imageIdentifier="just-a-name")
+    code, message, _ = aws_error(client.run_microvm, imageIdentifier="just-a-name")
     assert (code, message) == ("ValidationException", "Malformed ARN - doesn't start with 'arn:'")
     arn = "arn:aws:lambda:us-east-1:000000000000:microvm-image:never-made"
-    code, message, status = _error(client.run_microvm, imageIdentifier=arn)
+    code, message, status = aws_error(client.run_microvm, imageIdentifier=arn)
     assert (code, message, status) == (
         "ResourceNotFoundException",
         f"No active version found for MicroVM image {arn}",
         404,
     )
-    code, message, status = _error(
+    code, message, status = aws_error(
         client.get_microvm, microvmIdentifier="microvm-00000000-0000-0000-0000-000000000000"
     )
     assert (code, status) == ("ResourceNotFoundException", 404)
     assert message == "MicroVM not found: microvm-00000000-0000-0000-0000-000000000000"
     for call in (client.suspend_microvm, client.resume_microvm, client.terminate_microvm):
-        code, _, status = _error(call, microvmIdentifier="microvm-nope")
+        code, _, status = aws_error(call, microvmIdentifier="microvm-nope")
         assert (code, status) == ("ResourceNotFoundException", 404)
 
 
 def test_run_parameter_rules_checked_before_anything_else(server: ServerProcess) -> None:
     client = server.client(client_side_validation=False)
     arn = "arn:aws:lambda:us-east-1:000000000000:microvm-image:whatever"
-    code, message, _ = _error(client.run_microvm, imageIdentifier=arn, runHookPayload="x" * 4097)
+    code, message, _ = aws_error(client.run_microvm, imageIdentifier=arn, runHookPayload="x" * 4097)
     assert code == "ValidationException"
     assert message == (
         "1 validation error detected: Value at 'runHookPayload' failed to satisfy constraint: "
         "Member must have length less than or equal to 4096"
     )
-    code, message, _ = _error(client.run_microvm, imageIdentifier=arn, maximumDurationInSeconds=28801)
+    code, message, _ = aws_error(client.run_microvm, imageIdentifier=arn, maximumDurationInSeconds=28801)
     assert code == "ValidationException"
     assert (
         "at 'maximumDurationInSeconds' failed to satisfy constraint: Member must have value less than or equal to 28800"
@@ -288,14 +281,14 @@ def test_idle_policy_members_are_all_required(server: ServerProcess) -> None:
 
 def test_auth_token_rules(server: ServerProcess) -> None:
     client = server.client(client_side_validation=False)
-    code, message, _ = _error(
+    code, message, _ = aws_error(
         client.create_microvm_auth_token,
         microvmIdentifier="microvm-x",
         expirationInMinutes=61,
         allowedPorts=[{"port": 8080}],
     )
     assert (code, message) == ("ValidationException", "ExpirationMinutes 61 exceeded max allowed of 60.")
-    code, message, _ = _error(
+    code, message, _ = aws_error(
         client.create_microvm_auth_token,
         microvmIdentifier="microvm-x",
         expirationInMinutes=5,
@@ -305,14 +298,14 @@ def test_auth_token_rules(server: ServerProcess) -> None:
         "at 'allowedPorts' failed to satisfy constraint: Member must have length greater than or equal to 1"
         in message
     )
-    code, message, _ = _error(
+    code, message, _ = aws_error(
         client.create_microvm_auth_token,
         microvmIdentifier="microvm-x",
         expirationInMinutes=5,
         allowedPorts=[{"port": 1, "allPorts": {}}],
     )
     assert "allowedPorts.1.member" in message and "exactly one" in message
-    code, message, status = _error(
+    code, message, status = aws_error(
         client.create_microvm_shell_auth_token, microvmIdentifier="microvm-x", expirationInMinutes=5
     )
     assert (code, status) == ("ResourceNotFoundException", 404)
@@ -328,11 +321,11 @@ def test_tags_api(server: ServerProcess) -> None:
     client.untag_resource(Resource=arn, TagKeys=["a", "not-there"])
     assert client.list_tags(Resource=arn)["Tags"] == {"b": "3"}
     assert client.get_microvm_image(imageIdentifier=arn)["tags"] == {"b": "3"}
-    code, _, status = _error(client.tag_resource, Resource=arn, Tags={f"k{i}": "v" for i in range(60)})
+    code, _, status = aws_error(client.tag_resource, Resource=arn, Tags={f"k{i}": "v" for i in range(60)})
     assert (code, status) == ("InvalidParameterValueException", 400)
-    code, _, status = _error(client.list_tags, Resource="arn:aws:lambda:us-east-1:000000000000:function:f")
+    code, _, status = aws_error(client.list_tags, Resource="arn:aws:lambda:us-east-1:000000000000:function:f")
     assert (code, status) == ("ResourceNotFoundException", 404)
-    code, message, status = _error(client.list_tags, Resource="not-an-arn")
+    code, message, status = aws_error(client.list_tags, Resource="not-an-arn")
     assert (code, status) == ("ValidationException", 400) and "at 'Resource'" in message
 
 
@@ -345,10 +338,10 @@ def test_regions_are_separate(server: ServerProcess) -> None:
     )
     assert created["imageArn"].startswith("arn:aws:lambda:us-west-2:")
     assert east.list_microvm_images(nameFilter=name)["items"] == []
-    code, _, status = _error(east.get_microvm_image, imageIdentifier=created["imageArn"])
+    code, _, status = aws_error(east.get_microvm_image, imageIdentifier=created["imageArn"])
     assert (code, status) == ("ResourceNotFoundException", 404)
     # The managed base of one region cannot be used from another.
-    code, _, _ = _error(
+    code, _, _ = aws_error(
         east.create_microvm_image,
         **image_request(_name(), baseImageArn="arn:aws:lambda:us-west-2:aws:microvm-image:al2023-1"),
     )

@@ -6,18 +6,14 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
-import sys
 import uuid
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-from botocore.exceptions import ClientError
-
 from openmicrovm.api.model import service_model
+from tests.support.clients import AwsCli, aws_error
 from tests.support.images import (
     ALL_HOOKS,
     SAMPLE_APP,
@@ -37,13 +33,6 @@ DOCKERFILE = (SAMPLE_APP / "Dockerfile").read_text()
 
 def _name(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-def _error(call: Any, **kwargs: Any) -> tuple[str, str, int]:
-    with pytest.raises(ClientError) as caught:
-        call(**kwargs)
-    error = caught.value.response
-    return error["Error"]["Code"], error["Error"]["Message"], error["ResponseMetadata"]["HTTPStatusCode"]
 
 
 def _failed_build(client: Any, uri: str, **overrides: Any) -> str:
@@ -120,27 +109,7 @@ def test_update_builds_a_second_version(server: ServerProcess, moto: MotoServer,
     """The main path through the AWS CLI: create, wait, update, activate/deactivate."""
     client = server.client()
     uri = upload(moto, zip_files({"Dockerfile": DOCKERFILE, "app.py": APP}))
-    env = {
-        **os.environ,
-        "AWS_ACCESS_KEY_ID": "AKIDCLI",
-        "AWS_SECRET_ACCESS_KEY": "x",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_CONFIG_FILE": str(tmp_path / "none"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
-    }
-    aws = [
-        os.path.join(os.path.dirname(sys.executable), "aws"),
-        "--endpoint-url",
-        server.url,
-        "--output",
-        "json",
-        "lambda-microvms",
-    ]
-
-    def cli(*args: str) -> dict[str, Any]:
-        done = subprocess.run([*aws, *args], env=env, capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, done.stderr
-        return json.loads(done.stdout) if done.stdout.strip() else {}
+    cli = AwsCli(server, tmp_path)
 
     name = _name("cli")
     common = [
@@ -158,7 +127,7 @@ def test_update_builds_a_second_version(server: ServerProcess, moto: MotoServer,
     updated = cli("update-microvm-image", "--image-identifier", arn, *common, "--description", "v2")
     assert updated["imageVersion"] == "2.0" and updated["state"] == "UPDATING"
     assert updated["latestActiveImageVersion"] == "1.0"
-    code, message, status = _error(
+    code, message, status = aws_error(
         client.update_microvm_image_version, imageIdentifier=arn, imageVersion="1.0", status="INACTIVE"
     )
     assert (code, message, status) == (
@@ -190,10 +159,10 @@ def test_update_builds_a_second_version(server: ServerProcess, moto: MotoServer,
     deleted = client.delete_microvm_image_version(imageIdentifier=arn, imageVersion="1.0")
     assert deleted["state"] == "DELETING"
     wait_for(lambda: client.get_microvm_image(imageIdentifier=arn)["state"] == "UPDATED", 60, "version drain")
-    code, _, status = _error(client.get_microvm_image_version, imageIdentifier=arn, imageVersion="1.0")
+    code, _, status = aws_error(client.get_microvm_image_version, imageIdentifier=arn, imageVersion="1.0")
     assert (code, status) == ("ResourceNotFoundException", 404)
     assert not any(path.exists() for path in build_dirs)
-    code, message, status = _error(
+    code, message, status = aws_error(
         client.delete_microvm_image_version, imageIdentifier=arn, imageVersion="2.0"
     )
     assert (code, message, status) == (
@@ -207,7 +176,7 @@ def test_update_builds_a_second_version(server: ServerProcess, moto: MotoServer,
     assert client.delete_microvm_image(imageIdentifier=arn)["state"] == "DELETING"
     assert client.delete_microvm_image(imageIdentifier=arn)["state"] == "DELETING"  # idempotent meanwhile
     wait_for(lambda: not client.list_microvm_images(nameFilter=name)["items"], 60, "image deletion")
-    code, _, status = _error(client.get_microvm_image, imageIdentifier=arn)
+    code, _, status = aws_error(client.get_microvm_image, imageIdentifier=arn)
     assert (code, status) == ("ResourceNotFoundException", 404)
     assert not any(path.exists() for path in build_dirs)
 

@@ -6,22 +6,13 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-import pytest
-from botocore.exceptions import ClientError
-
+from tests.support.clients import aws_error
 from tests.support.images import image_request, upload, wait_for, wait_image_settled, zip_files
 from tests.support.moto import MotoServer
 from tests.support.server import ServerProcess
 
 HOLD = {"READY_DELAY": "10"}
 READY = {"port": 8080, "microvmImageHooks": {"ready": "ENABLED", "readyTimeoutInSeconds": 120}}
-
-
-def _error(call: Any, **kwargs: Any) -> tuple[str, str, int]:
-    with pytest.raises(ClientError) as caught:
-        call(**kwargs)
-    error = caught.value.response
-    return error["Error"]["Code"], error["Error"]["Message"], error["ResponseMetadata"]["HTTPStatusCode"]
 
 
 def test_the_busy_lock_and_settled_states(server: ServerProcess, sample_uri: str, moto: MotoServer) -> None:
@@ -41,25 +32,25 @@ def test_the_busy_lock_and_settled_states(server: ServerProcess, sample_uri: str
         "the build to start",
     )
     del request["name"]
-    code, message, status = _error(client.update_microvm_image, imageIdentifier=arn, **request)
+    code, message, status = aws_error(client.update_microvm_image, imageIdentifier=arn, **request)
     assert (code, message, status) == (
         "ConflictException",
         "MicroVM Image is already in state: CREATING",
         409,
     )
-    code, message, status = _error(client.delete_microvm_image, imageIdentifier=arn)
+    code, message, status = aws_error(client.delete_microvm_image, imageIdentifier=arn)
     assert (code, message, status) == (
         "ValidationException",
         "Cannot delete MicroVM image in its current state: CREATING",
         400,
     )
-    code, _, status = _error(
+    code, _, status = aws_error(
         client.update_microvm_image_version, imageIdentifier=arn, imageVersion="1.0", status="INACTIVE"
     )
     assert (code, status) == ("ConflictException", 409)
-    code, _, status = _error(client.delete_microvm_image_version, imageIdentifier=arn, imageVersion="1.0")
+    code, _, status = aws_error(client.delete_microvm_image_version, imageIdentifier=arn, imageVersion="1.0")
     assert (code, status) == ("ConflictException", 409)
-    code, message, status = _error(client.run_microvm, imageIdentifier=arn)
+    code, message, status = aws_error(client.run_microvm, imageIdentifier=arn)
     assert (code, message, status) == (
         "ResourceNotFoundException",
         f"No active version found for MicroVM image {arn}",
@@ -72,13 +63,13 @@ def test_the_busy_lock_and_settled_states(server: ServerProcess, sample_uri: str
     updated = client.update_microvm_image(imageIdentifier=arn, **request)
     assert (updated["imageVersion"], updated["state"]) == ("2.0", "UPDATING")
     assert updated["latestActiveImageVersion"] == "1.0"
-    code, message, status = _error(client.update_microvm_image, imageIdentifier=arn, **request)
+    code, message, status = aws_error(client.update_microvm_image, imageIdentifier=arn, **request)
     assert (code, message, status) == (
         "ConflictException",
         "MicroVM Image is already in state: UPDATING",
         409,
     )
-    code, message, status = _error(client.delete_microvm_image, imageIdentifier=arn)
+    code, message, status = aws_error(client.delete_microvm_image, imageIdentifier=arn)
     assert (code, message, status) == (
         "ValidationException",
         "Cannot delete MicroVM image in its current state: UPDATING",
@@ -100,7 +91,7 @@ def test_the_busy_lock_and_settled_states(server: ServerProcess, sample_uri: str
     version = client.get_microvm_image_version(imageIdentifier=arn, imageVersion="3.0")
     assert version["stateReason"].startswith("One or more builds failed: ARCHIVE_DOCKERFILE_NOT_FOUND: ")
     # A FAILED version cannot be activated.
-    code, message, _ = _error(
+    code, message, _ = aws_error(
         client.update_microvm_image_version, imageIdentifier=arn, imageVersion="3.0", status="ACTIVE"
     )
     assert code == "ValidationException" and "is FAILED" in message
@@ -114,6 +105,6 @@ def test_version_quota(make_server: Any) -> None:
     wait_image_settled(client, arn)
     request = image_request("ignored", "file:///nonexistent/app.zip")
     del request["name"]
-    code, message, status = _error(client.update_microvm_image, imageIdentifier=arn, **request)
+    code, message, status = aws_error(client.update_microvm_image, imageIdentifier=arn, **request)
     assert (code, status) == ("ServiceQuotaExceededException", 402)
     assert "maximum number of versions (1)" in message

@@ -11,20 +11,11 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-import pytest
-from botocore.exceptions import ClientError
-
 from tests.lifecycle.conftest import run
+from tests.support.clients import AwsCli, aws_error
 from tests.support.endpoint import app_state, auth_token
 from tests.support.images import ALL_HOOKS, image_request, wait_for, wait_image_settled, wait_microvm
 from tests.support.server import ServerProcess
-
-
-def _error(call: Any, **kwargs: Any) -> tuple[str, str, int]:
-    with pytest.raises(ClientError) as caught:
-        call(**kwargs)
-    error = caught.value.response
-    return error["Error"]["Code"], error["Error"]["Message"], error["ResponseMetadata"]["HTTPStatusCode"]
 
 
 def test_two_microvms_share_the_snapshot_but_not_their_state(
@@ -93,10 +84,10 @@ def test_suspend_resume_keeps_memory_and_terminate_is_final(server: ServerProces
     assert done["stateReason"] == "Success."
     assert done["terminatedAt"] is not None
     client.terminate_microvm(microvmIdentifier=vm["microvmId"])  # idempotent
-    code, message, status = _error(client.suspend_microvm, microvmIdentifier=vm["microvmId"])
+    code, message, status = aws_error(client.suspend_microvm, microvmIdentifier=vm["microvmId"])
     assert (code, status) == ("ValidationException", 400)
     assert message == f"The MicroVM {vm['microvmId']} has been terminated and its state cannot be changed."
-    code, _, status = _error(client.resume_microvm, microvmIdentifier=vm["microvmId"])
+    code, _, status = aws_error(client.resume_microvm, microvmIdentifier=vm["microvmId"])
     assert (code, status) == ("ValidationException", 400)
     # Terminated MicroVMs stay readable and listed.
     listed = [i["microvmId"] for i in client.list_microvms()["items"]]
@@ -112,7 +103,7 @@ def test_client_token_replays_the_original_run(server: ServerProcess, sample_ima
     first.pop("ResponseMetadata")
     replay.pop("ResponseMetadata")
     assert replay == first and replay["state"] == "PENDING"  # the original response, verbatim
-    code, message, _ = _error(
+    code, message, _ = aws_error(
         client.run_microvm, imageIdentifier=sample_image, clientToken=token, maximumDurationInSeconds=100
     )
     assert (code, message) == (
@@ -128,21 +119,21 @@ def test_run_rules(server: ServerProcess, sample_image: str, sample_uri: str) ->
         "imageArn"
     ]
     assert wait_image_settled(client, no_hooks)["state"] == "CREATED"
-    code, message, status = _error(client.run_microvm, imageIdentifier=no_hooks, runHookPayload="x")
+    code, message, status = aws_error(client.run_microvm, imageIdentifier=no_hooks, runHookPayload="x")
     assert (code, message, status) == (
         "ValidationException",
         "The run hook must be enabled in the MicroVM image to pass the run hook payload",
         400,
     )
-    code, message, status = _error(client.run_microvm, imageIdentifier=sample_image, imageVersion="7.0")
+    code, message, status = aws_error(client.run_microvm, imageIdentifier=sample_image, imageVersion="7.0")
     assert (code, status) == ("ResourceNotFoundException", 404)
-    code, message, _ = _error(
+    code, message, _ = aws_error(
         client.run_microvm, imageIdentifier=sample_image, ingressNetworkConnectors=["nope"]
     )
     assert code == "ValidationException" and "Invalid network connector ARN" in message
     # An INACTIVE version cannot be run; active again, it can.
     client.update_microvm_image_version(imageIdentifier=no_hooks, imageVersion="1.0", status="INACTIVE")
-    code, message, status = _error(client.run_microvm, imageIdentifier=no_hooks)
+    code, message, status = aws_error(client.run_microvm, imageIdentifier=no_hooks)
     assert (code, message, status) == (
         "ResourceNotFoundException",
         f"No active version found for MicroVM image {no_hooks}",
@@ -159,11 +150,11 @@ def test_run_rules(server: ServerProcess, sample_image: str, sample_uri: str) ->
     )
     # A hook-less image goes RUNNING once restored.
     assert wait_microvm(client, vm["microvmId"], {"RUNNING"}).get("stateReason") is None
-    code, message, _ = _error(
+    code, message, _ = aws_error(
         client.create_microvm_shell_auth_token, microvmIdentifier=vm["microvmId"], expirationInMinutes=5
     )
     assert message == "Shell access requires SHELL_INGRESS network connector to be configured on the MicroVM."
-    code, message, status = _error(client.delete_microvm_image, imageIdentifier=no_hooks)
+    code, message, status = aws_error(client.delete_microvm_image, imageIdentifier=no_hooks)
     assert (code, message, status) == (
         "ValidationException",
         "Cannot delete microvm image with running microvms.",
@@ -227,7 +218,7 @@ def test_idle_policy_suspends_then_terminates(
     done = wait_microvm(client, vm["microvmId"], {"TERMINATED"}, timeout=30)
     assert "suspendedDurationSeconds" in done["stateReason"]
     # The lowered minimum is still enforced.
-    code, message, _ = _error(
+    code, message, _ = aws_error(
         client.run_microvm,
         imageIdentifier=arn,
         idlePolicy={"maxIdleDurationSeconds": 0, "suspendedDurationSeconds": 0, "autoResumeEnabled": True},
@@ -272,7 +263,7 @@ def test_capacity_and_memory_quota(make_server: Callable[..., ServerProcess], sa
     )["imageArn"]
     assert wait_image_settled(client, arn)["state"] == "CREATED"
     first, second = run(client, arn), run(client, arn)
-    code, message, status = _error(client.run_microvm, imageIdentifier=arn)
+    code, message, status = aws_error(client.run_microvm, imageIdentifier=arn)
     assert (code, message, status) == (
         "ServiceQuotaExceededException",
         "The base maximum allocated memory limit has been reached for this account.",
@@ -295,7 +286,7 @@ def test_insufficient_capacity(make_server: Callable[..., ServerProcess], sample
     server.settings["host_memory_reserve_mib"] = 10**7
     server.restart()
     client = server.client()
-    code, message, status = _error(client.run_microvm, imageIdentifier=arn)
+    code, message, status = aws_error(client.run_microvm, imageIdentifier=arn)
     assert (code, status) == ("InsufficientCapacityException", 500)
     assert "not enough memory on the host to run a MicroVM" in message
     assert client.list_microvms()["items"] == []  # nothing half-written
@@ -304,27 +295,7 @@ def test_insufficient_capacity(make_server: Callable[..., ServerProcess], sample
 def test_aws_cli_runs_suspends_resumes_terminates(
     server: ServerProcess, sample_image: str, tmp_path: Any
 ) -> None:
-    env = {
-        **os.environ,
-        "AWS_ACCESS_KEY_ID": "AKIDCLI",
-        "AWS_SECRET_ACCESS_KEY": "x",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_CONFIG_FILE": str(tmp_path / "none"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
-    }
-    aws = [
-        os.path.join(os.path.dirname(sys.executable), "aws"),
-        "--endpoint-url",
-        server.url,
-        "--output",
-        "json",
-        "lambda-microvms",
-    ]
-
-    def cli(*args: str) -> dict[str, Any]:
-        done = subprocess.run([*aws, *args], env=env, capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, done.stderr
-        return json.loads(done.stdout) if done.stdout.strip() else {}
+    cli = AwsCli(server, tmp_path)
 
     vm = cli("run-microvm", "--image-identifier", sample_image, "--run-hook-payload", "from-cli")
     microvm_id = vm["microvmId"]

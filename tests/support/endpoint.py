@@ -9,7 +9,9 @@ from tests.support.http import RawResponse, raw_request
 from tests.support.server import ServerProcess
 
 
-def auth_token(client: Any, microvm_id: str, ports: list[dict[str, Any]] | None = None, minutes: int = 15) -> str:
+def auth_token(
+    client: Any, microvm_id: str, ports: list[dict[str, Any]] | None = None, minutes: int = 15
+) -> str:
     response = client.create_microvm_auth_token(
         microvmIdentifier=microvm_id, expirationInMinutes=minutes, allowedPorts=ports or [{"port": 8080}]
     )

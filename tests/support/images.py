@@ -17,11 +17,22 @@ MANAGED_BASE = "arn:aws:lambda:us-east-1:aws:microvm-image:al2023-1"
 BUILD_ROLE = "arn:aws:iam::123456789012:role/microvm-build"
 ALL_HOOKS = {
     "port": 8080,
-    "microvmImageHooks": {"ready": "ENABLED", "readyTimeoutInSeconds": 60,
-                          "validate": "ENABLED", "validateTimeoutInSeconds": 60},
-    "microvmHooks": {"run": "ENABLED", "runTimeoutInSeconds": 30, "suspend": "ENABLED",
-                     "suspendTimeoutInSeconds": 30, "resume": "ENABLED", "resumeTimeoutInSeconds": 30,
-                     "terminate": "ENABLED", "terminateTimeoutInSeconds": 5},
+    "microvmImageHooks": {
+        "ready": "ENABLED",
+        "readyTimeoutInSeconds": 60,
+        "validate": "ENABLED",
+        "validateTimeoutInSeconds": 60,
+    },
+    "microvmHooks": {
+        "run": "ENABLED",
+        "runTimeoutInSeconds": 30,
+        "suspend": "ENABLED",
+        "suspendTimeoutInSeconds": 30,
+        "resume": "ENABLED",
+        "resumeTimeoutInSeconds": 30,
+        "terminate": "ENABLED",
+        "terminateTimeoutInSeconds": 5,
+    },
 }
 SETTLED_IMAGE_STATES = {"CREATED", "CREATE_FAILED", "UPDATED", "UPDATE_FAILED"}
 
@@ -35,7 +46,9 @@ def zip_files(files: dict[str, bytes | str]) -> bytes:
 
 
 def zip_dir(path: Path) -> bytes:
-    return zip_files({str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()})
+    return zip_files(
+        {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+    )
 
 
 def upload(moto: MotoServer, data: bytes, bucket: str = "artifacts") -> str:

@@ -113,9 +113,20 @@ class ServerProcess:
                 self.process.wait()
         if cleanup and (self.data_dir / "openmicrovm.db").exists():
             subprocess.run(
-                [sys.executable, "-m", "openmicrovm", "--log-level", "WARNING", "cleanup", "--data-dir",
-                 str(self.data_dir)],
-                cwd=REPO, capture_output=True, timeout=120, check=True,
+                [
+                    sys.executable,
+                    "-m",
+                    "openmicrovm",
+                    "--log-level",
+                    "WARNING",
+                    "cleanup",
+                    "--data-dir",
+                    str(self.data_dir),
+                ],
+                cwd=REPO,
+                capture_output=True,
+                timeout=120,
+                check=True,
             )
 
     def kill(self) -> None:
