@@ -13,7 +13,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 
-from openmicrovm.endpoint.http1 import RELAY_CHUNK, Framing, Head, ProtocolError
+from openmicrovm.endpoint.http1 import RELAY_CHUNK, Framing, Head, exactly
 
 # Headers that mean something only to one HTTP/1.1 hop, and that HTTP/2 forbids.
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "host", "te"}
@@ -35,12 +35,7 @@ class UpstreamNotH2(Exception):
 async def decoded_body(framing: Framing, reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
     """The request body's bytes, without HTTP/1.1 chunked framing."""
     if framing.kind == "length":
-        remaining = framing.length
-        while remaining:
-            data = await reader.read(min(remaining, RELAY_CHUNK))
-            if not data:
-                raise ProtocolError("the body ended before its Content-Length")
-            remaining -= len(data)
+        async for data in exactly(reader, framing.length, "a body (before its Content-Length)"):
             yield data
     elif framing.kind == "chunked":
         while True:

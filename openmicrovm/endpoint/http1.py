@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 MAX_HEAD_BYTES = 64 * 1024
@@ -144,6 +144,17 @@ def _content_length(values: list[str]) -> int:
 Sink = Callable[[bytes], None]
 
 
+async def exactly(reader: asyncio.StreamReader, size: int, what: str) -> AsyncIterator[bytes]:
+    """The next `size` bytes, as they arrive; ProtocolError if the stream ends first."""
+    remaining = size
+    while remaining:
+        data = await reader.read(min(remaining, RELAY_CHUNK))
+        if not data:
+            raise ProtocolError(f"the connection closed inside {what}")
+        remaining -= len(data)
+        yield data
+
+
 async def relay_body(
     framing: Framing,
     reader: asyncio.StreamReader,
@@ -155,12 +166,7 @@ async def relay_body(
     if framing.kind == "none":
         return
     if framing.kind == "length":
-        remaining = framing.length
-        while remaining:
-            data = await reader.read(min(remaining, RELAY_CHUNK))
-            if not data:
-                raise ProtocolError("the body ended before its Content-Length")
-            remaining -= len(data)
+        async for data in exactly(reader, framing.length, "a body (before its Content-Length)"):
             await _send(writer, data, counted)
         return
     if framing.kind == "close":
@@ -180,12 +186,7 @@ async def relay_body(
                 await _send(writer, trailer, counted)
                 if trailer == b"\r\n":
                     return
-        remaining = size + 2
-        while remaining:
-            data = await reader.read(min(remaining, RELAY_CHUNK))
-            if not data:
-                raise ProtocolError("the connection closed inside a chunk")
-            remaining -= len(data)
+        async for data in exactly(reader, size + 2, "a chunk"):
             await _send(writer, data, counted)
 
 
