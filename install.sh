@@ -36,4 +36,7 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 .venv/bin/pip install -q --disable-pip-version-check -e ".$extras"
+# A newer gVisor than bookworm's (snapshots of asyncio apps, faster restores), from Debian trixie,
+# signature-checked and cached; the driver falls back to /usr/bin/runsc when it cannot be fetched.
+.venv/bin/python -m openmicrovm.runtime.runsc_install
 echo "install.sh: ready; the server is .venv/bin/openmicrovm"

@@ -1,12 +1,18 @@
 """Benchmark of the sandbox drivers (not a test): prints medians, compared with a plain host process.
 
     sudo .venv/bin/python bench/bench_runtime.py [--runs 10] [--drivers gvisor,process]
+        [--runsc PATH[:PLATFORM],...]
 
 For a stdlib HTTP app, per driver: start -> first HTTP 200; snapshot time and size; restore -> first
 200 (cold, and from the warm pool); suspend, and resume -> first 200 (from a frozen sandbox, and
-from disk); one request to a warm sandbox; memory per idle sandbox beyond the app's own, and how
-many idle sandboxes fit in 8 GiB. Baseline in the same run: the same app as a plain host process
-(`python3 app.py`) -> first 200.
+from disk); one request to a warm sandbox, and one request whose handler makes 20,000 stat() calls
+(syscall-heavy work); memory per idle sandbox beyond the app's own, and how many idle sandboxes fit
+in 8 GiB. Baseline in the same run: the same app as a plain host process (`python3 app.py`) ->
+first 200, and the same syscall-heavy request.
+
+--runsc compares runsc binaries and platforms: the gvisor driver is measured once per entry, e.g.
+`--runsc /usr/bin/runsc:ptrace,default:ptrace,default:systrap` (default: the driver's own choice,
+the newest runsc here on its best platform).
 
 Memory is compared as PSS (proportional set size: shared pages split between their users), summed
 over every host process of a sandbox (gVisor: sentry, gofer, ptrace stubs; process: bwrap, agent,
@@ -36,14 +42,18 @@ from openmicrovm.builder.base_rootfs import ensure_base_rootfs
 from openmicrovm.config import default_cache_dir
 from openmicrovm.runtime import PortNotListening, ProcessConfig, Sandbox, SandboxSpec, make_driver
 from openmicrovm.runtime.base import BaseDriver, record_of
+from openmicrovm.runtime.gvisor import GVisorDriver
 from openmicrovm.runtime.host import missing_for
 
 APP = """
-import http.server, sys
+import http.server, os, sys
 
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_GET(self):
+        if self.path == "/syscalls":
+            for _ in range(20000):
+                os.stat("/")
         body = b"ok\\n"
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
@@ -73,10 +83,10 @@ def pss(pid: int) -> int:
     return 0
 
 
-async def get_once(driver: BaseDriver, sandbox: Sandbox) -> bool:
+async def get_once(driver: BaseDriver, sandbox: Sandbox, path: str = "/") -> bool:
     reader, writer = await driver.connect(sandbox, PORT)
     try:
-        writer.write(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
         await writer.drain()
         return (await reader.read()).startswith((b"HTTP/1.0 200", b"HTTP/1.1 200"))
     finally:
@@ -104,9 +114,18 @@ async def timed(action: Callable[[], Awaitable[object]]) -> float:
     return time.perf_counter() - started
 
 
-def host_baseline(app_file: Path, runs: int) -> tuple[Samples, int]:
-    """python3 app.py on the host: start -> first 200, and its PSS once idle."""
-    samples, app_pss = [], 0
+def host_get(port: int, path: str = "/") -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+        reply = b""
+        while chunk := sock.recv(4096):
+            reply += chunk
+        return reply.startswith((b"HTTP/1.0 200", b"HTTP/1.1 200"))
+
+
+def host_baseline(app_file: Path, runs: int) -> tuple[Samples, int, Samples]:
+    """python3 app.py on the host: start -> first 200, its PSS once idle, and syscall-heavy requests."""
+    samples, app_pss, heavy = [], 0, []
     for run in range(runs):
         port = 18000 + run
         started = time.perf_counter()
@@ -126,10 +145,13 @@ def host_baseline(app_file: Path, runs: int) -> tuple[Samples, int]:
             samples.append(time.perf_counter() - started)
             time.sleep(0.3)
             app_pss = pss(process.pid)
+            started = time.perf_counter()
+            host_get(port, "/syscalls")
+            heavy.append(time.perf_counter() - started)
         finally:
             process.kill()
             process.wait()
-    return samples, app_pss
+    return samples, app_pss, heavy
 
 
 async def wait_for_warm_sandbox(driver: BaseDriver, timeout: float = 60.0) -> None:
@@ -143,10 +165,13 @@ async def wait_for_warm_sandbox(driver: BaseDriver, timeout: float = 60.0) -> No
     raise RuntimeError("the warm pool did not fill")
 
 
-async def bench_driver(name: str, rootfs: Path, work: Path, runs: int, app_pss: int) -> dict[str, object]:
+async def bench_driver(
+    name: str, rootfs: Path, work: Path, runs: int, app_pss: int, options: dict[str, object], label: str
+) -> dict[str, object]:
     cache = default_cache_dir()
+    state = work / f"state-{label}"
     # Cold paths first: no warm pool, suspend straight to disk.
-    cold = make_driver(name, work / f"state-{name}", cache, restore_pool_size=0, suspend_to_disk_after=0)
+    cold = make_driver(name, state, cache, restore_pool_size=0, suspend_to_disk_after=0, **options)
     assert isinstance(cold, BaseDriver)
     spec = SandboxSpec(rootfs=rootfs, process=ProcessConfig(argv=["python3", "/app/app.py"], workdir="/app"))
     results: dict[str, object] = {}
@@ -169,7 +194,7 @@ async def bench_driver(name: str, rootfs: Path, work: Path, runs: int, app_pss: 
 
         samples, sizes = [], []
         for run, sandbox in enumerate(list(live)):
-            target = work / f"snap-{name}-{run}"
+            target = work / f"snap-{label}-{run}"
             infos: list[object] = []
 
             async def take(
@@ -184,7 +209,7 @@ async def bench_driver(name: str, rootfs: Path, work: Path, runs: int, app_pss: 
                 shutil.rmtree(target)
         results["snapshot"] = samples
         results["snapshot size"] = statistics.median(sizes)
-        snapshot = work / f"snap-{name}-0"
+        snapshot = work / f"snap-{label}-0"
 
         samples = []
         for run in range(runs):
@@ -199,6 +224,9 @@ async def bench_driver(name: str, rootfs: Path, work: Path, runs: int, app_pss: 
 
         results["one request to a warm sandbox"] = [
             await timed(lambda: get_once(cold, live[0])) for _ in range(runs * 5)
+        ]
+        results["20k stat() calls (one request)"] = [
+            await timed(lambda: get_once(cold, live[0], "/syscalls")) for _ in range(runs)
         ]
 
         await asyncio.sleep(2)  # idle
@@ -226,7 +254,7 @@ async def bench_driver(name: str, rootfs: Path, work: Path, runs: int, app_pss: 
         live.clear()
 
         # Fast paths: a warm pool for hot snapshots, suspend frozen in memory first.
-        fast = make_driver(name, work / f"state-{name}", cache, suspend_to_disk_after=3600)
+        fast = make_driver(name, state, cache, suspend_to_disk_after=3600, **options)
         assert isinstance(fast, BaseDriver)
         try:
             if fast.capabilities.memory_snapshot:
@@ -272,7 +300,7 @@ async def bench_driver(name: str, rootfs: Path, work: Path, runs: int, app_pss: 
     return results
 
 
-def report(name: str, results: dict[str, object], baseline: Samples, describe: str) -> None:
+def report(name: str, results: dict[str, object], baseline: Samples, heavy: Samples, describe: str) -> None:
     print(f"\n== {name} driver ({describe})")
     for key, value in results.items():
         if isinstance(value, list):
@@ -290,6 +318,8 @@ def report(name: str, results: dict[str, object], baseline: Samples, describe: s
         return min(values)
 
     restore, resume = best("restore -> first 200"), best("resume -> first 200")
+    slowdown = statistics.median(results["20k stat() calls (one request)"]) / statistics.median(heavy)  # type: ignore[arg-type]
+    print(f"  {'syscall-heavy request vs host':36s} {slowdown:8.1f} x")
     overhead = float(results["overhead beyond the app (PSS)"]) / MIB  # type: ignore[arg-type]
 
     def verdict(ok: bool) -> str:
@@ -309,12 +339,33 @@ def report(name: str, results: dict[str, object], baseline: Samples, describe: s
     )
 
 
+def variants(driver: str, runsc: str) -> list[dict[str, object]]:
+    """The driver options to measure: one set, except for gvisor with several --runsc entries."""
+    if driver != "gvisor":
+        return [{}]
+    options: list[dict[str, object]] = []
+    for entry in runsc.split(","):
+        path, _, platform = entry.partition(":")
+        chosen: dict[str, object] = {}
+        if path and path != "default":
+            chosen["runsc"] = path
+        if platform:
+            chosen["runsc_platform"] = platform
+        options.append(chosen)
+    return options
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--drivers", default="gvisor,process")
+    parser.add_argument(
+        "--runsc",
+        default="default",
+        help="gvisor: comma-separated PATH[:PLATFORM] entries to compare (PATH 'default': the driver's choice)",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root: sandboxes need namespaces and cgroups")
@@ -325,7 +376,7 @@ def main() -> None:
         subprocess.run(["cp", "-a", "--reflink=auto", str(base), str(rootfs)], check=True)
         (rootfs / "app").mkdir()
         (rootfs / "app" / "app.py").write_text(APP)
-        baseline, app_pss = host_baseline(rootfs / "app" / "app.py", args.runs)
+        baseline, app_pss, heavy = host_baseline(rootfs / "app" / "app.py", args.runs)
         print(f"medians of {args.runs} runs ({args.runs * 5} for single requests); {os.cpu_count()} CPUs")
         print("== baseline: python3 app.py as a plain host process")
         samples = [v * 1000 for v in baseline]
@@ -333,20 +384,30 @@ def main() -> None:
             f"  {'start -> first 200':36s} {statistics.median(samples):8.1f} ms   (min {min(samples):.1f}, max {max(samples):.1f})"
         )
         print(f"  {'app memory when idle (PSS)':36s} {app_pss / MIB:8.1f} MiB")
+        samples = [v * 1000 for v in heavy]
+        print(
+            f"  {'20k stat() calls (one request)':36s} {statistics.median(samples):8.1f} ms   (min {min(samples):.1f}, max {max(samples):.1f})"
+        )
         for name in args.drivers.split(","):
-            problems = missing_for(name)
+            problems = missing_for(name, default_cache_dir())
             if problems:
                 print(f"\n== {name} driver: skipped ({'; '.join(problems)})")
                 continue
-            results = asyncio.run(bench_driver(name, rootfs, work, args.runs, app_pss))
-            caps = make_driver(name, work / f"state-{name}", default_cache_dir()).capabilities
-            report(
-                name,
-                results,
-                baseline,
-                f"memory snapshots: {'yes' if caps.memory_snapshot else 'no, restore cold-starts'}; "
-                f"suspend: {'frozen, then memory to disk' if caps.suspend_releases_memory else 'frozen, RAM kept'}",
-            )
+            for number, options in enumerate(variants(name, args.runsc)):
+                label = f"{name}-{number}"
+                probe = make_driver(name, work / f"state-{label}", default_cache_dir(), **options)
+                caps, title = probe.capabilities, name
+                if isinstance(probe, GVisorDriver):
+                    title = f"{name} ({probe.runsc.version}, {probe.platform})"
+                results = asyncio.run(bench_driver(name, rootfs, work, args.runs, app_pss, options, label))
+                report(
+                    title,
+                    results,
+                    baseline,
+                    heavy,
+                    f"memory snapshots: {'yes' if caps.memory_snapshot else 'no, restore cold-starts'}; "
+                    f"suspend: {'frozen, then memory to disk' if caps.suspend_releases_memory else 'frozen, RAM kept'}",
+                )
 
 
 if __name__ == "__main__":

@@ -70,6 +70,10 @@ class Settings:
     # A suspended MicroVM is frozen with its memory at once (resume in milliseconds), and its memory
     # is written to disk and freed this many seconds later (0: at once). gvisor driver only.
     suspend_to_disk_after_seconds: float = 20.0
+    # gVisor's platform: "ptrace" (the default: lowest idle cost and latency) or "systrap" (much
+    # faster for syscall-heavy apps, but each running sandbox spins ~2 % of a CPU). Empty: ptrace,
+    # or $OPENMICROVM_RUNSC_PLATFORM.
+    gvisor_platform: str = ""
     # Restored, frozen sandboxes kept ready per recently run snapshot, so RunMicrovm does not wait
     # for a restore (0: none). gvisor driver only.
     restore_pool_size: int = 1

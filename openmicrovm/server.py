@@ -84,6 +84,7 @@ class Server:
             memory_reserve_mib=settings.host_memory_reserve_mib or None,
             suspend_to_disk_after=settings.suspend_to_disk_after_seconds,
             restore_pool_size=settings.restore_pool_size,
+            runsc_platform=settings.gvisor_platform or None,
         )
         self.build_engine = BuildEngine(self.service, self.driver, self.logs)
         self.microvm_engine = MicrovmEngine(self.service, self.driver, self.logs)

@@ -43,10 +43,23 @@ class Check:
         }
 
 
+def _runsc_in_use() -> str | None:
+    """The runsc the gvisor driver will use (a newer one in the cache beats the Debian package)."""
+    try:
+        from openmicrovm.runtime import runsc
+
+        chosen = runsc.choose()
+    except Exception:
+        return None
+    return f"{chosen.path} (runsc {chosen.version}, {runsc.choose_platform(chosen)} platform)"
+
+
 def tool_checks() -> list[Check]:
     checks = []
     for binary, package, purpose, required in TOOLS:
         path = shutil.which(binary)
+        if binary == "runsc" and path:
+            path = _runsc_in_use() or path
         if path:
             checks.append(Check(binary, OK, f"{path}: {purpose}"))
         else:

@@ -4,12 +4,14 @@
 
 "auto" picks gvisor when runsc is installed and usable here, else process. Drivers accept
 keyword options (memory_reserve_mib, start_timeout, exit_grace, suspend_to_disk_after,
-restore_pool_size; see base.BaseDriver). Call `await driver.close()` when the server stops.
+restore_pool_size; see base.BaseDriver; gvisor also runsc and runsc_platform, see gvisor.py).
+Call `await driver.close()` when the server stops.
 
 Modules: driver (the interface), gvisor / process (the drivers), base (what they share), pool (warm
 restores), agent/agent.c + agent_client (the guest agent and its protocol), agent/shim.c +
 agent_build (the host-side keeper, compiling both), netns, cgroups, oci, rootfs (image lookups),
-names, host (tools, memory admission, describe_host), proc (subprocesses), hooks (lifecycle hooks).
+names, host (tools, memory admission, describe_host), proc (subprocesses), hooks (lifecycle hooks),
+runsc (which runsc binary), runsc_install (installs Debian 13's runsc into the cache).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from .host import HostReport, describe_host, missing_for
 log = logging.getLogger("openmicrovm.runtime")
 
 DRIVER_NAMES = ("gvisor", "process")
+GVISOR_ONLY_OPTIONS = ("runsc", "runsc_platform")
 
 __all__ = [
     "DRIVER_NAMES",
@@ -63,7 +66,7 @@ def make_driver(name: str, state_root: Path, cache_dir: Path, **options: object)
     """A driver keeping its state under state_root (one directory per driver) and its built
     helpers under cache_dir."""
     if name == "auto":
-        problems = missing_for("gvisor")
+        problems = missing_for("gvisor", cache_dir)
         if not problems:
             name = "gvisor"
         else:
@@ -71,7 +74,7 @@ def make_driver(name: str, state_root: Path, cache_dir: Path, **options: object)
             name = "process"
     if name not in DRIVER_NAMES:
         raise DriverError(f"unknown sandbox driver {name!r}; choose auto, {', '.join(DRIVER_NAMES)}")
-    problems = missing_for(name)
+    problems = missing_for(name, cache_dir)
     if problems:
         raise DriverError(f"the {name} driver cannot run on this host: missing {'; '.join(problems)}")
     if name == "gvisor":
@@ -81,6 +84,8 @@ def make_driver(name: str, state_root: Path, cache_dir: Path, **options: object)
     else:
         from .process import ProcessDriver
 
-        driver = ProcessDriver(state_root, cache_dir, **options)
+        # Options that only mean something to gvisor are dropped, so one configuration serves both.
+        common = {key: value for key, value in options.items() if key not in GVISOR_ONLY_OPTIONS}
+        driver = ProcessDriver(state_root, cache_dir, **common)
     log.info("sandbox driver: %s (state in %s)", name, state_root)
     return driver

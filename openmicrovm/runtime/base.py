@@ -68,6 +68,10 @@ class SandboxRecord:
     state: str = "starting"  # starting | running | suspended
     suspended_in: str = ""  # while suspended: "memory" (frozen) or "disk" (checkpointed)
     footprint_bytes: int = 0  # memory in use when last snapshotted or suspended
+    # gvisor: the runsc binary the sandbox runs under and its platform (both empty in records
+    # written before the driver could choose: those run under the runsc on PATH, on ptrace).
+    runsc: str = ""
+    runsc_platform: str = ""
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -88,6 +92,10 @@ class SnapshotMeta:
     token: str
     footprint_bytes: int
     disk_bytes: int
+    # gvisor: the version of the runsc that wrote the checkpoint (only that version restores it)
+    # and its platform; both empty in snapshots made before the driver recorded them.
+    runsc_version: str = ""
+    runsc_platform: str = ""
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -134,6 +142,8 @@ def read_snapshot_meta(snapshot_dir: Path, driver: str) -> SnapshotMeta:
             token=str(data["token"]),
             footprint_bytes=int(data["footprint_bytes"]),
             disk_bytes=int(data["disk_bytes"]),
+            runsc_version=str(data.get("runsc_version") or ""),
+            runsc_platform=str(data.get("runsc_platform") or ""),
         )
     except (KeyError, TypeError, ValueError) as error:
         raise SnapshotError(f"snapshot {snapshot_dir} is corrupt: {SNAPSHOT_FILE} lacks {error}") from None

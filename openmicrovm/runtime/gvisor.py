@@ -1,10 +1,15 @@
-"""The gvisor driver: every sandbox is a runsc (gVisor) sandbox on the ptrace platform.
+"""The gvisor driver: every sandbox is a runsc (gVisor) sandbox.
+
+Which runsc: see runsc.py. New sandboxes run under the newest runsc that works here (Debian 13's
+0.0~20240729 from runsc_install.py, else Debian 12's 0.0~20221219), on the ptrace platform unless
+told to use systrap (runsc.py says why), and every sandbox and snapshot keeps the runsc it was made
+with: a checkpoint restores only under the runsc version that wrote it.
 
 Memory snapshots are `runsc checkpoint` / `runsc restore`: a restored sandbox continues every
 process with its memory, open files and listening sockets, and any number of sandboxes can be
 restored from one image.
 
-Network topology, per sandbox (runsc 2022 needs all of this to checkpoint a networked sandbox):
+Network topology, per sandbox (runsc needs all of this to checkpoint a networked sandbox):
 
     [sandbox netns]  eth0 169.254.77.2/30  <--veth-->  veth0 169.254.77.1/30  [peer netns]
     gVisor's netstack takes eth0 over            the driver opens its sockets here
@@ -20,14 +25,21 @@ app ports are relayed by the guest agent (agent/agent.c), which runs as the sand
 listens on 169.254.77.2:AGENT_PORT.
 
 Every runsc command runs inside a private mount namespace where /proc/sys/net is hidden under an
-empty tmpfs: this runsc decides "am I in the root network namespace?" by looking for
-/proc/sys/net/core/rmem_default, which newer kernels show in every namespace, and would refuse
---network=sandbox.
+empty tmpfs: runsc (2022 and 2024 alike) decides "am I in the root network namespace?" by looking
+for /proc/sys/net/core/rmem_default, which newer kernels show in every namespace, and would refuse
+--network=sandbox. Both also take the address off eth0 when netstack takes the interface over, and
+a restore answers only when the address is on eth0 before it starts (netns.ensure_address).
+
+runsc 2022 refuses to checkpoint while a TCP connection on eth0 is open, and cannot checkpoint an
+app whose epoll instance watches a listening socket (asyncio, aiohttp, uvicorn: "encoding error at
+object tcp.endpoint"). runsc 2024 checkpoints those apps, and with --net-disconnect-ok resets open
+eth0 connections at a checkpoint instead of refusing (the retry loop in _checkpoint stays for 2022).
 
 The writable layer is runsc's in-memory overlay (--overlay2=root:memory) over the read-only image:
-a checkpoint carries it. (This runsc also offers a file-backed overlay, --overlay2=root:<dir>, but
-its checkpoint fails with "encoding error at object tmpfs.filesystem"; measured 2026-11.) Files the
-app writes therefore count against its memory limit.
+a checkpoint carries it. (runsc 2022 also offers a file-backed overlay, --overlay2=root:<dir>, but
+its checkpoint fails with "encoding error at object tmpfs.filesystem"; measured 2026-11. runsc
+2024's default, root:self, would put the overlay's file into the sandbox root, a 1 MiB tmpfs here.)
+Files the app writes therefore count against its memory limit.
 
 Suspend has two tiers: the sandbox is frozen at once (cgroup freezer; resume is a thaw, a few ms)
 and its memory goes to disk (checkpoint, RAM freed) after `suspend_to_disk_after` seconds, or at
@@ -45,6 +57,7 @@ import socket
 from pathlib import Path
 
 from . import agent_build, agent_client, names, netns, oci, proc, rootfs
+from . import runsc as runsc_binaries
 from .agent_client import AGENT_PORT, AgentAddress
 from .base import (
     SNAPSHOT_FILE,
@@ -69,6 +82,7 @@ from .driver import (
 from .host import MIB
 from .pool import RestorePool
 from .rootfs import overlay_safe
+from .runsc import Runsc, RunscError
 
 SANDBOX_IP = "169.254.77.2"
 SANDBOX_CIDR = f"{SANDBOX_IP}/30"
@@ -102,12 +116,25 @@ class GVisorDriver(BaseDriver):
     capabilities = DriverCapabilities(memory_snapshot=True, suspend_releases_memory=True)
     cold_start_footprint_bytes = 96 * MIB
 
-    def __init__(self, state_root: Path, cache_dir: Path, **options: object) -> None:
+    def __init__(
+        self,
+        state_root: Path,
+        cache_dir: Path,
+        *,
+        runsc: str | None = None,
+        runsc_platform: str | None = None,
+        **options: object,
+    ) -> None:
+        """runsc: the runsc binary for new sandboxes (default: $OPENMICROVM_RUNSC, else the newest
+        that works here); runsc_platform: its platform (default: $OPENMICROVM_RUNSC_PLATFORM, else
+        ptrace; systrap is the other one that works on these hosts)."""
         super().__init__(state_root, cache_dir, **options)  # type: ignore[arg-type]
-        runsc = shutil.which("runsc")
-        if runsc is None:
-            raise DriverError("runsc is not installed (apt-get install runsc)")
-        self.runsc = runsc
+        try:
+            self.runsc = runsc_binaries.choose(runsc, [cache_dir])
+            self.platform = runsc_binaries.choose_platform(self.runsc, runsc_platform)
+        except RunscError as error:
+            raise DriverError(str(error)) from None
+        log.info("gvisor driver: %s, %s platform", self.runsc.describe(), self.platform)
         self.runsc_root = state_root / "runsc"
         self.runsc_root.mkdir(parents=True, exist_ok=True)
         for mount_point in (self.root_mount, self.state_root / "mnt" / "stub"):
@@ -120,32 +147,85 @@ class GVisorDriver(BaseDriver):
 
     # ------------------------------------------------------------------ runsc
 
-    def _runsc_argv(self, args: list[str]) -> list[str]:
+    def _runsc_argv(self, binary: tuple[Runsc, str], args: list[str]) -> list[str]:
+        runsc, platform = binary
         return [
-            self.runsc,
+            runsc.path,
             "--root",
             str(self.runsc_root),
-            "--platform=ptrace",
+            f"--platform={platform}",
             "--network=sandbox",
             "--overlay2=root:memory",
             "--cpu-num-from-quota",
             # Otherwise runsc removes CAP_NET_RAW, which spec §5.8 grants; the only link a raw
             # socket could write to leads to the sandbox's own empty peer namespace.
             "--net-raw",
+            # A checkpoint resets connections on eth0 instead of refusing (the agent has already
+            # dropped them; this covers one still closing). Connections on the sandbox's own
+            # loopback are saved and restored as they are.
+            *(["--net-disconnect-ok"] if runsc.has_flag("net-disconnect-ok") else []),
             *args,
         ]
+
+    @property
+    def default_binary(self) -> tuple[Runsc, str]:
+        return self.runsc, self.platform
+
+    def binary_of(self, sandbox: Sandbox) -> tuple[Runsc, str]:
+        """The runsc a sandbox runs under, and its platform."""
+        record = record_of(sandbox)
+        if not record.runsc:  # made before the driver chose: the runsc on PATH, on ptrace
+            legacy = runsc_binaries.system_binary()
+            found = runsc_binaries.probe(legacy) if legacy else None
+            if found is None:
+                raise DriverError(f"sandbox {sandbox.sandbox_id} runs under runsc from PATH, which is gone")
+            return found, record.runsc_platform or "ptrace"
+        found = runsc_binaries.probe(record.runsc)
+        if found is None:
+            raise DriverError(
+                f"sandbox {sandbox.sandbox_id} runs under {record.runsc}, which does not run any more"
+            )
+        return found, record.runsc_platform or found.default_platform
+
+    def _binary_for_snapshot(self, snapshot_dir: Path, meta: SnapshotMeta) -> tuple[Runsc, str]:
+        """A runsc of the version that wrote the snapshot's checkpoint."""
+        if not meta.runsc_version:  # made before snapshots recorded it: by the runsc on PATH
+            legacy = runsc_binaries.system_binary()
+            found = runsc_binaries.probe(legacy) if legacy else None
+            if found is None:
+                raise SnapshotError(
+                    f"snapshot {snapshot_dir} was made by the runsc on PATH, and there is none any more"
+                )
+            return found, meta.runsc_platform or "ptrace"
+        found = runsc_binaries.with_version(meta.runsc_version, self.runsc, [self.cache_dir])
+        if found is None:
+            have = ", ".join(r.version for r in runsc_binaries.installed([self.cache_dir])) or "none"
+            raise SnapshotError(
+                f"snapshot {snapshot_dir} was made by runsc {meta.runsc_version}, which is not installed "
+                f"here (installed: {have}); build the image version again"
+            )
+        platform = meta.runsc_platform or found.default_platform
+        if platform not in found.platforms:
+            platform = found.default_platform
+        return found, platform
+
+    def _set_binary(self, sandbox: Sandbox, binary: tuple[Runsc, str]) -> None:
+        record = record_of(sandbox)
+        record.runsc, record.runsc_platform = binary[0].path, binary[1]
+        self.save(sandbox)
 
     async def _runsc(
         self,
         args: list[str],
         *,
+        binary: tuple[Runsc, str] | None = None,
         launcher: bool = False,
         root_for: Sandbox | None = None,
         log_file: Path | None = None,
         shim: Path | None = None,
         timeout: float = 120.0,
     ) -> proc.Completed:
-        argv = self._runsc_argv(args)
+        argv = self._runsc_argv(binary or self.default_binary, args)
         env = {"PATH": os.environ.get("PATH", rootfs.DEFAULT_PATH)}
         if launcher:
             argv = [
@@ -165,8 +245,8 @@ class GVisorDriver(BaseDriver):
             argv = [str(shim), "--wait", "--", *argv]
         return await proc.run(argv, check=False, timeout=timeout, env=env, stdout_path=log_file)
 
-    async def _container_exists(self, container: str) -> bool:
-        return (await self._runsc(["state", container], timeout=30)).returncode == 0
+    async def _container_exists(self, container: str, binary: tuple[Runsc, str] | None = None) -> bool:
+        return (await self._runsc(["state", container], binary=binary, timeout=30)).returncode == 0
 
     @property
     def root_mount(self) -> Path:
@@ -190,6 +270,7 @@ class GVisorDriver(BaseDriver):
         shim becomes the parent of the sandbox processes runsc leaves behind."""
         return await self._runsc(
             args,
+            binary=self.binary_of(sandbox),
             launcher=True,
             root_for=sandbox,
             log_file=self.log_path(sandbox),
@@ -258,6 +339,7 @@ class GVisorDriver(BaseDriver):
         agent = await agent_build.ensure_agent(self.cache_dir)
         sandbox = self.new_sandbox(sandbox_id, spec, self.new_token(), agent)
         try:
+            self._set_binary(sandbox, self.default_binary)
             await self._create_host_side(sandbox)
             bundle = self._write_bundle(sandbox, agent)
             container = self.names_of(sandbox).container
@@ -297,7 +379,10 @@ class GVisorDriver(BaseDriver):
         for attempt in range(CHECKPOINT_ATTEMPTS):
             await agent_client.control(self.agent_address(sandbox), "ABORT")
             result = await self._runsc(
-                ["checkpoint", "--image-path", str(image_dir), container], launcher=True, timeout=600
+                ["checkpoint", "--image-path", str(image_dir), container],
+                binary=self.binary_of(sandbox),
+                launcher=True,
+                timeout=600,
             )
             if (
                 result.returncode == 0
@@ -328,7 +413,10 @@ class GVisorDriver(BaseDriver):
                     raise SnapshotError(
                         f"runsc could not checkpoint sandbox {sandbox.sandbox_id}: {result.describe()}"
                     )
-                meta = SnapshotMeta(self.name, sandbox.spec, record.token, footprint, disk_bytes)
+                runsc, platform = self.binary_of(sandbox)
+                meta = SnapshotMeta(
+                    self.name, sandbox.spec, record.token, footprint, disk_bytes, runsc.version, platform
+                )
                 # Written last: a snapshot without it is incomplete.
                 write_private(snapshot_dir / SNAPSHOT_FILE, meta.to_json())
             except BaseException:
@@ -354,6 +442,7 @@ class GVisorDriver(BaseDriver):
     async def restore(self, sandbox_id: str, snapshot_dir: Path) -> Sandbox:
         names.check_sandbox_id(sandbox_id)
         meta = self._check_snapshot(snapshot_dir)
+        self._binary_for_snapshot(snapshot_dir, meta)  # fails early when no runsc can restore it
         if self.state_dir(sandbox_id).exists():
             raise DriverError(f"sandbox {sandbox_id} already exists")
         sandbox = await self.pool.take(snapshot_dir, sandbox_id)
@@ -365,8 +454,10 @@ class GVisorDriver(BaseDriver):
 
     async def _restore_new(self, sandbox_id: str, snapshot_dir: Path, meta: SnapshotMeta) -> Sandbox:
         agent = snapshot_dir / SNAPSHOT_AGENT
+        binary = self._binary_for_snapshot(snapshot_dir, meta)
         sandbox = self.new_sandbox(sandbox_id, meta.spec, meta.token, agent)
         try:
+            self._set_binary(sandbox, binary)
             await self._create_host_side(sandbox)
             bundle = self._write_bundle(sandbox, agent)
             image = snapshot_dir / MEMORY_IMAGE
@@ -375,8 +466,8 @@ class GVisorDriver(BaseDriver):
             result = await self._launch(sandbox, args)
             if result.returncode != 0:
                 raise SnapshotError(
-                    f"cannot restore from snapshot {snapshot_dir} (corrupt or made by another runsc?): "
-                    f"{proc.tail(self.log_path(sandbox), 1500)}"
+                    f"cannot restore from snapshot {snapshot_dir} with {binary[0].describe()} "
+                    f"(corrupt?): {proc.tail(self.log_path(sandbox), 1500)}"
                 )
             await self.wait_ready(sandbox)
             record_of(sandbox).state = "running"
@@ -464,7 +555,9 @@ class GVisorDriver(BaseDriver):
     async def _stop_container(self, sandbox: Sandbox) -> None:
         # Killing through the cgroup first makes `runsc delete` quick: it finds nothing to wait for.
         await self.cgroup_of(sandbox).kill_all()
-        await self._runsc(["delete", "-force", self.names_of(sandbox).container])
+        await self._runsc(
+            ["delete", "-force", self.names_of(sandbox).container], binary=self._teardown_binary(sandbox)
+        )
 
     def _schedule_disk_tier(self, sandbox: Sandbox) -> None:
         self._cancel_disk_tier(sandbox.sandbox_id)
@@ -543,12 +636,21 @@ class GVisorDriver(BaseDriver):
 
     # ------------------------------------------------------------------ teardown and recovery
 
+    def _teardown_binary(self, sandbox: Sandbox) -> tuple[Runsc, str]:
+        """The sandbox's runsc, or the default one when that is gone (any runsc can delete a
+        container whose processes the cgroup has already killed)."""
+        try:
+            return self.binary_of(sandbox)
+        except DriverError:
+            return self.default_binary
+
     async def teardown(self, sandbox: Sandbox, host: names.HostNames) -> None:
         self._cancel_disk_tier(sandbox.sandbox_id)
         await self.cgroup_for(host).kill_all()
-        if await self._container_exists(host.container):
-            result = await self._runsc(["delete", "-force", host.container], timeout=60)
-            if result.returncode != 0 and await self._container_exists(host.container):
+        binary = self._teardown_binary(sandbox)
+        if await self._container_exists(host.container, binary):
+            result = await self._runsc(["delete", "-force", host.container], binary=binary, timeout=60)
+            if result.returncode != 0 and await self._container_exists(host.container, binary):
                 raise DriverError(f"runsc could not delete container {host.container}: {result.describe()}")
 
     async def adopt(self, sandbox_id: str) -> Sandbox | None:

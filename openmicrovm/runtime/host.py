@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import platform
 import shutil
-import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import agent_build, cgroups
+from . import runsc as runsc_binaries
 from .driver import CapacityError
 
 MIB = 1024 * 1024
@@ -99,16 +98,9 @@ def _overlayfs_supported() -> bool:
         return False
 
 
-@functools.cache
-def _runsc_runs() -> bool:
-    try:
-        return subprocess.run(["runsc", "--version"], capture_output=True, timeout=20).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-def missing_for(driver: str) -> list[str]:
-    """Why `driver` cannot run on this host (empty when it can)."""
+def missing_for(driver: str, cache_dir: Path | None = None) -> list[str]:
+    """Why `driver` cannot run on this host (empty when it can). cache_dir: where the driver would
+    also look for a runsc that runsc_install.py installed."""
     problems = []
     if os.geteuid() != 0:
         problems.append("must run as root (namespaces, cgroups, mounts)")
@@ -122,10 +114,13 @@ def missing_for(driver: str) -> list[str]:
     if agent_build.compiler() is None:
         problems.append("gcc to build the guest agent (apt-get install gcc libc6-dev)")
     if driver == "gvisor":
-        if shutil.which("runsc") is None:
-            problems.append("runsc (apt-get install runsc)")
-        elif not _runsc_runs():
-            problems.append("a working runsc (`runsc --version` fails; reinstall: apt-get install runsc)")
+        try:
+            runsc_binaries.choose(cache_dirs=[cache_dir] if cache_dir else None)
+        except runsc_binaries.RunscError as error:
+            installed = runsc_binaries.system_binary() or runsc_binaries.installed(
+                [cache_dir] if cache_dir else None
+            )
+            problems.append(f"a usable runsc ({error})" if installed else "runsc (apt-get install runsc)")
     if driver == "process":
         if shutil.which("bwrap") is None:
             problems.append("bwrap (apt-get install bubblewrap)")
@@ -145,17 +140,23 @@ async def describe_host() -> HostReport:
         memory_total_mib=memory.get("MemTotal", 0) // MIB,
         memory_available_mib=memory.get("MemAvailable", 0) // MIB,
     )
+    try:
+        runsc = runsc_binaries.choose()
+        others = [r.version for r in runsc_binaries.installed() if r.path != runsc.path]
+        platform_used = runsc_binaries.choose_platform(runsc)
+        note = f"used with --platform={platform_used} (the kvm platform does not work on PVM hosts)"
+        if others:
+            note += f"; also installed, for snapshots made with them: {', '.join(others)}"
+        report.tools.append(ToolReport("runsc", runsc.path, f"runsc version {runsc.version}", note))
+    except runsc_binaries.RunscError as error:
+        report.tools.append(ToolReport("runsc", None, None, str(error)))
     for name, argv in (
-        ("runsc", ["runsc", "--version"]),
         ("bwrap", ["bwrap", "--version"]),
         ("ip", ["ip", "-V"]),
         ("gcc", ["gcc", "--version"]),
     ):
         path = shutil.which(name)
         report.tools.append(ToolReport(name, path, await _version(argv) if path else None))
-    for tool in report.tools:
-        if tool.name == "runsc" and tool.path:
-            tool.note = "used with --platform=ptrace (the kvm platform does not work on PVM hosts)"
     for driver in ("gvisor", "process"):
         problems = missing_for(driver)
         report.drivers[driver] = "available" if not problems else "missing: " + "; ".join(problems)

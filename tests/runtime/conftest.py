@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import subprocess
 import textwrap
 from collections.abc import Coroutine, Iterator
@@ -223,9 +222,10 @@ def leftovers(driver: BaseDriver) -> list[str]:
     mountinfo = Path("/proc/self/mountinfo").read_text()
     found += [f"mount {line.split()[4]}" for line in mountinfo.splitlines() if marker in line]
     runsc_root = driver.state_root / "runsc"
-    if shutil.which("runsc") and runsc_root.is_dir():
+    runsc = getattr(driver, "runsc", None)
+    if runsc is not None and runsc_root.is_dir():
         listed = subprocess.run(
-            ["runsc", "--root", str(runsc_root), "list", "-quiet"], capture_output=True, text=True
+            [runsc.path, "--root", str(runsc_root), "list", "-quiet"], capture_output=True, text=True
         )
         found += [f"runsc container {name}" for name in listed.stdout.split()]
     return found

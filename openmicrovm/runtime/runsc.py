@@ -1,0 +1,186 @@
+"""Which runsc (gVisor) binary the gvisor driver runs, and what that binary can do.
+
+Two kinds of runsc can be on a host:
+  - Debian 12's package, /usr/bin/runsc 0.0~20221219: ptrace platform only, and its checkpoint
+    cannot save an epoll instance watching a listening socket (every asyncio app);
+  - a newer build that runsc_install.py keeps in <cache dir>/runsc/<version>/runsc (Debian 13's
+    0.0~20240729): those checkpoints work, its netstack moves 2.5x the bytes per second, and it
+    also has the systrap platform.
+
+The driver runs new sandboxes with the newest runsc that works (or the one named by the driver's
+`runsc` option or $OPENMICROVM_RUNSC). A runsc checkpoint can only be restored by a runsc of the
+same version, so every sandbox and snapshot remembers the binary (and its version) it was made
+with, and is restored, checkpointed and deleted with that one.
+
+The platform is ptrace unless $OPENMICROVM_RUNSC_PLATFORM or the `runsc_platform` option says
+systrap. Measured on the 2-core project machine (2026-11, runsc 0.0~20240729, bench_runtime.py and
+interleaved A/B runs; the machine was shared and noisy): systrap makes syscall-heavy work 1.3-7x
+faster (20,000 stat() calls: 120-270 ms against 350-890 ms) and a concurrent endpoint load ~10 %
+faster. But every running sandbox, even one whose app only sleeps, burns 1.6-2.9 % of a CPU (its
+sentry re-evaluates the systrap fast path every 400 us; ptrace: 0.03-0.2 %), takes 10-20 MiB more
+PSS, and the paths the MicroVM goals are about got slower: one small request 10.7 ms against
+7.3 ms (16-23 against 8-10 when the cores were contended), a warm-pool restore to first 200 37 ms
+against 23, a resume from memory 22 ms against 10 (sentry and stub threads hand each other every
+syscall through futex wake-ups, which are dear on this virtual machine's idle vCPUs). On a host of
+a few cores running many mostly idle MicroVMs that is the wrong trade, so systrap is opt-in: worth
+it for syscall-heavy apps on hosts with cores to spare.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+ENV_BINARY = "OPENMICROVM_RUNSC"
+ENV_PLATFORM = "OPENMICROVM_RUNSC_PLATFORM"
+CACHE_SUBDIR = "runsc"  # <cache dir>/runsc/<Debian version>/runsc
+SYSTEM_RUNSC = "/usr/bin/runsc"
+# Never kvm: /dev/kvm on these hosts is PVM, where the kvm platform hangs.
+PREFERRED_PLATFORMS = ("ptrace", "systrap")
+
+_VERSION = re.compile(r"runsc version (\S+)")
+_BUILD_DATE = re.compile(r"(\d{8})")
+_PLATFORMS = re.compile(r"specifies which platform to use: ([^\n]*)")
+
+
+@dataclass(frozen=True)
+class Runsc:
+    path: str
+    version: str  # as `runsc --version` says, e.g. "0.0~20240729.0"
+    flags: frozenset[str]  # the global flags it accepts, without the dash
+    platforms: tuple[str, ...]
+
+    @property
+    def build_date(self) -> int:
+        """YYYYMMDD of the gVisor release (0 when the version does not say)."""
+        found = _BUILD_DATE.search(self.version)
+        return int(found.group(1)) if found else 0
+
+    def has_flag(self, flag: str) -> bool:
+        return flag in self.flags
+
+    @property
+    def default_platform(self) -> str:
+        """ptrace (see the module docstring for why not systrap), else whatever the build has."""
+        return next((p for p in PREFERRED_PLATFORMS if p in self.platforms), self.platforms[0])
+
+    def describe(self) -> str:
+        return f"runsc {self.version} ({self.path})"
+
+
+class RunscError(Exception):
+    pass
+
+
+_probed: dict[tuple[str, int, int], Runsc | None] = {}
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess[str] | None:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def probe(path: str | os.PathLike[str]) -> Runsc | None:
+    """What the binary at path is, or None when it does not run here (cached per file version)."""
+    path = os.path.abspath(path)
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    key = (path, info.st_mtime_ns, info.st_size)
+    if key in _probed:
+        return _probed[key]
+    found: Runsc | None = None
+    version = _run([path, "--version"])
+    if version is not None and version.returncode == 0 and (match := _VERSION.search(version.stdout)):
+        listed = _run([path, "flags"])
+        text = (listed.stdout + listed.stderr) if listed is not None else ""
+        flags = frozenset(re.findall(r"^\s+-([A-Za-z0-9_-]+)", text, re.MULTILINE))
+        platforms_line = _PLATFORMS.search(text)
+        platforms = tuple(
+            re.findall(r"[a-z]+", re.sub(r"\(default[^)]*\)", "", platforms_line.group(1)))
+            if platforms_line
+            else ("ptrace",)
+        )
+        found = Runsc(path, match.group(1), flags, platforms)
+    _probed[key] = found
+    return found
+
+
+def cached_binaries(cache_dir: Path) -> list[Path]:
+    """Every runsc that runsc_install.py put in this cache dir."""
+    root = cache_dir / CACHE_SUBDIR
+    try:
+        entries = sorted(root.iterdir())
+    except OSError:
+        return []
+    # Not the dot-dirs an install in progress works in.
+    return [
+        entry / "runsc" for entry in entries if not entry.name.startswith(".") and (entry / "runsc").is_file()
+    ]
+
+
+def default_cache_dirs() -> list[Path]:
+    """Where runsc_install.py installs by default (the settings' default cache dir)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return [Path(base) / "openmicrovm"]
+
+
+def system_binary() -> str | None:
+    return shutil.which("runsc") or (SYSTEM_RUNSC if os.access(SYSTEM_RUNSC, os.X_OK) else None)
+
+
+def installed(cache_dirs: list[Path] | None = None) -> list[Runsc]:
+    """Every working runsc here, newest first: the cached builds, then the one on PATH."""
+    dirs = list(cache_dirs or []) + [d for d in default_cache_dirs() if d not in (cache_dirs or [])]
+    paths: list[str] = [str(p) for d in dirs for p in cached_binaries(d)]
+    system = system_binary()
+    if system is not None:
+        paths.append(system)
+    found: dict[str, Runsc] = {}
+    for path in paths:
+        runsc = probe(path)
+        if runsc is not None and runsc.path not in found:
+            found[runsc.path] = runsc
+    return sorted(found.values(), key=lambda r: r.build_date, reverse=True)
+
+
+def choose(explicit: str | None = None, cache_dirs: list[Path] | None = None) -> Runsc:
+    """The runsc for new sandboxes: `explicit` (or $OPENMICROVM_RUNSC) when given, else the newest
+    working one. Raises RunscError saying why there is none."""
+    wanted = explicit or os.environ.get(ENV_BINARY) or None
+    if wanted:
+        path = wanted if os.sep in wanted else shutil.which(wanted)
+        runsc = probe(path) if path else None
+        if runsc is None:
+            source = "the runsc option" if explicit else f"${ENV_BINARY}"
+            raise RunscError(f"{source} names {wanted}, which does not run here (`{wanted} --version` fails)")
+        return runsc
+    found = installed(cache_dirs)
+    if not found:
+        if system_binary() is None:
+            raise RunscError("runsc is not installed (apt-get install runsc)")
+        raise RunscError("no working runsc (`runsc --version` fails; reinstall: apt-get install runsc)")
+    return found[0]
+
+
+def choose_platform(runsc: Runsc, explicit: str | None = None) -> str:
+    wanted = explicit or os.environ.get(ENV_PLATFORM) or runsc.default_platform
+    if wanted not in runsc.platforms:
+        raise RunscError(
+            f"{runsc.describe()} has no {wanted!r} platform (it has {', '.join(runsc.platforms)})"
+        )
+    return wanted
+
+
+def with_version(version: str, preferred: Runsc, cache_dirs: list[Path] | None = None) -> Runsc | None:
+    """A runsc of exactly this version (the one that wrote a checkpoint), preferring `preferred`."""
+    if preferred.version == version:
+        return preferred
+    return next((r for r in installed(cache_dirs) if r.version == version), None)
