@@ -37,13 +37,31 @@ _TESTS = "tests/reliability/test_crash_safety.py::"
 # every fragment of an entry is counted and printed but not failed on. Remove an entry once its
 # xfail test passes.
 KNOWN_BUGS: list[tuple[tuple[str, ...], str]] = [
-    (("could not be restored from its snapshot", "already exists"),
-     _TESTS + "test_a_microvm_being_started_survives_a_crash"),
-    (("lost-suspend", "sandbox was gone when the server restarted"),
-     _TESTS + "test_a_microvm_being_suspended_survives_a_crash"),
+    (
+        ("could not be restored from its snapshot", "already exists"),
+        _TESTS + "test_a_microvm_being_started_survives_a_crash",
+    ),
+    # Seen once in random trials on the working-tree runtime (runsc 2024, restore pool): a MicroVM
+    # PENDING at the kill fails its restart with "cannot restore from snapshot ... (corrupt?)".
+    (
+        ("lost-run", "could not be restored from its snapshot"),
+        _TESTS + "test_a_microvm_being_started_survives_a_crash",
+    ),
+    (
+        ("internal-error", "is suspended; resume it first"),
+        _TESTS + "test_terminate_while_suspending_ends_in_success",
+    ),
+    (
+        ("lost-suspend", "sandbox was gone when the server restarted"),
+        _TESTS + "test_a_microvm_being_suspended_survives_a_crash",
+    ),
     (("lost-resume",), _TESTS + "test_an_acknowledged_resume_survives_a_crash"),
     (("container already exists",), _TESTS + "test_an_acknowledged_resume_survives_a_crash"),
     (("of SUSPENDED microvm",), _TESTS + "test_an_acknowledged_resume_survives_a_crash"),
+    (
+        ("stray cgroup", "(blkio, cpuset, devices, systemd)"),
+        _TESTS + "test_recovery_removes_stray_cgroups_from_every_hierarchy",
+    ),
 ]
 
 
@@ -69,8 +87,10 @@ class TrialResult:
         return [violation for violation in self.violations if known_bug(violation) is None]
 
     def describe(self) -> str:
-        lines = [f"trial {self.number}: killed after {self.kill_after:.2f} s during {self.in_flight or 'a pause'}, "
-                 f"recovered in {self.recovery_seconds:.1f} s; last calls: {self.operations[-4:]}"]
+        lines = [
+            f"trial {self.number}: killed after {self.kill_after:.2f} s during {self.in_flight or 'a pause'}, "
+            f"recovered in {self.recovery_seconds:.1f} s; last calls: {self.operations[-4:]}"
+        ]
         for violation in self.violations:
             bug = known_bug(violation)
             lines.append(f"  {'known bug (' + bug + ')' if bug else 'VIOLATION'}: {violation}")
@@ -146,8 +166,9 @@ class Workload:
 
     def _step(self, client: Any) -> None:
         listed = self._call("ListMicrovms", None, lambda: all_items(client.list_microvms))
-        images = self._call("ListMicrovmImages", None,
-                            lambda: all_items(client.list_microvm_images, nameFilter=CHURN_PREFIX))
+        images = self._call(
+            "ListMicrovmImages", None, lambda: all_items(client.list_microvm_images, nameFilter=CHURN_PREFIX)
+        )
         if listed is None or images is None:
             return
         states = {item["microvmId"]: item["state"] for item in listed["items"]}
@@ -191,7 +212,10 @@ class Workload:
             return
         vm = self.rng.choice(pool)
         method = getattr(client, f"{name}_microvm")
-        if self._call(f"{name.capitalize()}Microvm {vm}", vm, lambda: method(microvmIdentifier=vm)) is not None:
+        if (
+            self._call(f"{name.capitalize()}Microvm {vm}", vm, lambda: method(microvmIdentifier=vm))
+            is not None
+        ):
             self.ledger.microvms[vm] = name
 
     def _suspend(self, client: Any, running: list[str], *_: Any) -> None:
@@ -200,13 +224,17 @@ class Workload:
     def _resume(self, client: Any, _running: list[str], suspended: list[str], *_: Any) -> None:
         self._vm_operation(client, "resume", suspended)
 
-    def _terminate(self, client: Any, _running: list[str], _suspended: list[str], live: list[str], *_: Any) -> None:
+    def _terminate(
+        self, client: Any, _running: list[str], _suspended: list[str], live: list[str], *_: Any
+    ) -> None:
         self._vm_operation(client, "terminate", live)
 
     def _create(self, client: Any, uri: str, good: bool) -> None:
         name = f"{CHURN_PREFIX}{self.rng.randrange(16**8):08x}"
         request = image_request(name, uri, resources=[{"minimumMemoryInMiB": 512}])
-        created = self._call(f"CreateMicrovmImage {name}", None, lambda: client.create_microvm_image(**request))
+        created = self._call(
+            f"CreateMicrovmImage {name}", None, lambda: client.create_microvm_image(**request)
+        )
         if created:
             self.ledger.images[created["imageArn"]] = "create"
             if good:
@@ -221,12 +249,15 @@ class Workload:
     def _update(self, client: Any, *rest: Any) -> None:
         image = self.rng.choice(rest[-1])
         good = self.rng.random() < 0.5
-        request = image_request(image["name"], self.good_uri if good else self.bad_uri,
-                                resources=[{"minimumMemoryInMiB": 512}])
+        request = image_request(
+            image["name"], self.good_uri if good else self.bad_uri, resources=[{"minimumMemoryInMiB": 512}]
+        )
         del request["name"]
         arn = image["imageArn"]
         updated = self._call(
-            f"UpdateMicrovmImage {arn}", arn, lambda: client.update_microvm_image(imageIdentifier=arn, **request)
+            f"UpdateMicrovmImage {arn}",
+            arn,
+            lambda: client.update_microvm_image(imageIdentifier=arn, **request),
         )
         if updated:
             self.ledger.versions[(arn, updated["imageVersion"])] = "create"
@@ -237,7 +268,9 @@ class Workload:
         image = self.rng.choice(rest[-1])
         arn = image["imageArn"]
         versions = self._call(
-            f"ListMicrovmImageVersions {arn}", None, lambda: client.list_microvm_image_versions(imageIdentifier=arn)
+            f"ListMicrovmImageVersions {arn}",
+            None,
+            lambda: client.list_microvm_image_versions(imageIdentifier=arn),
         )
         if not versions or len(versions["items"]) < 2:
             return
@@ -252,15 +285,24 @@ class Workload:
 
     def _delete_image(self, client: Any, *rest: Any) -> None:
         arn = self.rng.choice(rest[-1])["imageArn"]
-        if self._call(f"DeleteMicrovmImage {arn}", arn, lambda: client.delete_microvm_image(imageIdentifier=arn)):
+        if self._call(
+            f"DeleteMicrovmImage {arn}", arn, lambda: client.delete_microvm_image(imageIdentifier=arn)
+        ):
             self.ledger.images[arn] = "delete"
 
 
 class CrashHarness:
     """One server of its own, with a built image to run, for many crash trials."""
 
-    def __init__(self, server: ServerProcess, moto: MotoServer, sample_app: Any, tenant_app: Any,
-                 seed: int | None = None, recovery_timeout: float = 300.0) -> None:
+    def __init__(
+        self,
+        server: ServerProcess,
+        moto: MotoServer,
+        sample_app: Any,
+        tenant_app: Any,
+        seed: int | None = None,
+        recovery_timeout: float = 300.0,
+    ) -> None:
         self.server = server
         self.moto = moto
         self.rng = random.Random(seed)
@@ -270,8 +312,12 @@ class CrashHarness:
         self.bad_uri = "s3://no-such-bucket-openmicrovm/app.zip"
         client = server.client()
         arn = client.create_microvm_image(
-            **image_request("stable", upload(moto, zip_dir(sample_app)), hooks=ALL_HOOKS,
-                            resources=[{"minimumMemoryInMiB": 512}])
+            **image_request(
+                "stable",
+                upload(moto, zip_dir(sample_app)),
+                hooks=ALL_HOOKS,
+                resources=[{"minimumMemoryInMiB": 512}],
+            )
         )["imageArn"]
         image = wait_image_settled(client, arn)
         assert image["state"] == "CREATED", image
@@ -280,11 +326,21 @@ class CrashHarness:
         # A problem that lasts (a leak, a lost MicroVM) is reported by the trial that found it only.
         self.reported: set[str] = set()
 
-    def trial(self, kill_after: float | None = None, script: list[str] | None = None, builds: bool = True) -> TrialResult:
+    def trial(
+        self, kill_after: float | None = None, script: list[str] | None = None, builds: bool = True
+    ) -> TrialResult:
         number = len(self.results) + 1
         kill_after = self.rng.uniform(0.3, 6.0) if kill_after is None else kill_after
-        workload = Workload(self.server, self.stable_image, self.good_uri, self.bad_uri, self.ledger,
-                            random.Random(self.rng.random()), builds=builds, script=list(script or []))
+        workload = Workload(
+            self.server,
+            self.stable_image,
+            self.good_uri,
+            self.bad_uri,
+            self.ledger,
+            random.Random(self.rng.random()),
+            builds=builds,
+            script=list(script or []),
+        )
         thread = threading.Thread(target=workload.run, name=f"workload-{number}", daemon=True)
         thread.start()
         time.sleep(kill_after)
@@ -327,7 +383,9 @@ class CrashHarness:
     def terminate_everything(self) -> None:
         """End every MicroVM the trials left (the server stays up for the caller to stop)."""
         client = self.server.client(validate=False)
-        live = [vm["microvmId"] for vm in all_items(client.list_microvms)["items"] if vm["state"] != "TERMINATED"]
+        live = [
+            vm["microvmId"] for vm in all_items(client.list_microvms)["items"] if vm["state"] != "TERMINATED"
+        ]
         for vm in live:
             with contextlib.suppress(ClientError, BotoCoreError):
                 client.terminate_microvm(microvmIdentifier=vm)

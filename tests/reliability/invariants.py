@@ -17,9 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import shutil
 import sqlite3
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,8 +70,12 @@ class Snapshot:
 
     def transitional(self) -> list[str]:
         """What is still moving: '<kind> <id> <state>' for each record in a transitional state."""
-        moving = [f"microvm {r['id']} {r['state']}" for r in self.microvms if r["state"] in TRANSITIONAL_MICROVM]
-        moving += [f"build {r['build_id']} {r['state']}" for r in self.builds if r["state"] in TRANSITIONAL_BUILD]
+        moving = [
+            f"microvm {r['id']} {r['state']}" for r in self.microvms if r["state"] in TRANSITIONAL_MICROVM
+        ]
+        moving += [
+            f"build {r['build_id']} {r['state']}" for r in self.builds if r["state"] in TRANSITIONAL_BUILD
+        ]
         moving += [
             f"version {r['image_arn']} {r['number']}.0 {r['state']}"
             for r in self.versions
@@ -96,7 +98,7 @@ def read_snapshot(data_dir: Path) -> Snapshot:
         with connection:
             connection.execute("BEGIN")
             tables = {
-                name: [dict(row) for row in connection.execute(f"SELECT * FROM {name}")]  # noqa: S608
+                name: [dict(row) for row in connection.execute(f"SELECT * FROM {name}")]
                 for name in ("images", "versions", "builds", "microvms")
             }
     finally:
@@ -108,7 +110,9 @@ def record_violations(snapshot: Snapshot) -> list[str]:
     """Legal states and consistent neighbours, true at any moment."""
     problems: list[str] = []
     images = {row["arn"]: row for row in snapshot.images}
-    versions: dict[tuple[str, int], dict[str, Any]] = {(r["image_arn"], r["number"]): r for r in snapshot.versions}
+    versions: dict[tuple[str, int], dict[str, Any]] = {
+        (r["image_arn"], r["number"]): r for r in snapshot.versions
+    }
     builds_of: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for build in snapshot.builds:
         builds_of.setdefault((build["image_arn"], build["version_number"]), []).append(build)
@@ -154,7 +158,9 @@ def record_violations(snapshot: Snapshot) -> list[str]:
             problems.append(f"{label} ({version['state']}) has no build")
         if version["state"] == "SUCCESSFUL" and build_states != {"SUCCESSFUL"}:
             problems.append(f"SUCCESSFUL {label} has builds in {sorted(build_states)}")
-        if version["state"] == "FAILED" and ("FAILED" not in build_states or build_states & TRANSITIONAL_BUILD):
+        if version["state"] == "FAILED" and (
+            "FAILED" not in build_states or build_states & TRANSITIONAL_BUILD
+        ):
             problems.append(f"FAILED {label} has builds in {sorted(build_states)}")
         if version["state"] in ("PENDING", "IN_PROGRESS") and not build_states & TRANSITIONAL_BUILD:
             problems.append(f"{version['state']} {label} has no build in progress: {sorted(build_states)}")
@@ -169,12 +175,16 @@ def record_violations(snapshot: Snapshot) -> list[str]:
         if vm["state"] == "TERMINATED":
             if vm["terminated_at"] is None or not vm["state_reason"]:
                 problems.append(f"{label} lacks terminatedAt or stateReason")
+            elif "internal error" in vm["state_reason"]:
+                problems.append(f"internal-error: {label} ended on {vm['state_reason'][:200]}")
         else:
             if vm["terminated_at"] is not None:
                 problems.append(f"{label} has a terminatedAt")
             number = int(str(vm["image_version"]).split(".")[0])
             if (vm["image_arn"], number) not in versions:
-                problems.append(f"{label} runs version {vm['image_version']} of {vm['image_arn']}, which is gone")
+                problems.append(
+                    f"{label} runs version {vm['image_version']} of {vm['image_arn']}, which is gone"
+                )
         if vm["state"] == "SUSPENDED" and vm["suspended_at"] is None:
             problems.append(f"{label} has no suspendedAt")
         if vm["state"] == "RUNNING" and vm["suspended_at"] is not None:
@@ -235,27 +245,36 @@ class HostView:
         except FileNotFoundError:
             return set()
 
-    def runsc_containers(self) -> dict[str, str]:
-        """container id -> status, from runsc's own state below this data dir."""
+    def runsc_containers(self) -> set[str]:
+        """Container ids in runsc's own state below this data dir, read from its state files
+        (`<id>_sandbox:<sandbox>.state`, or a directory per container in older runsc), so that any
+        runsc version's containers are seen and no frozen sandbox is asked anything."""
         root = self.state_root / "runsc"
-        if shutil.which("runsc") is None or not root.is_dir():
-            return {}
-        listed = subprocess.run(
-            ["runsc", "--root", str(root), "list", "-format", "json"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        try:
-            return {item["id"]: item["status"] for item in json.loads(listed.stdout or "null") or []}
-        except (ValueError, KeyError, TypeError):
-            return {}
+        found: set[str] = set()
+        for entry in root.iterdir() if root.is_dir() else []:
+            if entry.name.endswith(".state"):
+                found.add(entry.name.removesuffix(".state").split("_sandbox:")[0])
+            elif entry.is_dir() and entry.name.startswith("omv-"):
+                found.add(entry.name)
+        return found
 
     def mounts(self) -> list[str]:
         marker = str(self.data_dir.resolve())
         lines = Path("/proc/self/mountinfo").read_text().splitlines()
         return [line.split()[4] for line in lines if marker in line.split()[4]]
+
+    def cgroup_key_of(self, pid: int) -> str | None:
+        """The sandbox key of the cgroup a process is in, when it is one of this data dir's."""
+        parents = {f"openmicrovm-{scope}" for scope in self.scopes().values()}
+        try:
+            lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+        except OSError:
+            return None
+        for line in lines:
+            parts = line.split(":", 2)[-1].strip("/").split("/")
+            if len(parts) >= 2 and parts[0] in parents:
+                return parts[1]
+        return None
 
     def processes(self) -> dict[int, str]:
         """pid -> command line of every process whose command line names this data dir."""
@@ -273,35 +292,83 @@ class HostView:
         return found
 
 
+def sweep_cgroups(data_dir: Path) -> list[str]:
+    """Remove the empty cgroups a stopped server of this data dir left in any hierarchy (the
+    drivers leave runsc's own after a crash, see test_crash_safety.py), so tests leave none."""
+    view = HostView(data_dir)
+    removed: list[str] = []
+    parents = {f"openmicrovm-{scope}" for scope in view.scopes().values()}
+    for hierarchy in (p for p in CGROUP_ROOT.iterdir() if p.is_dir()) if CGROUP_ROOT.is_dir() else []:
+        for parent in (hierarchy / name for name in parents):
+            for child in (c for c in parent.iterdir() if c.is_dir()) if parent.is_dir() else []:
+                with contextlib.suppress(OSError):
+                    child.rmdir()
+                    removed.append(str(child))
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+    return removed
+
+
 def _sandbox_record(view: HostView, sandbox_id: str) -> dict[str, Any] | None:
     with contextlib.suppress(OSError, ValueError):
-        return json.loads((view.state_root / "sandboxes" / sandbox_id / "record.json").read_text())
+        record = json.loads((view.state_root / "sandboxes" / sandbox_id / "record.json").read_text())
+        return record if isinstance(record, dict) else None
     return None
 
 
-class _Owners:
-    """Who a host object belonged to, for messages: every MicroVM and build sandbox of the records."""
+def host_key(data_dir: Path, sandbox_id: str) -> str:
+    """The key a sandbox's host objects are named by: its record's, or the hash of its id."""
+    record = _sandbox_record(HostView(data_dir), sandbox_id) or {}
+    return str(record.get("key") or sandbox_key(sandbox_id))
 
-    def __init__(self, snapshot: Snapshot) -> None:
-        self.by_id: dict[str, str] = {}
+
+POOL_PREFIX = "pool-"  # sandboxes a driver restores ahead of time (runtime/pool.py), owned by no record
+
+
+class _Sandboxes:
+    """The sandbox state dirs of a data dir and the host key of each: the key its record names
+    (drivers that pick a random key per sandbox), else the hash of its id (drivers that derive it).
+    Also who each host object belonged to, for messages."""
+
+    def __init__(self, view: HostView, snapshot: Snapshot) -> None:
+        self.records: dict[str, dict[str, Any] | None] = {
+            d: _sandbox_record(view, d) for d in view.sandbox_dirs()
+        }
+        self.key_of: dict[str, str] = {
+            sandbox_id: str((record or {}).get("key") or sandbox_key(sandbox_id))
+            for sandbox_id, record in self.records.items()
+        }
+        owners: dict[str, str] = {}
         for vm in snapshot.microvms:
-            self.by_id[vm["id"]] = f"{vm['id']} {vm['state']}: {vm['state_reason']}"
+            owners[vm["id"]] = f"{vm['id']} {vm['state']}: {vm['state_reason']}"
         for build in snapshot.builds:
             for prefix in ("build-", "validate-"):
-                self.by_id[prefix + build["build_id"]] = f"{prefix}{build['build_id']} {build['state']}"
-        self.by_key = {sandbox_key(sandbox_id): words for sandbox_id, words in self.by_id.items()}
+                owners[prefix + build["build_id"]] = f"{prefix}{build['build_id']} {build['state']}"
+        self.owner_of_id = owners
+        self.owner_of_key = {sandbox_key(sandbox_id): words for sandbox_id, words in owners.items()}
+        self.owner_of_key.update(
+            {key: owners.get(sandbox_id, f"sandbox {sandbox_id}") for sandbox_id, key in self.key_of.items()}
+        )
 
     def of(self, key: str) -> str:
-        return f" [{self.by_key.get(key, 'unknown sandbox')}]"
+        return f" [{self.owner_of_key.get(key, 'no sandbox record')}]"
 
     def of_id(self, sandbox_id: str) -> str:
-        return self.of(sandbox_key(sandbox_id))
+        return f" [{self.owner_of_id.get(sandbox_id, 'no MicroVM or build record')}]"
 
     def of_command(self, cmdline: str) -> str:
-        for sandbox_id, words in self.by_id.items():
-            if sandbox_id in cmdline or f"omv-{sandbox_key(sandbox_id)}" in cmdline:
+        for key, words in self.owner_of_key.items():
+            if key in cmdline:
+                return f" [{words}]"
+        for sandbox_id, words in self.owner_of_id.items():
+            if sandbox_id in cmdline:
                 return f" [{words}]"
         return ""
+
+
+def _suspended_on_disk(record: dict[str, Any]) -> bool:
+    """Drivers with a suspend tier keep a suspended sandbox frozen in memory for a while first."""
+    return record.get("suspended_in", "disk") in ("disk", "")
 
 
 def settled_violations(data_dir: Path, server_pids: frozenset[int] = frozenset()) -> list[str]:
@@ -311,64 +378,65 @@ def settled_violations(data_dir: Path, server_pids: frozenset[int] = frozenset()
     problems = record_violations(snapshot)
     problems += [f"still transitional: {item}" for item in snapshot.transitional()]
     view = HostView(data_dir, server_pids)
-    owners = _Owners(snapshot)
+    sandboxes = _Sandboxes(view, snapshot)
     live = {vm["id"]: vm["state"] for vm in snapshot.microvms if vm["state"] in LIVE_MICROVM}
-    keys = {sandbox_key(vm): vm for vm in live}
+    pool = {d for d in sandboxes.records if d.startswith(POOL_PREFIX)}
 
-    dirs = view.sandbox_dirs()
-    for stray in sorted(dirs - set(live)):
-        problems.append(f"stray sandbox dir {stray}{owners.of_id(stray)}")
+    for stray in sorted(set(sandboxes.records) - set(live) - pool):
+        problems.append(f"stray sandbox dir {stray}{sandboxes.of_id(stray)}")
+    expected: dict[str, str] = {sandboxes.key_of[sandbox_id]: sandbox_id for sandbox_id in pool}
     for vm, state in live.items():
-        record = _sandbox_record(view, vm)
-        if vm not in dirs or record is None:
+        record = sandboxes.records.get(vm)
+        if record is None:
             problems.append(f"{state} microvm {vm} has no sandbox")
             continue
-        expected = "suspended" if state in ("SUSPENDED", "SUSPENDING") else "running"
-        if record.get("state") != expected:
+        expected[sandboxes.key_of[vm]] = vm
+        wanted = "suspended" if state in ("SUSPENDED", "SUSPENDING") else "running"
+        if record.get("state") != wanted:
             problems.append(f"{state} microvm {vm}: its sandbox record says {record.get('state')!r}")
-        if state == "SUSPENDED" and record.get("driver") == "gvisor":
-            image = view.state_root / "sandboxes" / vm / "suspended" / "checkpoint.img"
-            if not image.is_file():
+        if state == "SUSPENDED" and record.get("driver") == "gvisor" and _suspended_on_disk(record):
+            if not (view.state_root / "sandboxes" / vm / "suspended" / "checkpoint.img").is_file():
                 problems.append(f"SUSPENDED microvm {vm} has no suspend image")
 
     strays: dict[str, list[str]] = {}
     for hierarchy, found in sorted(view.cgroup_keys().items()):
-        for stray in sorted(found - set(keys)):
+        for stray in sorted(found - set(expected)):
             strays.setdefault(stray, []).append(hierarchy)
-        for key, vm in keys.items():
+        for key, sandbox_id in expected.items():
             if key not in found and hierarchy in DRIVER_CONTROLLERS:
-                problems.append(f"{live[vm]} microvm {vm} has no cgroup in {hierarchy}")
+                problems.append(f"sandbox {sandbox_id} has no cgroup in {hierarchy}")
     for stray, hierarchies in sorted(strays.items()):
-        problems.append(f"stray cgroup {stray} ({', '.join(hierarchies)}){owners.of(stray)}")
+        problems.append(f"stray cgroup {stray} ({', '.join(hierarchies)}){sandboxes.of(stray)}")
     namespaces = view.netns_names()
     for name in sorted(namespaces):
         key = name.split("-")[2]
-        if key not in keys:
-            problems.append(f"stray network namespace {name}{owners.of(key)}")
-    for key, vm in keys.items():
+        if key not in expected:
+            problems.append(f"stray network namespace {name}{sandboxes.of(key)}")
+    for key, sandbox_id in expected.items():
         if not any(name.split("-")[2] == key for name in namespaces):
-            problems.append(f"{live[vm]} microvm {vm} has no network namespace")
+            problems.append(f"sandbox {sandbox_id} has no network namespace")
 
     containers = view.runsc_containers()
-    for container, status in sorted(containers.items()):
+    for container in sorted(containers):
         key = container.removeprefix("omv-")
-        vm = keys.get(key)
-        if vm is None:
-            problems.append(f"stray runsc container {container} ({status}){owners.of(key)}")
-        elif live[vm] == "SUSPENDED":
-            problems.append(f"stray runsc container {container} ({status}) of SUSPENDED microvm {vm}")
-    for key, vm in keys.items():
-        record = _sandbox_record(view, vm) or {}
-        if live[vm] == "RUNNING" and record.get("driver") == "gvisor":
-            if containers.get(f"omv-{key}") != "running":
-                problems.append(f"RUNNING microvm {vm} has no running runsc container")
+        sandbox_id = expected.get(key)
+        record = sandboxes.records.get(sandbox_id or "") or {}
+        if sandbox_id is None:
+            problems.append(f"stray runsc container {container}{sandboxes.of(key)}")
+        elif live.get(sandbox_id) == "SUSPENDED" and _suspended_on_disk(record):
+            problems.append(f"stray runsc container {container} of SUSPENDED microvm {sandbox_id}")
+    for vm, state in live.items():
+        record = sandboxes.records.get(vm) or {}
+        if state == "RUNNING" and record.get("driver") == "gvisor":
+            if f"omv-{sandboxes.key_of.get(vm, '')}" not in containers:
+                problems.append(f"RUNNING microvm {vm} has no runsc container")
 
     for point in view.mounts():
         problems.append(f"stray host mount {point}")
-    names = set(live) | {f"omv-{key}" for key in keys}
+    names = set(expected.values()) | set(expected)  # sandbox ids, and keys (omv-<key>, pool-<key>)
     for pid, cmdline in sorted(view.processes().items()):
-        if not any(name in cmdline for name in names):
-            problems.append(f"stray process {pid}: {cmdline[:160]}{owners.of_command(cmdline)}")
+        if view.cgroup_key_of(pid) not in expected and not any(name in cmdline for name in names):
+            problems.append(f"stray process {pid}: {cmdline[:160]}{sandboxes.of_command(cmdline)}")
 
     problems += _build_output_violations(data_dir, snapshot)
     return problems
@@ -390,7 +458,9 @@ def _build_output_violations(data_dir: Path, snapshot: Snapshot) -> list[str]:
         artifacts = json.loads(build["artifacts"] or "{}")
         snapshot_dir = Path(artifacts.get("snapshotDir", "/nonexistent"))
         if not (snapshot_dir / "snapshot.json").is_file():
-            problems.append(f"SUCCESSFUL build {build['build_id']} points at a missing snapshot {snapshot_dir}")
+            problems.append(
+                f"SUCCESSFUL build {build['build_id']} points at a missing snapshot {snapshot_dir}"
+            )
         rootfs = Path(artifacts.get("rootfsDir", "/nonexistent"))
         if not rootfs.is_dir():
             problems.append(f"SUCCESSFUL build {build['build_id']} points at a missing rootfs {rootfs}")
@@ -409,7 +479,9 @@ def buildah_export_leftovers(build_ids: set[str]) -> list[str]:
     except (OSError, ValueError):
         return []
     names = {name for item in listed for name in item.get("names") or []}
-    return sorted(f"buildah container {name}" for name in names if name.removeprefix("openmicrovm-export-") in build_ids)
+    return sorted(
+        f"buildah container {name}" for name in names if name.removeprefix("openmicrovm-export-") in build_ids
+    )
 
 
 @dataclass
@@ -461,6 +533,7 @@ class Ledger:
             number = int(version.split(".")[0])
             row = next((r for r in snapshot.versions_of(arn) if r["number"] == number), None)
             if row is not None and row["state"] not in ("SUCCESSFUL", "DELETING"):
-                problems.append(f"failed-build: {arn} {version} of a good artifact is {row['state']}: {row['state_reason']}")
+                problems.append(
+                    f"failed-build: {arn} {version} of a good artifact is {row['state']}: {row['state_reason']}"
+                )
         return problems
-

@@ -64,7 +64,11 @@ def presigned_path(
 ) -> str:
     """Path and query of a presigned URL (X-Amz-* in the query string)."""
     request = AWSRequest(method=method, url=url)
-    _sign(request, SigV4QueryAuth(Credentials(key, secret), service, region, expires=expires), timestamp or amz_date())
+    _sign(
+        request,
+        SigV4QueryAuth(Credentials(key, secret), service, region, expires=expires),
+        timestamp or amz_date(),
+    )
     parts = urlsplit(request.url)
     return f"{parts.path}?{parts.query}"
 

@@ -73,7 +73,11 @@ def _error(call: Any, **kwargs: Any) -> tuple[str, int, str]:
     with pytest.raises(ClientError) as caught:
         call(**kwargs)
     response = caught.value.response
-    return response["Error"]["Code"], response["ResponseMetadata"]["HTTPStatusCode"], response["Error"]["Message"]
+    return (
+        response["Error"]["Code"],
+        response["ResponseMetadata"]["HTTPStatusCode"],
+        response["Error"]["Message"],
+    )
 
 
 def test_another_accounts_microvm_id_is_not_found(tenants: tuple[Tenant, Tenant]) -> None:
@@ -84,11 +88,18 @@ def test_another_accounts_microvm_id_is_not_found(tenants: tuple[Tenant, Tenant]
         (bob.client.suspend_microvm, {}),
         (bob.client.resume_microvm, {}),
         (bob.client.terminate_microvm, {}),
-        (bob.client.create_microvm_auth_token, {"expirationInMinutes": 5, "allowedPorts": [{"allPorts": {}}]}),
+        (
+            bob.client.create_microvm_auth_token,
+            {"expirationInMinutes": 5, "allowedPorts": [{"allPorts": {}}]},
+        ),
         (bob.client.create_microvm_shell_auth_token, {"expirationInMinutes": 5}),
     ]:
         code, status, message = _error(call_, microvmIdentifier=victim, **kwargs)
-        assert (code, status, message) == ("ResourceNotFoundException", 404, f"MicroVM not found: {victim}"), call_
+        assert (code, status, message) == (
+            "ResourceNotFoundException",
+            404,
+            f"MicroVM not found: {victim}",
+        ), call_
     listed = bob.client.list_microvms(maxResults=50)["items"]
     assert victim not in {item["microvmId"] for item in listed}
     # Nothing Bob tried moved Alice's MicroVM.
@@ -113,26 +124,30 @@ def test_another_accounts_image_arn_is_access_denied_however_it_is_spelled(
     keyed_server: ServerProcess, tenants: tuple[Tenant, Tenant]
 ) -> None:
     alice, bob = tenants
-    for arn in (alice.image,):
-        for call_, kwargs in [
-            (bob.client.get_microvm_image, {"imageIdentifier": arn}),
-            (bob.client.list_microvm_image_versions, {"imageIdentifier": arn}),
-            (bob.client.get_microvm_image_version, {"imageIdentifier": arn, "imageVersion": "1.0"}),
-            (bob.client.list_microvm_image_builds, {"imageIdentifier": arn, "imageVersion": "1.0"}),
-            (bob.client.get_microvm_image_build,
-             {"imageIdentifier": arn, "imageVersion": "1.0", "buildId": alice.build_id}),
-            (bob.client.update_microvm_image_version,
-             {"imageIdentifier": arn, "imageVersion": "1.0", "status": "INACTIVE"}),
-            (bob.client.delete_microvm_image_version, {"imageIdentifier": arn, "imageVersion": "1.0"}),
-            (bob.client.delete_microvm_image, {"imageIdentifier": arn}),
-            (bob.client.run_microvm, {"imageIdentifier": arn}),
-            (bob.client.list_microvms, {"imageIdentifier": arn}),
-            (bob.client.list_tags, {"Resource": arn}),
-            (bob.client.tag_resource, {"Resource": arn, "Tags": {"owner": "bob"}}),
-            (bob.client.untag_resource, {"Resource": arn, "TagKeys": ["owner"]}),
-        ]:
-            code, status, _ = _error(call_, **kwargs)
-            assert (code, status) == ("AccessDeniedException", 403), (call_, code)
+    arn = alice.image
+    for call_, kwargs in [
+        (bob.client.get_microvm_image, {"imageIdentifier": arn}),
+        (bob.client.list_microvm_image_versions, {"imageIdentifier": arn}),
+        (bob.client.get_microvm_image_version, {"imageIdentifier": arn, "imageVersion": "1.0"}),
+        (bob.client.list_microvm_image_builds, {"imageIdentifier": arn, "imageVersion": "1.0"}),
+        (
+            bob.client.get_microvm_image_build,
+            {"imageIdentifier": arn, "imageVersion": "1.0", "buildId": alice.build_id},
+        ),
+        (
+            bob.client.update_microvm_image_version,
+            {"imageIdentifier": arn, "imageVersion": "1.0", "status": "INACTIVE"},
+        ),
+        (bob.client.delete_microvm_image_version, {"imageIdentifier": arn, "imageVersion": "1.0"}),
+        (bob.client.delete_microvm_image, {"imageIdentifier": arn}),
+        (bob.client.run_microvm, {"imageIdentifier": arn}),
+        (bob.client.list_microvms, {"imageIdentifier": arn}),
+        (bob.client.list_tags, {"Resource": arn}),
+        (bob.client.tag_resource, {"Resource": arn, "Tags": {"owner": "bob"}}),
+        (bob.client.untag_resource, {"Resource": arn, "TagKeys": ["owner"]}),
+    ]:
+        code, status, _ = _error(call_, **kwargs)
+        assert (code, status) == ("AccessDeniedException", 403), (call_, code)
     # Percent-encoded spellings of the ARN in the path, straight to the wire.
     for spelled in _arn_spellings(alice.image)[1:]:
         for path in (
@@ -141,15 +156,26 @@ def test_another_accounts_image_arn_is_access_denied_however_it_is_spelled(
             f"/2017-03-31/tags/{spelled}",
         ):
             response = bob.signer.send("GET", path)
-            assert (response.status, response.error_type) == (403, "AccessDeniedException"), (path, response.body)
+            assert (response.status, response.error_type) == (403, "AccessDeniedException"), (
+                path,
+                response.body,
+            )
     assert alice.client.list_tags(Resource=alice.image)["Tags"] == {}
-    assert alice.client.get_microvm_image_version(imageIdentifier=alice.image, imageVersion="1.0")["status"] == "ACTIVE"
+    assert (
+        alice.client.get_microvm_image_version(imageIdentifier=alice.image, imageVersion="1.0")["status"]
+        == "ACTIVE"
+    )
 
 
-def test_a_build_id_of_another_account_is_not_found_under_ones_own_image(tenants: tuple[Tenant, Tenant]) -> None:
+def test_a_build_id_of_another_account_is_not_found_under_ones_own_image(
+    tenants: tuple[Tenant, Tenant],
+) -> None:
     alice, bob = tenants
     code, status, _ = _error(
-        bob.client.get_microvm_image_build, imageIdentifier=bob.image, imageVersion="1.0", buildId=alice.build_id
+        bob.client.get_microvm_image_build,
+        imageIdentifier=bob.image,
+        imageVersion="1.0",
+        buildId=alice.build_id,
     )
     assert (code, status) == ("ResourceNotFoundException", 404)
 
@@ -168,9 +194,18 @@ def test_an_endpoint_token_opens_only_its_own_microvm(
         microvmIdentifier=bob.vm["microvmId"], expirationInMinutes=5
     )["authToken"]["X-aws-proxy-auth"]
     # Bob's shell token at Alice's endpoint: neither the app nor Alice's shell opens.
-    for path, headers in (("/count", {}), ("/shell", {"Upgrade": "websocket", "Connection": "Upgrade",
-                                                      "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
-                                                      "Sec-WebSocket-Version": "13"})):
+    for path, headers in (
+        ("/count", {}),
+        (
+            "/shell",
+            {
+                "Upgrade": "websocket",
+                "Connection": "Upgrade",
+                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                "Sec-WebSocket-Version": "13",
+            },
+        ),
+    ):
         response = call(keyed_server, alice.vm["endpoint"], bob_shell, path, headers=headers)
         assert response.status == 403, (path, response.status, response.body)
 
@@ -198,7 +233,10 @@ def test_a_client_token_replays_only_for_the_account_that_used_it(
         assert (code, status) == ("AccessDeniedException", 403)
         mine = fleet_bob.run(bob.image, wait=False, clientToken=token)
         assert mine["microvmId"] != first["microvmId"]
-        assert alice.client.run_microvm(imageIdentifier=alice.image, clientToken=token)["microvmId"] == first["microvmId"]
+        assert (
+            alice.client.run_microvm(imageIdentifier=alice.image, clientToken=token)["microvmId"]
+            == first["microvmId"]
+        )
     finally:
         fleet_alice.terminate_all()
         fleet_bob.terminate_all()

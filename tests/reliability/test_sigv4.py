@@ -77,7 +77,11 @@ def test_a_body_changed_after_signing_is_refused_whatever_hash_header_it_carries
     headers = signer.headers("POST", IMAGES, body, headers={"Content-Type": "application/json"})
     evil = body.replace(name.encode(), b"evil-" + name.encode())
     # Unsigned hash headers: the real body is hashed, so neither the stale nor a matching hash helps.
-    for extra in ({}, {"X-Amz-Content-SHA256": hashlib.sha256(evil).hexdigest()}, {"X-Amz-Content-SHA256": "UNSIGNED-PAYLOAD"}):
+    for extra in (
+        {},
+        {"X-Amz-Content-SHA256": hashlib.sha256(evil).hexdigest()},
+        {"X-Amz-Content-SHA256": "UNSIGNED-PAYLOAD"},
+    ):
         response = raw_request(keyed_server.port, "POST", IMAGES, evil, {**headers, **extra})
         _refused(response, "InvalidSignatureException", "signature we calculated does not match")
     assert f"evil-{name}" not in _names(alice)
@@ -98,12 +102,18 @@ def test_a_signed_payload_hash_header_must_match_the_body(
         "POST",
         IMAGES,
         body,
-        headers={"Content-Type": "application/json", "X-Amz-Content-SHA256": hashlib.sha256(body).hexdigest()},
+        headers={
+            "Content-Type": "application/json",
+            "X-Amz-Content-SHA256": hashlib.sha256(body).hexdigest(),
+        },
     )
     evil = body.replace(name.encode(), b"evil-" + name.encode())
     swapped = raw_request(keyed_server.port, "POST", IMAGES, evil, signed)
     unsigned = signer.headers(
-        "POST", IMAGES, body, headers={"Content-Type": "application/json", "X-Amz-Content-SHA256": "UNSIGNED-PAYLOAD"}
+        "POST",
+        IMAGES,
+        body,
+        headers={"Content-Type": "application/json", "X-Amz-Content-SHA256": "UNSIGNED-PAYLOAD"},
     )
     unsigned_body = body.replace(name.encode(), b"unsigned-" + name.encode())
     free = raw_request(keyed_server.port, "POST", IMAGES, unsigned_body, unsigned)
@@ -116,14 +126,18 @@ def test_a_scope_naming_another_service_is_refused(signer: Signer, service: str)
     _refused(signer.send("GET", MANAGED, service=service), "InvalidSignatureException")
 
 
-def test_a_scope_whose_region_was_edited_after_signing_is_refused(signer: Signer, keyed_server: ServerProcess) -> None:
+def test_a_scope_whose_region_was_edited_after_signing_is_refused(
+    signer: Signer, keyed_server: ServerProcess
+) -> None:
     headers = signer.headers("GET", MANAGED)
     for region in ("us-west-2", "eu-west-1"):
         edited = {**headers, "Authorization": headers["Authorization"].replace("/us-east-1/", f"/{region}/")}
         _refused(raw_request(keyed_server.port, "GET", MANAGED, None, edited), "InvalidSignatureException")
 
 
-def test_a_scope_signed_for_another_region_acts_in_that_region_only(keyed_server: ServerProcess, alice: Any) -> None:
+def test_a_scope_signed_for_another_region_acts_in_that_region_only(
+    keyed_server: ServerProcess, alice: Any
+) -> None:
     west = client_for(keyed_server, ALICE, region="us-west-2")
     name = unique("west")
     base = MANAGED_BASE.replace("us-east-1", "us-west-2")
@@ -140,8 +154,13 @@ def test_a_scope_signed_for_another_region_acts_in_that_region_only(keyed_server
     "botocore's HMAC raise UnicodeEncodeError (500 InternalServerException)",
 )
 def test_a_non_ascii_scope_region_is_a_signature_error_not_a_500(keyed_server: ServerProcess) -> None:
-    headers = signed_headers(f"http://127.0.0.1:{keyed_server.port}{MANAGED}", "GET", b"", ALICE["access_key_id"],
-                             ALICE["secret_access_key"])
+    headers = signed_headers(
+        f"http://127.0.0.1:{keyed_server.port}{MANAGED}",
+        "GET",
+        b"",
+        ALICE["access_key_id"],
+        ALICE["secret_access_key"],
+    )
     scope = headers["Authorization"].replace("/us-east-1/", "/us-east-1\u00e9/")
     response = raw_request(keyed_server.port, "GET", MANAGED, None, {**headers, "Authorization": scope})
     assert response.status == 403, (response.status, response.body)
@@ -158,7 +177,9 @@ def test_a_scope_region_must_look_like_a_region(signer: Signer) -> None:
     assert injected.status == 403, (injected.status, injected.body)
 
 
-def test_missing_or_malformed_signature_pieces_are_refused(signer: Signer, keyed_server: ServerProcess) -> None:
+def test_missing_or_malformed_signature_pieces_are_refused(
+    signer: Signer, keyed_server: ServerProcess
+) -> None:
     good = signer.headers("GET", MANAGED)
     authorization = good["Authorization"]
     credential = authorization.split("Credential=")[1].split(",")[0]
@@ -167,25 +188,45 @@ def test_missing_or_malformed_signature_pieces_are_refused(signer: Signer, keyed
         ({"Authorization": authorization}, "IncompleteSignatureException"),  # no X-Amz-Date
         ({**good, "Authorization": ""}, "IncompleteSignatureException"),
         ({**good, "Authorization": authorization.split(", Signature=")[0]}, "IncompleteSignatureException"),
-        ({**good, "Authorization": authorization.replace("SignedHeaders=host;x-amz-date, ", "")},
-         "IncompleteSignatureException"),
-        ({**good, "Authorization": authorization.replace(credential, credential.rsplit("/", 1)[0])},
-         "IncompleteSignatureException"),
-        ({**good, "Authorization": authorization.replace("AWS4-HMAC-SHA256", "AWS4-HMAC-SHA1")},
-         "IncompleteSignatureException"),
+        (
+            {**good, "Authorization": authorization.replace("SignedHeaders=host;x-amz-date, ", "")},
+            "IncompleteSignatureException",
+        ),
+        (
+            {**good, "Authorization": authorization.replace(credential, credential.rsplit("/", 1)[0])},
+            "IncompleteSignatureException",
+        ),
+        (
+            {**good, "Authorization": authorization.replace("AWS4-HMAC-SHA256", "AWS4-HMAC-SHA1")},
+            "IncompleteSignatureException",
+        ),
         ({**good, "X-Amz-Date": "yesterday"}, "IncompleteSignatureException"),
         ({**good, "X-Amz-Date": amz_date(1)}, "InvalidSignatureException"),  # not the date that was signed
-        ({**good, "Authorization": authorization.replace("AKIDALICE", "AKIDMALLORY")}, "UnrecognizedClientException"),
-        ({**good, "Authorization": authorization.replace("AKIDALICE", BOB["access_key_id"])}, "InvalidSignatureException"),
-        ({**good, "Authorization": authorization[:-4] + ("0000" if not authorization.endswith("0000") else "1111")},
-         "InvalidSignatureException"),
+        (
+            {**good, "Authorization": authorization.replace("AKIDALICE", "AKIDMALLORY")},
+            "UnrecognizedClientException",
+        ),
+        (
+            {**good, "Authorization": authorization.replace("AKIDALICE", BOB["access_key_id"])},
+            "InvalidSignatureException",
+        ),
+        (
+            {
+                **good,
+                "Authorization": authorization[:-4]
+                + ("0000" if not authorization.endswith("0000") else "1111"),
+            },
+            "InvalidSignatureException",
+        ),
     ]
     for headers, code in cases:
         response = raw_request(keyed_server.port, "GET", MANAGED, None, headers)
         assert (response.status, response.error_type) == (403, code), (headers, response.body)
 
 
-def test_signed_headers_and_query_cannot_be_changed_after_signing(signer: Signer, keyed_server: ServerProcess) -> None:
+def test_signed_headers_and_query_cannot_be_changed_after_signing(
+    signer: Signer, keyed_server: ServerProcess
+) -> None:
     path = f"{IMAGES}?maxResults=5"
     headers = signer.headers("GET", path, headers={"X-Custom": "signed"})
     assert raw_request(keyed_server.port, "GET", path, None, headers).status == 200

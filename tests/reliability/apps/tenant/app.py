@@ -102,8 +102,15 @@ class Handler(BaseHTTPRequestHandler):
         query = {k: v[0] for k, v in parse_qs(url.query).items()}
         port = self.server.server_address[1]
         if url.path == "/headers":
-            self.reply(200, {"headers": [[k, v] for k, v in self.headers.items()], "port": port,
-                             "count": seen, "path": self.path})
+            self.reply(
+                200,
+                {
+                    "headers": [[k, v] for k, v in self.headers.items()],
+                    "port": port,
+                    "count": seen,
+                    "path": self.path,
+                },
+            )
         elif url.path == "/count":
             self.reply(200, {"count": seen, "port": port})
         elif url.path == "/slow":
@@ -136,8 +143,12 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
+class Server(ThreadingHTTPServer):
+    request_queue_size = 256  # a flood is queued, not refused by a 5-deep accept backlog
+
+
 def serve(host: str, port: int) -> None:
-    ThreadingHTTPServer((host, port), Handler).serve_forever()
+    Server((host, port), Handler).serve_forever()
 
 
 if __name__ == "__main__":
