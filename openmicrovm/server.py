@@ -106,7 +106,8 @@ class Server:
         # Before the catch-all: aiohttp tries routes in the order they were added.
         self.app.router.add_get(LOGS_ROUTE, make_logs_handler(self.service, self.logs))
         self.app.router.add_get("/metrics", metrics_handler(self.metrics))
-        self.app.router.add_route("*", "/{tail:.*}", self.dispatch)
+        # [\s\S]: a path may hold an encoded line break, which '.' would not match.
+        self.app.router.add_route("*", r"/{tail:[\s\S]*}", self.dispatch)
         self._background: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None

@@ -8,6 +8,7 @@ Authorization header or as a presigned query, checked with botocore's own signer
 from __future__ import annotations
 
 import datetime
+import hashlib
 import hmac
 import re
 from collections.abc import Mapping
@@ -22,6 +23,8 @@ from openmicrovm.config import AccessKey, Settings
 
 SIGNING_NAME = "lambda"
 MAX_CLOCK_SKEW = datetime.timedelta(minutes=5)
+MAX_PRESIGN_SECONDS = 7 * 24 * 3600  # as SigV4 allows
+_REGION = re.compile(r"[a-z]{2,4}(-[a-z0-9]+)*-[0-9]{1,2}")
 _AUTHORIZATION = re.compile(
     r"AWS4-HMAC-SHA256\s+Credential=(?P<credential>[^,\s]+)\s*,\s*SignedHeaders=(?P<signed>[^,\s]+)\s*,"
     r"\s*Signature=(?P<signature>[0-9a-f]+)"
@@ -51,21 +54,66 @@ class SignedRequest:
 
 
 def _scope(credential: str) -> tuple[str, str, str]:
+    """(access key id, date, region) of a credential scope, which must name a region and lambda:
+    the region goes into ARNs, so it may only be what a region looks like."""
     parts = credential.split("/")
     if len(parts) != 5 or parts[4] != "aws4_request":
         raise AuthError(
             "IncompleteSignatureException", f"Credential should be scoped correctly: {credential}"
         )
+    if not _REGION.fullmatch(parts[2]):
+        raise AuthError(
+            "InvalidSignatureException", f"Credential should be scoped to a valid region, not {parts[2]!r}."
+        )
+    if parts[3] != SIGNING_NAME:
+        raise AuthError(
+            "InvalidSignatureException", f"Credential should be scoped to correct service: '{SIGNING_NAME}'."
+        )
     return parts[0], parts[1], parts[2]
 
 
-def _check_time(amz_date: str) -> None:
+def _signed_at(amz_date: str) -> datetime.datetime:
     try:
-        signed_at = datetime.datetime.strptime(amz_date, "%Y%m%dT%H%M%SZ").replace(tzinfo=datetime.UTC)
+        return datetime.datetime.strptime(amz_date, "%Y%m%dT%H%M%SZ").replace(tzinfo=datetime.UTC)
     except ValueError:
         raise AuthError(
             "IncompleteSignatureException", f"X-Amz-Date {amz_date!r} is not a SigV4 date"
         ) from None
+
+
+def _check_presigned_time(amz_date: str, expires: str) -> None:
+    """A presigned URL is valid from its X-Amz-Date (give or take the clock skew) for X-Amz-Expires."""
+    signed_at = _signed_at(amz_date)
+    if not expires.isascii() or not expires.isdigit() or not 1 <= int(expires) <= MAX_PRESIGN_SECONDS:
+        raise AuthError(
+            "IncompleteSignatureException",
+            f"X-Amz-Expires must be a number of seconds from 1 to {MAX_PRESIGN_SECONDS}, not {expires!r}",
+        )
+    now = datetime.datetime.now(datetime.UTC)
+    if signed_at - now > MAX_CLOCK_SKEW:
+        raise AuthError(
+            "InvalidSignatureException", f"Signature not yet current: {amz_date} is in the future"
+        )
+    if now > signed_at + datetime.timedelta(seconds=int(expires)):
+        raise AuthError(
+            "InvalidSignatureException", "Signature expired: the presigned URL is no longer valid"
+        )
+
+
+def _check_body_hash(headers: Mapping[str, str], body: bytes) -> None:
+    """A payload hash header, when sent, must be the body's: otherwise a captured request could be
+    replayed with any body, and UNSIGNED-PAYLOAD would leave the body unsigned."""
+    claimed = headers.get("x-amz-content-sha256")
+    if claimed is not None and claimed.strip().lower() != hashlib.sha256(body).hexdigest():
+        raise AuthError(
+            "InvalidSignatureException",
+            "The request signature we calculated does not match the signature you provided: the "
+            "X-Amz-Content-SHA256 header is not the SHA-256 of the request body.",
+        )
+
+
+def _check_time(amz_date: str) -> None:
+    signed_at = _signed_at(amz_date)
     now = datetime.datetime.now(datetime.UTC)
     if abs(now - signed_at) > MAX_CLOCK_SKEW:
         raise AuthError(
@@ -127,7 +175,11 @@ def identify(settings: Settings, request: SignedRequest) -> Caller:
         raise AuthError(
             "UnrecognizedClientException", "The security token included in the request is invalid."
         )
-    _check_time(amz_date)
+    if presigned:
+        _check_presigned_time(amz_date, query.get("X-Amz-Expires", ""))
+    else:
+        _check_time(amz_date)
+        _check_body_hash(headers, request.body)
     expected = _expected_signature(request, key, region, signed, amz_date, presigned)
     if not hmac.compare_digest(expected, signature):
         raise AuthError(

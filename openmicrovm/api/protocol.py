@@ -65,6 +65,8 @@ def parse_input(
             document = json.loads(body)
         except (ValueError, UnicodeDecodeError) as error:
             raise ValidationError(f"The request body is not valid JSON: {error}") from None
+        except RecursionError:
+            raise ValidationError("The request body is not valid JSON: it is nested too deeply.") from None
         if not isinstance(document, dict):
             raise ValidationError("The request body must be a JSON object.")
         for key, value in document.items():

@@ -86,7 +86,7 @@ class EndpointBackend:
             return await self.engine.driver.connect(sandbox, port)
         except PortNotListening:
             raise
-        except DriverError as error:
+        except (DriverError, OSError) as error:
             raise Unreachable(str(error)) from error
 
     async def open_shell(self, microvm_id: str, rows: int, cols: int) -> PtySession:

@@ -91,6 +91,78 @@ class _FirstHead(asyncio.Protocol):
             self.door.hand_to_app(self.transport, bytes(self.buffer))
 
 
+class _ApiConnection(asyncio.Protocol):
+    """The API's connections, served by aiohttp, which has no deadline for a request head: a
+    client trickling a byte a second would hold a connection (and a file descriptor) forever.
+    This wrapper follows where each request head starts and ends (Content-Length bodies; a chunked
+    body or an upgrade ends the watch for that connection) and closes a connection whose head
+    takes longer than HEAD_TIMEOUT. Everything is passed on to aiohttp unchanged."""
+
+    def __init__(self, inner: asyncio.Protocol) -> None:
+        self.inner = inner
+        self.transport: asyncio.Transport | None = None
+        self.state = "head"  # "head", "body" or "off"
+        self.head = bytearray()
+        self.body_left = 0
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_timer()
+        self.inner.connection_lost(exc)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def data_received(self, data: bytes) -> None:
+        self._watch(data)
+        self.inner.data_received(data)
+
+    def _stop_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _watch(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view and self.state != "off":
+            if self.state == "body":
+                taken = min(self.body_left, len(view))
+                self.body_left -= taken
+                view = view[taken:]
+                if not self.body_left:
+                    self.state = "head"
+                continue
+            if self.timer is None and self.transport is not None:
+                self.timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, self.transport.close)
+            start = len(self.head)
+            self.head += view
+            end = self.head.find(b"\r\n\r\n", max(start - 3, 0))
+            if end < 0:
+                if len(self.head) > MAX_HEAD_BYTES:
+                    self.state = "off"  # aiohttp answers an oversized head itself
+                return
+            self._stop_timer()
+            head, rest = bytes(self.head[: end + 4]).lower(), view[end + 4 - start :]
+            self.head = bytearray()
+            length = re.search(rb"\r\ncontent-length:[ \t]*([0-9]+)", head)
+            if b"\r\ntransfer-encoding:" in head or b"\r\nupgrade:" in head:
+                self.state = "off"
+            elif length is not None and int(length.group(1)):
+                self.state, self.body_left = "body", int(length.group(1))
+            view = rest
+
+
 class FrontDoor:
     def __init__(
         self, app_server: Callable[[], asyncio.Protocol], backend: EndpointBackend, counters: Counters
@@ -104,7 +176,7 @@ class FrontDoor:
         return _FirstHead(self)
 
     def hand_to_app(self, transport: asyncio.Transport, received: bytes) -> None:
-        protocol = self.app_server()
+        protocol = _ApiConnection(self.app_server())
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         protocol.data_received(received)

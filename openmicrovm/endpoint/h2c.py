@@ -13,7 +13,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 
-from openmicrovm.endpoint.http1 import RELAY_CHUNK, Framing, Head, exactly
+from openmicrovm.endpoint.http1 import CHUNK_SIZE, RELAY_CHUNK, Framing, Head, ProtocolError, exactly
 
 # Headers that mean something only to one HTTP/1.1 hop, and that HTTP/2 forbids.
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "host", "te"}
@@ -39,7 +39,11 @@ async def decoded_body(framing: Framing, reader: asyncio.StreamReader) -> AsyncI
             yield data
     elif framing.kind == "chunked":
         while True:
-            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            line = await reader.readuntil(b"\r\n")
+            match = CHUNK_SIZE.fullmatch(line[:-2])
+            if match is None:
+                raise ProtocolError(f"malformed chunk size line {line[:40]!r}")
+            size = int(match.group(1), 16)
             if size == 0:
                 while await reader.readuntil(b"\r\n") != b"\r\n":
                     pass

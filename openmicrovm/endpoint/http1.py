@@ -17,7 +17,7 @@ MAX_HEAD_BYTES = 64 * 1024
 RELAY_CHUNK = 256 * 1024
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
-_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})(;[^\r\n]*)?")
+CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})(;[^\r\n]*)?")
 
 
 class ProtocolError(Exception):
@@ -136,9 +136,10 @@ def response_framing(head: Head, request_method: str) -> Framing:
 
 def _content_length(values: list[str]) -> int:
     parsed = {v.strip() for value in values for v in value.split(",")}
-    if len(parsed) != 1 or not next(iter(parsed)).isdigit():
+    value = next(iter(parsed))
+    if len(parsed) != 1 or not (value.isascii() and value.isdigit()):
         raise ProtocolError(f"invalid Content-Length {values!r}")
-    return int(next(iter(parsed)))
+    return int(value)
 
 
 Sink = Callable[[bytes], None]
@@ -175,7 +176,7 @@ async def relay_body(
         return
     while True:  # chunked: relay each size line, its data and CRLF; then trailers
         line = await _line(reader)
-        match = _CHUNK_SIZE.fullmatch(line[:-2])
+        match = CHUNK_SIZE.fullmatch(line[:-2])
         if match is None:
             raise ProtocolError(f"malformed chunk size line {line[:40]!r}")
         size = int(match.group(1), 16)

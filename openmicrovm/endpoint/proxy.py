@@ -95,7 +95,7 @@ def choose_port(head: Head) -> int:
                 break
     if text is None:
         return DEFAULT_PORT
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:
         raise Refusal(400, "Bad Request", b"invalid port")
     return int(text)
 
@@ -251,6 +251,11 @@ class EndpointConnection:
             sending = asyncio.ensure_future(relay_body(framing, self.reader, up_writer, count))
             try:
                 raw, response, status = await self._response_head(up_reader, count)
+            except (ConnectionError, OSError):
+                # The app's side broke before it answered (reset, the sandbox died): a 502, never silence.
+                sending.cancel()
+                up_writer.close()
+                raise Refusal(502, "Bad Gateway", close=True) from None
             except BaseException:
                 sending.cancel()
                 up_writer.close()

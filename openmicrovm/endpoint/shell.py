@@ -27,7 +27,7 @@ from openmicrovm.service.tokens import SHELL_PORT
 
 def _size(request: web.Request, name: str, default: int) -> int:
     value = request.query.get(name, "")
-    return min(max(int(value), 1), 1000) if value.isdigit() else default
+    return min(max(int(value), 1), 1000) if value.isascii() and value.isdigit() else default
 
 
 async def shell_handler(backend: EndpointBackend, request: web.Request) -> web.StreamResponse:

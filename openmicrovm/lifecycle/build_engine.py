@@ -133,7 +133,9 @@ class BuildEngine:
             raise  # server shutting down: the build is restarted at the next start
         except Exception as error:
             log.exception("build %s crashed", build_id)
-            reason = f"{INTERNAL_PLATFORM_ERROR}: the build stopped on an internal error ({error}); try again."
+            reason = (
+                f"{INTERNAL_PLATFORM_ERROR}: the build stopped on an internal error ({error}); try again."
+            )
             write(f"build failed: {reason}")
             build_records.build_finished(self.service, build_id, False, reason, None)
             await delete_build_outputs_async(output)

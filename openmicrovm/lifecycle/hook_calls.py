@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from openmicrovm.runtime.driver import Sandbox, SandboxDriver
+from openmicrovm.runtime.driver import DriverError, Sandbox, SandboxDriver
 from openmicrovm.runtime.hooks import HookConnectionRefused, HookMalformedReply, HookTimeout, call_hook
 
 DEFAULT_TIMEOUT_SECONDS = {"run": 30, "resume": 30, "suspend": 30, "terminate": 10}
@@ -31,7 +31,11 @@ def hook_settings(config: dict[str, Any], name: str) -> tuple[bool, int | None, 
 
 
 async def call_lifecycle_hook(
-    driver: SandboxDriver, sandbox: Sandbox, config: dict[str, Any], name: str, body: dict[str, Any] | None = None
+    driver: SandboxDriver,
+    sandbox: Sandbox,
+    config: dict[str, Any],
+    name: str,
+    body: dict[str, Any] | None = None,
 ) -> HookOutcome:
     enabled, port, timeout = hook_settings(config, name)
     if not enabled or port is None:
@@ -44,8 +48,11 @@ async def call_lifecycle_hook(
         return HookOutcome(False, f"{title} lifecycle hook connection was refused. {_ADVICE}")
     except HookTimeout:
         return HookOutcome(False, f"{title} lifecycle hook timed out")
-    except HookMalformedReply:
+    except (HookMalformedReply, DriverError, OSError):
+        # Anything else that keeps the hook from answering (the sandbox went away) is a failure too.
         return HookOutcome(False, f"{title} lifecycle hook failed. {_ADVICE}")
     if result.status != 200:
-        return HookOutcome(False, f"{title} lifecycle hook returned HTTP status {result.status}. {_ADVICE}", result.status)
+        return HookOutcome(
+            False, f"{title} lifecycle hook returned HTTP status {result.status}. {_ADVICE}", result.status
+        )
     return HookOutcome(True, status=200)

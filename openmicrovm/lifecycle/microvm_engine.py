@@ -175,7 +175,7 @@ class MicrovmEngine:
     # -- operations -----------------------------------------------------------------------------
     async def _start(self, microvm_id: str, entry: _Live) -> None:
         row = self._row(microvm_id)
-        if row is None or row["state"] != "PENDING":
+        if row is None or row["state"] != "PENDING" or records.is_resuming(row):
             return
         snapshot = self.snapshot_dir(row)
         if snapshot is None:
@@ -184,12 +184,17 @@ class MicrovmEngine:
         try:
             entry.sandbox = await self.driver.restore(microvm_id, snapshot)
         except DriverError as error:
-            await self._fail(microvm_id, entry, f"The MicroVM could not be restored from its snapshot: {error}")
+            await self._fail(
+                microvm_id, entry, f"The MicroVM could not be restored from its snapshot: {error}"
+            )
             return
         self._follow_output(microvm_id, entry.sandbox)
         config = json.loads(row["config"])
         outcome = await call_lifecycle_hook(
-            self.driver, entry.sandbox, self._version_config(row), "run",
+            self.driver,
+            entry.sandbox,
+            self._version_config(row),
+            "run",
             {"microvmId": microvm_id, "runHookPayload": config.get("runHookPayload") or ""},
         )
         if not outcome.ok:
@@ -222,12 +227,15 @@ class MicrovmEngine:
 
     async def resume(self, microvm_id: str) -> bool:
         """Resume a SUSPENDED MicroVM; concurrent callers (API, auto-resume) share one resume.
+        The MicroVM is PENDING (with its suspended_at kept) while it resumes, as seen live on AWS:
+        the intent is in the store, so a restart finishes an acknowledged resume.
         True when the MicroVM is RUNNING afterwards."""
         entry = self._entry(microvm_id)
         if entry.resuming is not None:
             return await asyncio.shield(entry.resuming)
         entry.resuming = asyncio.get_running_loop().create_future()
         try:
+            records.begin_resume(self.service, microvm_id)
             await self._locked(microvm_id, self._resume)
             row = self._row(microvm_id)
             result = row is not None and row["state"] == "RUNNING"
@@ -241,11 +249,12 @@ class MicrovmEngine:
 
     async def _resume(self, microvm_id: str, entry: _Live) -> None:
         row = self._row(microvm_id)
-        if row is None or row["state"] != "SUSPENDED" or entry.sandbox is None:
+        if row is None or not records.is_resuming(row) or entry.sandbox is None:
             return
         started = time.monotonic()
         try:
-            await self.driver.resume(entry.sandbox)
+            if self.driver.is_suspended(entry.sandbox):
+                await self.driver.resume(entry.sandbox)
         except DriverError as error:
             await self._fail(microvm_id, entry, f"The MicroVM could not be resumed: {error}")
             return
@@ -255,7 +264,7 @@ class MicrovmEngine:
             return
         now = self.service.clock()
         if records.transition(
-            self.service, microvm_id, ("SUSPENDED",), "RUNNING", suspended_at=None, last_activity_at=now
+            self.service, microvm_id, ("PENDING",), "RUNNING", suspended_at=None, last_activity_at=now
         ):
             self._changed(microvm_id, "RUNNING")
             self._observe("resume", time.monotonic() - started)
@@ -265,17 +274,24 @@ class MicrovmEngine:
         if row is None or row["state"] != "TERMINATING":
             return
         started = time.monotonic()
-        suspended = row["suspended_at"] is not None
-        if entry.sandbox is not None and not suspended:
+        # The sandbox says whether it is suspended: a suspend may have finished after the
+        # terminate was asked for, leaving suspended_at unset.
+        if entry.sandbox is not None and not self.driver.is_suspended(entry.sandbox):
             # Best effort, bounded by the hook's timeout; termination goes on whatever it answers.
-            outcome = await call_lifecycle_hook(self.driver, entry.sandbox, self._version_config(row), "terminate")
+            outcome = await call_lifecycle_hook(
+                self.driver, entry.sandbox, self._version_config(row), "terminate"
+            )
             if not outcome.ok:
                 self._event(microvm_id, f"terminate hook: {outcome.reason}")
         await self.app_output.stop(microvm_id)
         await self._destroy(entry)
         if records.transition(
-            self.service, microvm_id, ("TERMINATING",), "TERMINATED",
-            state_reason=row["state_reason"] or SUCCESS, terminated_at=self.service.clock(),
+            self.service,
+            microvm_id,
+            ("TERMINATING",),
+            "TERMINATED",
+            state_reason=row["state_reason"] or SUCCESS,
+            terminated_at=self.service.clock(),
         ):
             self._changed(microvm_id, "TERMINATED")
             self._observe("terminate", time.monotonic() - started)

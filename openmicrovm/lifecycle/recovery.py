@@ -1,6 +1,10 @@
-"""Start-up recovery (spec §3.4 states, issue: restart recovery): every MicroVM that was live when the
-server stopped is re-adopted or terminated with a reason, and nothing the driver finds without a
-record survives."""
+"""Start-up recovery: every MicroVM that was live when the server stopped is re-adopted, finished
+or terminated with a reason, and nothing the driver finds without a record survives.
+
+Order matters: sandboxes are adopted first, then everything else the driver finds (a half-made
+sandbox of a start the crash interrupted, a warm pool's leftovers) is removed, and only then are
+interrupted starts begun again, on a clean slate.
+"""
 
 from __future__ import annotations
 
@@ -15,45 +19,38 @@ LOST = "The MicroVM's sandbox was gone when the server restarted."
 
 async def recover_microvms(engine: MicrovmEngine) -> None:
     service, driver = engine.service, engine.driver
-    rows = service.db.all("SELECT id, state FROM microvms WHERE state != 'TERMINATED'")
+    rows = service.db.all("SELECT * FROM microvms WHERE state != 'TERMINATED'")
     keep: set[str] = set()
+    starts: list[str] = []
     for row in rows:
         microvm_id, state = row["id"], row["state"]
-        sandbox = await driver.adopt(microvm_id)
-        if state == "PENDING":
-            # The start never finished: throw away what it left and start again.
-            if sandbox is not None:
-                await driver.destroy(sandbox)
-            keep.add(microvm_id)
-            engine.schedule_start(microvm_id)
+        if state == "PENDING" and not records.is_resuming(row):
+            starts.append(microvm_id)  # the start never finished: it begins again below
             continue
+        sandbox = await driver.adopt(microvm_id)
         if sandbox is None:
-            if state == "TERMINATING":
-                records.transition(
-                    service, microvm_id, ("TERMINATING",), "TERMINATED",
-                    state_reason=service.db.scalar("SELECT state_reason FROM microvms WHERE id = ?", (microvm_id,))
-                    or "Success.",
-                    terminated_at=service.clock(),
-                )
-            else:
-                records.mark_terminated(service, microvm_id, LOST)
-            log.warning("%s: %s", microvm_id, LOST if state != "TERMINATING" else "terminated during the restart")
+            reason = (row["state_reason"] or "Success.") if state == "TERMINATING" else LOST
+            records.mark_terminated(service, microvm_id, reason)
+            log.warning("%s (%s): %s", microvm_id, state, reason)
             continue
         keep.add(microvm_id)
         engine.adopt(microvm_id, sandbox)
         suspended = driver.is_suspended(sandbox)
         if state == "TERMINATING":
             engine.schedule_terminate(microvm_id)
+        elif state == "PENDING":  # an acknowledged resume: finish it
+            engine.schedule_resume(microvm_id)
         elif state == "SUSPENDING":
             if suspended:
                 records.transition(service, microvm_id, ("SUSPENDING",), "SUSPENDED", suspended_at=service.clock())
             else:
                 engine.schedule_suspend(microvm_id)
         elif state == "SUSPENDED" and not suspended:
-            # The server stopped in the middle of a resume: the MicroVM is still SUSPENDED.
             await driver.suspend(sandbox)
         elif state == "RUNNING" and suspended:
             await driver.resume(sandbox)
     removed = await driver.cleanup_strays(keep)
     if removed:
         log.info("removed %d stray sandbox(es) left by an earlier run: %s", len(removed), ", ".join(removed))
+    for microvm_id in starts:
+        engine.schedule_start(microvm_id)

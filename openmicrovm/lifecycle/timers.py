@@ -32,7 +32,9 @@ class Timers:
         )
         for row in expired:
             records.request_terminate(
-                self.service, row["id"], f"The MicroVM reached its maximum duration of {row['duration']} seconds."
+                self.service,
+                row["id"],
+                f"The MicroVM reached its maximum duration of {row['duration']} seconds.",
             )
         idle = db.all(
             "SELECT id FROM microvms WHERE state = 'RUNNING' AND max_idle_seconds IS NOT NULL "
@@ -48,7 +50,8 @@ class Timers:
         )
         for row in stale:
             records.request_terminate(
-                self.service, row["id"],
+                self.service,
+                row["id"],
                 f"The MicroVM stayed suspended for its suspendedDurationSeconds ({row['suspended_ttl_seconds']:g} s).",
             )
 

@@ -309,7 +309,7 @@ def resume_microvm(service: Service, context: RequestContext, params: Params) ->
         state = row["state"]
         if state in ("TERMINATING", "TERMINATED"):
             raise ValidationError(terminated_message(row["id"]))
-        if state == "RUNNING":
+        if state == "RUNNING" or is_resuming(row):
             return {}
         if state != "SUSPENDED":
             raise ConflictError(
@@ -317,9 +317,20 @@ def resume_microvm(service: Service, context: RequestContext, params: Params) ->
                 resourceId=row["id"],
                 resourceType="Microvm",
             )
-        # The MicroVM stays SUSPENDED while it is restored and its resume hook runs (spec §2.18).
+        # Recorded before answering, so that a restart finishes a resume that was acknowledged.
+        begin_resume(service, row["id"])
         service.after_commit(lambda: service.microvms.schedule_resume(row["id"]))
         return {}
+
+
+def is_resuming(row: Row) -> bool:
+    """A MicroVM on its way back from SUSPENDED is PENDING with its suspended_at kept."""
+    return row["state"] == "PENDING" and row["suspended_at"] is not None
+
+
+def begin_resume(service: Service, microvm_id: str) -> bool:
+    """SUSPENDED → PENDING (the brief PENDING seen on resume live, spec §2.18)."""
+    return transition(service, microvm_id, ("SUSPENDED",), "PENDING")
 
 
 @operation("TerminateMicrovm")

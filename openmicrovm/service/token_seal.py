@@ -111,6 +111,8 @@ class KeyRing:
             raise TokenError("not a compact JWE with a direct key")
         try:
             header: dict[str, Any] = json.loads(_b64decode(parts[0]))
+            if not isinstance(header, dict):
+                raise TokenError("the protected header is not a JSON object")
             if header.get("alg") != "dir" or header.get("enc") != "A256GCM":
                 raise TokenError("unsupported algorithm")
             key = self._keys.get(str(header.get("kid")))
@@ -119,6 +121,8 @@ class KeyRing:
             iv, ciphertext, tag = (_b64decode(p) for p in parts[2:])
             payload = AESGCM(key).decrypt(iv, ciphertext + tag, parts[0].encode("ascii"))
             claims = json.loads(payload)
+            if not isinstance(claims, dict):
+                raise TokenError("the claims are not a JSON object")
             return TokenClaims(
                 account=str(claims["acct"]),
                 microvm_id=str(claims["vm"]),

@@ -38,26 +38,9 @@ _TESTS = "tests/reliability/test_crash_safety.py::"
 # xfail test passes.
 KNOWN_BUGS: list[tuple[tuple[str, ...], str]] = [
     (
-        ("could not be restored from its snapshot", "already exists"),
-        _TESTS + "test_a_microvm_being_started_survives_a_crash",
-    ),
-    # Seen once in random trials on the working-tree runtime (runsc 2024, restore pool): a MicroVM
-    # PENDING at the kill fails its restart with "cannot restore from snapshot ... (corrupt?)".
-    (
-        ("lost-run", "could not be restored from its snapshot"),
-        _TESTS + "test_a_microvm_being_started_survives_a_crash",
-    ),
-    (
-        ("internal-error", "is suspended; resume it first"),
-        _TESTS + "test_terminate_while_suspending_ends_in_success",
-    ),
-    (
         ("lost-suspend", "sandbox was gone when the server restarted"),
         _TESTS + "test_a_microvm_being_suspended_survives_a_crash",
     ),
-    (("lost-resume",), _TESTS + "test_an_acknowledged_resume_survives_a_crash"),
-    (("container already exists",), _TESTS + "test_an_acknowledged_resume_survives_a_crash"),
-    (("of SUSPENDED microvm",), _TESTS + "test_an_acknowledged_resume_survives_a_crash"),
     (
         ("stray cgroup", "(blkio, cpuset, devices, systemd)"),
         _TESTS + "test_recovery_removes_stray_cgroups_from_every_hierarchy",

@@ -208,13 +208,6 @@ def test_forged_and_tampered_tokens_are_refused(
     assert _count(hostile_server, victim) == before + 1  # only our own counting call got through
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: service/token_seal.py KeyRing.open() calls header.get() on whatever JSON the "
-    "protected header holds: a header that is a number, list or null raises AttributeError, which "
-    "escapes authorize() and drops the connection without an answer (and logs 'Task exception was "
-    "never retrieved') instead of 403 'Request missing authentication'",
-)
 def test_a_token_whose_header_is_not_an_object_gets_a_403(
     hostile_server: ServerProcess, fleet_of_two: tuple[Target, Target]
 ) -> None:
@@ -339,12 +332,6 @@ def test_a_token_never_reaches_a_port_it_does_not_allow(
     assert _count(hostile_server, victim, 9090) == before + 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: endpoint/proxy.py choose_port() and http1.py _content_length() accept anything "
-    "str.isdigit() accepts, then int() it: a latin-1 superscript ('\\xb2') passes isdigit() but int() "
-    "raises ValueError, which nothing catches: the connection drops with no answer instead of a 400",
-)
 def test_superscript_digits_in_a_port_or_length_are_a_400(
     hostile_server: ServerProcess, fleet_of_two: tuple[Target, Target]
 ) -> None:
@@ -484,12 +471,6 @@ def test_slowloris_clients_block_nobody_and_are_dropped_after_the_head_timeout(
     _count(hostile_server, victim)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: once the front door hands a connection to aiohttp (the API), nothing times out a "
-    "request head: a client that completes one API request and then trickles the next head a byte "
-    "a second keeps the connection (and its fd) forever (aiohttp's keepalive timer restarts on every byte)",
-)
 def test_a_slowloris_on_a_kept_alive_api_connection_is_dropped(slowloris: dict[str, Trickler]) -> None:
     drops = _wait_for_drops(slowloris, ["api second head"])
     after = drops["api second head"]

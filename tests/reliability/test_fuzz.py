@@ -37,7 +37,7 @@ MODEL_EXAMPLES = 500
 RAW_EXAMPLES = 100
 ENDPOINT_HOST = f"{uuid.uuid4()}.lambda-microvm.us-east-1.localhost"
 # Corpus entries that hit a known bug, each shown by an xfail test below.
-KNOWN_BUG_ENTRIES = {"deeply nested JSON", "endpoint: deeply nested JSON"}
+KNOWN_BUG_ENTRIES: set[str] = set()
 
 
 @pytest.fixture(scope="module")
@@ -151,11 +151,6 @@ def test_records_settle_after_the_fuzzing(fuzzed: tuple[ServerProcess, Identifie
     assert settled_violations(server.data_dir, frozenset({server.process.pid})) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: api/protocol.py parse_input catches ValueError from json.loads but not RecursionError: "
-    "a body of 100,000 '[' (within max_request_bytes) is a 500 InternalServerException, not a 400",
-)
 def test_deeply_nested_json_is_a_validation_error(fuzzed: tuple[ServerProcess, Identifiers]) -> None:
     server, _ = fuzzed
     alice = client_for(server, ALICE, validate=False)
@@ -168,12 +163,6 @@ def test_deeply_nested_json_is_a_validation_error(fuzzed: tuple[ServerProcess, I
     assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: server.py routes '/{tail:.*}', and '.' does not match a newline: a path with %0A or "
-    "%0D in it is answered by aiohttp's own plain-text '404: Not Found', not an AWS error "
-    "(no X-Amzn-Errortype, no JSON message)",
-)
 def test_a_path_with_an_encoded_line_break_gets_an_aws_error(
     fuzzed: tuple[ServerProcess, Identifiers],
 ) -> None:

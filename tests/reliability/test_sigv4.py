@@ -87,12 +87,6 @@ def test_a_body_changed_after_signing_is_refused_whatever_hash_header_it_carries
     assert f"evil-{name}" not in _names(alice)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: with x-amz-content-sha256 among the SignedHeaders, auth.py trusts the header as the "
-    "payload hash (botocore's canonical_request does) and never hashes the body: a captured request "
-    "can be replayed with any body for 5 minutes, and UNSIGNED-PAYLOAD leaves bodies unsigned",
-)
 def test_a_signed_payload_hash_header_must_match_the_body(
     signer: Signer, keyed_server: ServerProcess, alice: Any
 ) -> None:
@@ -148,11 +142,6 @@ def test_a_scope_signed_for_another_region_acts_in_that_region_only(
     assert code == "ResourceNotFoundException"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: auth.py takes the credential scope's region verbatim: a non-ASCII region makes "
-    "botocore's HMAC raise UnicodeEncodeError (500 InternalServerException)",
-)
 def test_a_non_ascii_scope_region_is_a_signature_error_not_a_500(keyed_server: ServerProcess) -> None:
     headers = signed_headers(
         f"http://127.0.0.1:{keyed_server.port}{MANAGED}",
@@ -166,12 +155,6 @@ def test_a_non_ascii_scope_region_is_a_signature_error_not_a_500(keyed_server: S
     assert response.status == 403, (response.status, response.body)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: auth.py takes any credential-scope region, ':' included, and the server builds ARNs "
-    "from it: signed for 'us-east-1:999999999999', ListManagedMicrovmImages answers 200 with the "
-    "ARN 'arn:aws:lambda:us-east-1:999999999999:aws:microvm-image:al2023-1'",
-)
 def test_a_scope_region_must_look_like_a_region(signer: Signer) -> None:
     injected = signer.send("GET", MANAGED, region="us-east-1:999999999999")
     assert injected.status == 403, (injected.status, injected.body)
@@ -267,12 +250,6 @@ def test_a_presigned_url_that_was_edited_is_refused(keyed_server: ServerProcess)
     assert raw_request(keyed_server.port, "POST", good).status in (403, 404)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: auth.py ignores X-Amz-Expires and applies the 5-minute clock-skew window to "
-    "X-Amz-Date instead: a URL presigned for 30 s stays valid for 5 minutes, and one presigned "
-    "for an hour stops working after 5 minutes",
-)
 def test_a_presigned_url_lives_exactly_as_long_as_x_amz_expires(keyed_server: ServerProcess) -> None:
     expired = _presigned(keyed_server, MANAGED, expires=30, timestamp=amz_date(-120))
     still_valid = _presigned(keyed_server, MANAGED, expires=3600, timestamp=amz_date(-600))

@@ -1,0 +1,450 @@
+"""The network a build runs in: its own namespace with egress to the outside world only.
+
+Every `buildah bud` runs in a network namespace of its own (see isolation.py for the rest of its
+containment), wired to the host like this:
+
+    [build netns omvb-XXXX]  eth0 10.213.a.b+2/30  <--veth-->  omvbXXXXh 10.213.a.b+1/30  [host]
+    default route via the host end                             NAT (masquerade) to the world
+
+and an nftables table `inet omvb_XXXX` of its own, which
+
+* refuses everything from the build addressed to the host itself (the input hook sees every packet
+  for any address of this machine: loopback, every interface, 0.0.0.0 listeners, the veth's own
+  address), so the API, moto, a DNS stub or any other host service is out of reach;
+* refuses forwarded traffic the host DNATs (published container ports are the host's too), traffic
+  to link-local 169.254.0.0/16 (the sandboxes' addresses and cloud metadata services), loopback,
+  multicast and reserved ranges, and traffic to other builds; drops all IPv6 (the build has none);
+* lets everything else out, masqueraded behind the host's address on the way out, and lets only
+  replies back in.
+
+TCP is refused with a reset and the rest with ICMP admin-prohibited, so a build that tries fails at
+once instead of hanging in connect. Inside, 127.0.0.1 is the namespace's own loopback: `ADD
+http://127.0.0.1:<port>/` and a RUN step's `curl localhost` never reach the host.
+
+DNS: the build gets the host's /etc/resolv.conf with its IPv4 resolvers (plus search/options).
+A resolver on the host itself (127.0.0.53 of systemd-resolved, a local dnsmasq) cannot be reached
+from the build, so then the upstream resolvers systemd-resolved lists in
+/run/systemd/resolve/resolv.conf are used instead; without any, the build has no DNS (logged).
+
+Addresses: one /30 per build from OPENMICROVM_BUILD_SUBNET (default 10.213.0.0/16, 16384 builds
+at once). A /30 is reserved host-wide by an flock on /run/openmicrovm/build-net/XXXX.lock held for
+the build's life, so several servers on one machine never collide, and the lock tells a live
+build from one a crashed server left behind: cleanup_build_networks() removes every omvb-*
+namespace, omvb*h veth, omvb_* table and resolver file whose lock is free, and is safe to call at
+any time (it also runs before each build).
+
+Needs root, iproute2 and nftables (the `nft` command), and IPv4 forwarding: it is switched on when
+off (as Docker and Podman do), since builds may need egress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import ipaddress
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from openmicrovm.builder.cleanup import run_to_completion
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SUBNET = "10.213.0.0/16"
+SUBNET_ENV = "OPENMICROVM_BUILD_SUBNET"
+STATE_DIR = Path("/run/openmicrovm/build-net")
+NETNS_DIR = Path("/run/netns")
+NETNS_PREFIX = "omvb-"  # the runtime's sandboxes use omv-<scope>-...; no overlap
+LINK_PREFIX = "omvb"
+TABLE_PREFIX = "omvb_"
+_IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+_HOST_RESOLV_CONF = Path("/etc/resolv.conf")
+_UPSTREAM_RESOLV_CONF = Path("/run/systemd/resolve/resolv.conf")  # systemd-resolved's upstreams
+_MAX_ALLOCATION_ATTEMPTS = 64
+# Never forwarded from a build: link-local (sandboxes, cloud metadata), loopback, "this network",
+# multicast and reserved space.
+_BLOCKED_DESTINATIONS = "169.254.0.0/16, 127.0.0.0/8, 0.0.0.0/8, 224.0.0.0/4, 240.0.0.0/4"
+
+_NETNS_NAME = re.compile(rf"^{NETNS_PREFIX}([0-9a-f]{{4}})$")
+_LINK_NAME = re.compile(rf"^{LINK_PREFIX}([0-9a-f]{{4}})h$")
+_TABLE_NAME = re.compile(rf"^{TABLE_PREFIX}([0-9a-f]{{4}})$")
+_STATE_FILE = re.compile(r"^([0-9a-f]{4})\.resolv\.conf$")
+
+
+class BuildNetworkError(Exception):
+    """The build network could not be set up (the build must not run without it)."""
+
+
+@dataclass(frozen=True)
+class _Names:
+    index: int
+
+    @property
+    def tag(self) -> str:
+        return f"{self.index:04x}"
+
+    @property
+    def netns(self) -> str:
+        return f"{NETNS_PREFIX}{self.tag}"
+
+    @property
+    def host_link(self) -> str:
+        return f"{LINK_PREFIX}{self.tag}h"
+
+    @property
+    def table(self) -> str:
+        return f"{TABLE_PREFIX}{self.tag}"
+
+    @property
+    def lock_path(self) -> Path:
+        return STATE_DIR / f"{self.tag}.lock"
+
+    @property
+    def resolv_conf(self) -> Path:
+        return STATE_DIR / f"{self.tag}.resolv.conf"
+
+
+@dataclass(frozen=True)
+class BuildNetwork:
+    """A build's network namespace, alive until close()."""
+
+    names: _Names
+    subnet: ipaddress.IPv4Network  # the build's /30
+    nameservers: tuple[str, ...]
+    _lock: int  # file descriptor holding the flock
+
+    @property
+    def netns_path(self) -> Path:
+        return NETNS_DIR / self.names.netns
+
+    @property
+    def resolv_conf(self) -> Path:
+        return self.names.resolv_conf
+
+    @property
+    def build_address(self) -> str:
+        return str(self.subnet.network_address + 2)
+
+    @property
+    def host_address(self) -> str:
+        return str(self.subnet.network_address + 1)
+
+    async def close(self) -> None:
+        """Remove the namespace, veth, nftables table and resolver file, then free the /30."""
+        try:
+            await _remove_objects(self.names)
+        finally:
+            os.close(self._lock)
+
+
+def configured_subnet() -> ipaddress.IPv4Network:
+    text = os.environ.get(SUBNET_ENV, "").strip() or DEFAULT_SUBNET
+    try:
+        subnet = ipaddress.IPv4Network(text)
+    except ValueError as error:
+        raise BuildNetworkError(f"${SUBNET_ENV}={text!r} is not an IPv4 network: {error}") from None
+    if subnet.prefixlen > 30 or not subnet.is_private:
+        raise BuildNetworkError(f"${SUBNET_ENV}={text!r} must be a private IPv4 network of /30 or larger")
+    return subnet
+
+
+def _slot(subnet: ipaddress.IPv4Network, index: int) -> ipaddress.IPv4Network:
+    return ipaddress.IPv4Network((int(subnet.network_address) + 4 * index, 30))
+
+
+def _slots(subnet: ipaddress.IPv4Network) -> int:
+    return min(subnet.num_addresses // 4, 0x10000)
+
+
+# ----------------------------------------------------------------------------- subprocesses
+
+
+async def _run(argv: list[str], stdin: str | None = None, check: bool = True) -> tuple[int, str]:
+    """Run a command; returns (returncode, combined output). Raises BuildNetworkError if `check`."""
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+    except FileNotFoundError:
+        package = "nftables" if argv[0] == "nft" else "iproute2"
+        raise BuildNetworkError(
+            f"`{argv[0]}` is not installed on this server (Debian: apt-get install {package})"
+        ) from None
+    output, _ = await process.communicate(stdin.encode() if stdin is not None else None)
+    text = output.decode(errors="replace").strip()
+    assert process.returncode is not None
+    if check and process.returncode != 0:
+        shown = " ".join(argv) + (f" <<< {stdin.strip()!r}" if stdin else "")
+        raise BuildNetworkError(f"{shown} failed: {text}")
+    return process.returncode, text
+
+
+async def _ip_batch(netns: str | None, commands: list[str]) -> None:
+    await _run(["ip", *(["-n", netns] if netns else []), "-batch", "-"], "\n".join(commands) + "\n")
+
+
+# ----------------------------------------------------------------------------- DNS
+
+
+def _resolver_lines(text: str) -> tuple[list[str], list[str]]:
+    """(usable IPv4 nameservers, search/domain/options lines) of a resolv.conf."""
+    servers: list[str] = []
+    others: list[str] = []
+    for raw in text.splitlines():
+        fields = raw.split("#", 1)[0].split(";", 1)[0].split()
+        if not fields:
+            continue
+        if fields[0] == "nameserver" and len(fields) >= 2:
+            try:
+                address = ipaddress.ip_address(fields[1])
+            except ValueError:
+                continue
+            # A resolver on this host is out of the build's reach; the build has no IPv6.
+            if address.version == 4 and not (address.is_loopback or address.is_unspecified):
+                servers.append(str(address))
+        elif fields[0] in ("search", "domain", "options"):
+            others.append(" ".join(fields))
+    return servers, others
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def build_resolv_conf() -> tuple[str, tuple[str, ...]]:
+    """The resolv.conf a build gets, and its nameservers (empty: the build has no DNS)."""
+    servers, others = _resolver_lines(_read(_HOST_RESOLV_CONF))
+    if not servers:
+        upstream, upstream_others = _resolver_lines(_read(_UPSTREAM_RESOLV_CONF))
+        servers, others = upstream, others or upstream_others
+    servers = list(dict.fromkeys(servers))[:3]  # glibc uses at most three
+    lines = [
+        "# written by openmicrovm for an image build (the host's resolvers)",
+        *(f"nameserver {server}" for server in servers),
+        *others,
+    ]
+    return "\n".join(lines) + "\n", tuple(servers)
+
+
+# ----------------------------------------------------------------------------- firewall
+
+
+def _ruleset(names: _Names, subnet: ipaddress.IPv4Network) -> str:
+    link = names.host_link
+    refuse = "reject with icmpx type admin-prohibited"
+    return f"""\
+table inet {names.table} {{
+    chain input {{
+        type filter hook input priority filter - 5; policy accept;
+        iifname "{link}" meta l4proto tcp reject with tcp reset
+        iifname "{link}" {refuse}
+    }}
+    chain forward {{
+        type filter hook forward priority filter - 5; policy accept;
+        iifname "{link}" meta nfproto != ipv4 drop
+        iifname "{link}" ct status dnat {refuse}
+        iifname "{link}" ip daddr {{ {_BLOCKED_DESTINATIONS} }} {refuse}
+        iifname "{link}" oifname "{LINK_PREFIX}*" {refuse}
+        oifname "{link}" ct state established,related accept
+        oifname "{link}" drop
+    }}
+    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        ip saddr {subnet} oifname != "{link}" masquerade
+    }}
+}}
+"""
+
+
+async def _table_names() -> list[str]:
+    code, output = await _run(["nft", "-j", "list", "tables", "inet"], check=False)
+    if code != 0:
+        return []
+    try:
+        listed = json.loads(output or "{}").get("nftables", [])
+    except ValueError:
+        return []
+    return [item["table"]["name"] for item in listed if isinstance(item, dict) and "table" in item]
+
+
+# ----------------------------------------------------------------------------- host checks
+
+
+def _ensure_forwarding() -> None:
+    try:
+        if _IP_FORWARD.read_text().strip() == "1":
+            return
+        _IP_FORWARD.write_text("1\n")
+    except OSError as error:
+        raise BuildNetworkError(f"cannot enable IPv4 forwarding for build egress: {error}") from None
+    logger.warning("enabled IPv4 forwarding (net.ipv4.ip_forward=1) so that image builds reach the network")
+
+
+async def _check_no_overlap(subnet: ipaddress.IPv4Network) -> None:
+    """Refuse a build subnet that overlaps a network the host routes elsewhere."""
+    code, output = await _run(["ip", "-j", "-4", "route", "show", "table", "all"], check=False)
+    if code != 0:
+        return
+    try:
+        routes = json.loads(output or "[]")
+    except ValueError:
+        return
+    for route in routes:
+        dst, dev = route.get("dst", ""), str(route.get("dev", ""))
+        if dst in ("", "default") or _LINK_NAME.match(dev) or route.get("type") in ("local", "broadcast"):
+            continue
+        try:
+            network = ipaddress.IPv4Network(dst if "/" in dst else f"{dst}/32", strict=False)
+        except ValueError:
+            continue
+        if network.prefixlen > 0 and network.overlaps(subnet):
+            raise BuildNetworkError(
+                f"the build subnet {subnet} overlaps the host's route to {dst} (dev {dev}); "
+                f"choose another private range with ${SUBNET_ENV}"
+            )
+
+
+# ----------------------------------------------------------------------------- locks and cleanup
+
+
+def _try_lock(names: _Names) -> int | None:
+    """The flock'd fd of the slot, or None when a live build holds it."""
+    STATE_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(names.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+async def _remove_objects(names: _Names, tables: list[str] | None = None) -> None:
+    """Remove what exists of a slot's objects; quiet about what does not."""
+    # Deleting the host end removes the pair; the namespace goes when its last process does.
+    if Path("/sys/class/net", names.host_link).exists():
+        await _run(["ip", "link", "delete", names.host_link], check=False)
+    if (NETNS_DIR / names.netns).exists():
+        await _run(["ip", "netns", "delete", names.netns], check=False)
+    if names.table in (tables if tables is not None else await _table_names()):
+        await _run(["nft", "delete", "table", "inet", names.table], check=False)
+    names.resolv_conf.unlink(missing_ok=True)
+
+
+async def _leftover_indexes() -> set[int]:
+    found: set[int] = set()
+
+    def collect(pattern: re.Pattern[str], entries: list[str]) -> None:
+        for entry in entries:
+            if match := pattern.match(entry):
+                found.add(int(match.group(1), 16))
+
+    with contextlib.suppress(OSError):
+        collect(_NETNS_NAME, os.listdir(NETNS_DIR))
+    with contextlib.suppress(OSError):
+        collect(_LINK_NAME, os.listdir("/sys/class/net"))
+    with contextlib.suppress(OSError):
+        collect(_STATE_FILE, os.listdir(STATE_DIR))
+    collect(_TABLE_NAME, await _table_names() if shutil.which("nft") else [])
+    return found
+
+
+async def cleanup_build_networks() -> list[str]:
+    """Remove the build networks (namespace, veth, nftables table, resolver file) that no running
+    build holds: what a crashed or killed server left behind. Safe at any time, also while builds
+    of this or another server run (their flocks keep them). Returns the namespaces removed."""
+    removed: list[str] = []
+    indexes = await _leftover_indexes()
+    if not indexes:
+        return removed
+    tables = await _table_names() if shutil.which("nft") else []
+    for index in sorted(indexes):
+        names = _Names(index)
+        fd = _try_lock(names)
+        if fd is None:
+            continue  # a live build
+        try:
+            await _remove_objects(names, tables)
+            removed.append(names.netns)
+        finally:
+            os.close(fd)
+    if removed:
+        logger.info("removed %d build network(s) left behind: %s", len(removed), ", ".join(removed))
+    return removed
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+async def _create(names: _Names, subnet: ipaddress.IPv4Network) -> None:
+    host = f"{subnet.network_address + 1}/30"
+    build = f"{subnet.network_address + 2}/30"
+    await _ip_batch(
+        None,
+        [
+            f"netns add {names.netns}",
+            f"link add {names.host_link} type veth peer name eth0 netns {names.netns}",
+            # No IPv6 link-local addresses: the build has IPv4 only (and resolvers skip AAAA).
+            f"link set {names.host_link} addrgenmode none",
+            f"addr add {host} dev {names.host_link}",
+            f"link set {names.host_link} up",
+        ],
+    )
+    await _ip_batch(
+        names.netns,
+        [
+            "link set lo up",
+            "link set eth0 addrgenmode none",
+            f"addr add {build} dev eth0",
+            "link set eth0 up",
+            f"route add default via {subnet.network_address + 1}",
+        ],
+    )
+    await _run(["nft", "-f", "-"], _ruleset(names, subnet))
+
+
+async def open_build_network() -> BuildNetwork:
+    """A fresh build network; close() it when the build is over (also on failure/cancellation)."""
+    if os.geteuid() != 0:
+        raise BuildNetworkError("image builds run in a network namespace of their own, which needs root")
+    for tool, package in (("ip", "iproute2"), ("nft", "nftables"), ("nsenter", "util-linux")):
+        if shutil.which(tool) is None:
+            raise BuildNetworkError(f"`{tool}` is not installed on this server (Debian: apt-get install {package})")
+    subnet = configured_subnet()
+    await _check_no_overlap(subnet)
+    await asyncio.to_thread(_ensure_forwarding)
+    await cleanup_build_networks()
+    slots = _slots(subnet)
+    for _ in range(_MAX_ALLOCATION_ATTEMPTS):
+        names = _Names(random.randrange(slots))
+        fd = await asyncio.to_thread(_try_lock, names)
+        if fd is None:
+            continue
+        network: BuildNetwork | None = None
+        try:
+            await _remove_objects(names)  # a crash between lock and cleanup may have left some
+            text, servers = build_resolv_conf()
+            names.resolv_conf.write_text(text)
+            await _create(names, _slot(subnet, names.index))
+            network = BuildNetwork(names, _slot(subnet, names.index), servers, fd)
+            return network
+        finally:
+            if network is None:
+                await run_to_completion(_remove_objects(names))
+                os.close(fd)
+    raise BuildNetworkError(f"no free build subnet in {subnet} after {_MAX_ALLOCATION_ATTEMPTS} attempts")
