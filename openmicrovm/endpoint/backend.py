@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 
 from openmicrovm.lifecycle.microvm_engine import MicrovmEngine
-from openmicrovm.runtime.driver import DriverError, PortNotListening, PtySession
+from openmicrovm.runtime.driver import DriverError, PortNotListening, PtySession, TooManyConnections
 from openmicrovm.service.core import Service
 
 # How long a request to a PENDING MicroVM (or one being resumed) is held before a 502.
@@ -35,6 +35,15 @@ class EndpointBackend:
         self.service = service
         self.engine = engine
         self._last_write: dict[str, float] = {}
+        # Open connections into each MicroVM: cut at once when it stops, so that a request in
+        # flight gets its 502 now rather than after TCP gives up on a sandbox that is gone.
+        self._upstreams: dict[str, list[asyncio.StreamWriter]] = {}
+        engine.listeners.append(self._state_changed)
+
+    def _state_changed(self, microvm_id: str, state: str) -> None:
+        if state in ("TERMINATED", "SUSPENDED"):
+            for writer in self._upstreams.pop(microvm_id, []):
+                writer.transport.abort()
 
     def lookup(self, hostname: str) -> Target | None:
         row = self.service.db.one(
@@ -83,11 +92,14 @@ class EndpointBackend:
         if sandbox is None:
             raise Unreachable("the MicroVM has no running sandbox")
         try:
-            return await self.engine.driver.connect(sandbox, port)
-        except PortNotListening:
+            reader, writer = await self.engine.driver.connect(sandbox, port)
+        except (PortNotListening, TooManyConnections):
             raise
         except (DriverError, OSError) as error:
             raise Unreachable(str(error)) from error
+        open_now = [w for w in self._upstreams.get(microvm_id, []) if not w.is_closing()]
+        self._upstreams[microvm_id] = [*open_now, writer]
+        return reader, writer
 
     async def open_shell(self, microvm_id: str, rows: int, cols: int) -> PtySession:
         sandbox = self.engine.sandbox(microvm_id)

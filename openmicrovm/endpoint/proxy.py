@@ -31,7 +31,7 @@ from openmicrovm.endpoint.http1 import (
     response_framing,
     simple_response,
 )
-from openmicrovm.runtime.driver import PortNotListening
+from openmicrovm.runtime.driver import PortNotListening, TooManyConnections
 from openmicrovm.service.token_seal import TokenClaims, TokenError
 
 log = logging.getLogger("openmicrovm.endpoint")
@@ -244,6 +244,11 @@ class EndpointConnection:
         for attempt in (1, 2):
             try:
                 up_reader, up_writer, reused = await self._upstream_for(vm, port)
+            except TooManyConnections:
+                # The MicroVM takes no more connections at once: the client may try again (spec §5.3).
+                raise Refusal(
+                    429, "Too Many Requests", b"Too many concurrent connections to this MicroVM"
+                ) from None
             except (PortNotListening, Unreachable):
                 raise Refusal(502, "Bad Gateway") from None
             up_writer.write(serialized)
@@ -300,6 +305,10 @@ class EndpointConnection:
 
         try:
             up_reader, up_writer = await self.backend.connect(vm, port)
+        except TooManyConnections:
+            raise Refusal(
+                429, "Too Many Requests", b"Too many concurrent connections to this MicroVM"
+            ) from None
         except (PortNotListening, Unreachable):
             raise Refusal(502, "Bad Gateway") from None
         body = decoded_body(framing, self.reader) if framing.kind != "none" else None

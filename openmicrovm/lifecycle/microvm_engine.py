@@ -38,6 +38,7 @@ class _Live:
     sandbox: Sandbox | None = None
     lock: asyncio.Lock | None = None
     resuming: asyncio.Future[bool] | None = None
+    watcher: asyncio.Task[None] | None = None  # notices a sandbox that died under a live MicroVM
 
 
 class MicrovmEngine:
@@ -140,7 +141,33 @@ class MicrovmEngine:
         for listener in self.listeners:
             listener(microvm_id, state)
 
+    def _watch(self, microvm_id: str) -> None:
+        """Follow a live sandbox, so that one that dies (its app crashed, the memory limit struck)
+        does not leave its MicroVM saying RUNNING."""
+        entry = self._entry(microvm_id)
+        if entry.sandbox is not None and (entry.watcher is None or entry.watcher.done()):
+            entry.watcher = self._spawn(self._watch_exit(microvm_id, entry.sandbox))
+
+    async def _watch_exit(self, microvm_id: str, sandbox: Sandbox) -> None:
+        try:
+            status = await self.driver.wait_exit(sandbox)
+        except DriverError:
+            log.exception("%s: watching its sandbox failed", microvm_id)
+            return
+        entry = self._live.get(microvm_id)
+        row = self._row(microvm_id)
+        if entry is None or entry.sandbox is not sandbox or row is None:
+            return  # destroyed or replaced on purpose
+        if row["state"] in ("TERMINATING", "TERMINATED"):
+            return
+        detail = status.detail or status.state
+        await self._locked(
+            microvm_id, lambda vm, live: self._fail(vm, live, f"The MicroVM stopped: {detail}")
+        )
+
     async def _destroy(self, entry: _Live) -> None:
+        if entry.watcher is not None and entry.watcher is not asyncio.current_task():
+            entry.watcher.cancel()
         if entry.sandbox is not None:
             sandbox, entry.sandbox = entry.sandbox, None
             try:
@@ -160,6 +187,7 @@ class MicrovmEngine:
         """Take charge of a sandbox found at start-up (see recovery.py)."""
         self._entry(microvm_id).sandbox = sandbox
         self._follow_output(microvm_id, sandbox)
+        self._watch(microvm_id)
 
     def live_sandboxes(self) -> list[tuple[str, Sandbox]]:
         return [(microvm_id, e.sandbox) for microvm_id, e in self._live.items() if e.sandbox is not None]
@@ -207,6 +235,7 @@ class MicrovmEngine:
         ):
             self._changed(microvm_id, "RUNNING")
             self._observe("run", now - row["started_at"])
+            self._watch(microvm_id)
 
     async def _suspend(self, microvm_id: str, entry: _Live) -> None:
         row = self._row(microvm_id)

@@ -42,7 +42,9 @@ async def recover_microvms(engine: MicrovmEngine) -> None:
             engine.schedule_resume(microvm_id)
         elif state == "SUSPENDING":
             if suspended:
-                records.transition(service, microvm_id, ("SUSPENDING",), "SUSPENDED", suspended_at=service.clock())
+                records.transition(
+                    service, microvm_id, ("SUSPENDING",), "SUSPENDED", suspended_at=service.clock()
+                )
             else:
                 engine.schedule_suspend(microvm_id)
         elif state == "SUSPENDED" and not suspended:

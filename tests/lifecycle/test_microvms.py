@@ -11,10 +11,22 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from tests.lifecycle.conftest import run
 from tests.support.clients import AwsCli, aws_error
-from tests.support.endpoint import app_state, auth_token
-from tests.support.images import ALL_HOOKS, image_request, wait_for, wait_image_settled, wait_microvm
+from tests.support.endpoint import app_state, auth_token, call
+from tests.support.images import (
+    ALL_HOOKS,
+    REPO,
+    image_request,
+    upload,
+    wait_for,
+    wait_image_settled,
+    wait_microvm,
+    zip_dir,
+)
+from tests.support.moto import MotoServer
 from tests.support.server import ServerProcess
 
 
@@ -372,3 +384,28 @@ def test_a_suspended_microvm_goes_to_disk_and_frees_its_memory(
     assert (after["id"], after["counter"]) == (before["id"], before["counter"] + 1)
     client.terminate_microvm(microvmIdentifier=vm["microvmId"])
     wait_microvm(client, vm["microvmId"], {"TERMINATED"})
+
+
+def test_a_microvm_whose_sandbox_dies_is_terminated_with_the_reason(
+    server: ServerProcess, moto: MotoServer
+) -> None:
+    """An app allocating four times its memory: gVisor's sandbox is killed whole at its limit, and
+    the MicroVM must not go on saying RUNNING."""
+    client = server.client()
+    tenant = REPO / "tests" / "reliability" / "apps" / "tenant"
+    arn = client.create_microvm_image(
+        **image_request(
+            f"dies-{uuid.uuid4().hex[:6]}",
+            upload(moto, zip_dir(tenant)),
+            resources=[{"minimumMemoryInMiB": 512}],
+        )
+    )["imageArn"]
+    assert wait_image_settled(client, arn)["state"] == "CREATED"
+    vm = wait_microvm(client, run(client, arn)["microvmId"], {"RUNNING"})
+    token = auth_token(client, vm["microvmId"])
+    answer = call(server, vm["endpoint"], token, "/eat-memory?mib=2048", method="POST")
+    assert answer.status in (200, 502)
+    if answer.status == 200:
+        pytest.skip(f"the sandbox survived (only the allocating process was killed: {answer.body!r})")
+    done = wait_microvm(client, vm["microvmId"], {"TERMINATED"}, timeout=60)
+    assert done["stateReason"].startswith("The MicroVM stopped: "), done["stateReason"]
