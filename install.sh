@@ -19,7 +19,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 packages="python3 python3-venv python3-dev gcc libc6-dev runsc buildah bubblewrap debootstrap \
-iproute2 util-linux procps ca-certificates curl"
+iproute2 util-linux procps nftables ca-certificates curl"
 missing=""
 for package in $packages; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing="$missing $package"

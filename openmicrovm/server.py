@@ -13,6 +13,7 @@ from typing import IO
 from aiohttp import web
 
 from openmicrovm.api.app import ControlPlane
+from openmicrovm.builder.build_network import cleanup_build_networks
 from openmicrovm.config import Settings
 from openmicrovm.endpoint.backend import EndpointBackend
 from openmicrovm.endpoint.front_door import FrontDoor, endpoint_hostname, start_front_door
@@ -132,6 +133,8 @@ class Server:
         return lines
 
     async def start(self) -> None:
+        # Build networks a crashed server left behind (live builds of other servers are kept).
+        await cleanup_build_networks()
         await recover_microvms(self.microvm_engine)
         self.build_engine.resume_pending_work()
         self._background.append(asyncio.get_running_loop().create_task(self.timers.run()))

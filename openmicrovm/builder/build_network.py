@@ -13,7 +13,8 @@ and an nftables table `inet omvb_XXXX` of its own, which
   address), so the API, moto, a DNS stub or any other host service is out of reach;
 * refuses forwarded traffic the host DNATs (published container ports are the host's too), traffic
   to link-local 169.254.0.0/16 (the sandboxes' addresses and cloud metadata services), loopback,
-  multicast and reserved ranges, and traffic to other builds; drops all IPv6 (the build has none);
+  multicast and reserved ranges, whatever OPENMICROVM_BUILD_EGRESS_DENY lists (comma-separated
+  IPv4 networks), and traffic to other builds; drops all IPv6 (the build has none);
 * lets everything else out, masqueraded behind the host's address on the way out, and lets only
   replies back in.
 
@@ -27,9 +28,10 @@ from the build, so then the upstream resolvers systemd-resolved lists in
 /run/systemd/resolve/resolv.conf are used instead; without any, the build has no DNS (logged).
 
 Addresses: one /30 per build from OPENMICROVM_BUILD_SUBNET (default 10.213.0.0/16, 16384 builds
-at once). A /30 is reserved host-wide by an flock on /run/openmicrovm/build-net/XXXX.lock held for
-the build's life, so several servers on one machine never collide, and the lock tells a live
-build from one a crashed server left behind: cleanup_build_networks() removes every omvb-*
+at once; the lowest free one is taken; a subnet overlapping a route of the host is refused). A /30
+is reserved host-wide by an flock on /run/openmicrovm/build-net/XXXX.lock, held for the build's
+life and unlinked after, so several servers on one machine never collide, and the lock tells a
+live build from one a crashed server left behind: cleanup_build_networks() removes every omvb-*
 namespace, omvb*h veth, omvb_* table and resolver file whose lock is free, and is safe to call at
 any time (it also runs before each build).
 
@@ -46,7 +48,6 @@ import ipaddress
 import json
 import logging
 import os
-import random
 import re
 import shutil
 from dataclasses import dataclass
@@ -58,6 +59,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_SUBNET = "10.213.0.0/16"
 SUBNET_ENV = "OPENMICROVM_BUILD_SUBNET"
+# More destinations to refuse builds, comma-separated IPv4 networks (e.g. the LAN's private ranges).
+EGRESS_DENY_ENV = "OPENMICROVM_BUILD_EGRESS_DENY"
 STATE_DIR = Path("/run/openmicrovm/build-net")
 NETNS_DIR = Path("/run/netns")
 NETNS_PREFIX = "omvb-"  # the runtime's sandboxes use omv-<scope>-...; no overlap
@@ -66,7 +69,6 @@ TABLE_PREFIX = "omvb_"
 _IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 _HOST_RESOLV_CONF = Path("/etc/resolv.conf")
 _UPSTREAM_RESOLV_CONF = Path("/run/systemd/resolve/resolv.conf")  # systemd-resolved's upstreams
-_MAX_ALLOCATION_ATTEMPTS = 64
 # Never forwarded from a build: link-local (sandboxes, cloud metadata), loopback, "this network",
 # multicast and reserved space.
 _BLOCKED_DESTINATIONS = "169.254.0.0/16, 127.0.0.0/8, 0.0.0.0/8, 224.0.0.0/4, 240.0.0.0/4"
@@ -74,7 +76,7 @@ _BLOCKED_DESTINATIONS = "169.254.0.0/16, 127.0.0.0/8, 0.0.0.0/8, 224.0.0.0/4, 24
 _NETNS_NAME = re.compile(rf"^{NETNS_PREFIX}([0-9a-f]{{4}})$")
 _LINK_NAME = re.compile(rf"^{LINK_PREFIX}([0-9a-f]{{4}})h$")
 _TABLE_NAME = re.compile(rf"^{TABLE_PREFIX}([0-9a-f]{{4}})$")
-_STATE_FILE = re.compile(r"^([0-9a-f]{4})\.resolv\.conf$")
+_STATE_FILE = re.compile(r"^([0-9a-f]{4})\.(?:resolv\.conf|lock)$")
 
 
 class BuildNetworkError(Exception):
@@ -140,7 +142,7 @@ class BuildNetwork:
         try:
             await _remove_objects(self.names)
         finally:
-            os.close(self._lock)
+            _release(self.names, self._lock)
 
 
 def configured_subnet() -> ipaddress.IPv4Network:
@@ -152,6 +154,14 @@ def configured_subnet() -> ipaddress.IPv4Network:
     if subnet.prefixlen > 30 or not subnet.is_private:
         raise BuildNetworkError(f"${SUBNET_ENV}={text!r} must be a private IPv4 network of /30 or larger")
     return subnet
+
+
+def configured_denials() -> list[ipaddress.IPv4Network]:
+    text = os.environ.get(EGRESS_DENY_ENV, "")
+    try:
+        return [ipaddress.IPv4Network(item.strip()) for item in text.split(",") if item.strip()]
+    except ValueError as error:
+        raise BuildNetworkError(f"${EGRESS_DENY_ENV}={text!r}: {error}") from None
 
 
 def _slot(subnet: ipaddress.IPv4Network, index: int) -> ipaddress.IPv4Network:
@@ -241,9 +251,11 @@ def build_resolv_conf() -> tuple[str, tuple[str, ...]]:
 # ----------------------------------------------------------------------------- firewall
 
 
-def _ruleset(names: _Names, subnet: ipaddress.IPv4Network) -> str:
+def _ruleset(names: _Names, subnet: ipaddress.IPv4Network, denied: list[ipaddress.IPv4Network]) -> str:
     link = names.host_link
     refuse = "reject with icmpx type admin-prohibited"
+    # One rule per operator denial: overlapping networks in one interval set are an nft error.
+    denials = "".join(f'        iifname "{link}" ip daddr {network} {refuse}\n' for network in denied)
     return f"""\
 table inet {names.table} {{
     chain input {{
@@ -256,7 +268,7 @@ table inet {names.table} {{
         iifname "{link}" meta nfproto != ipv4 drop
         iifname "{link}" ct status dnat {refuse}
         iifname "{link}" ip daddr {{ {_BLOCKED_DESTINATIONS} }} {refuse}
-        iifname "{link}" oifname "{LINK_PREFIX}*" {refuse}
+{denials}        iifname "{link}" oifname "{LINK_PREFIX}*" {refuse}
         oifname "{link}" ct state established,related accept
         oifname "{link}" drop
     }}
@@ -269,6 +281,8 @@ table inet {names.table} {{
 
 
 async def _table_names() -> list[str]:
+    if shutil.which("nft") is None:
+        return []
     code, output = await _run(["nft", "-j", "list", "tables", "inet"], check=False)
     if code != 0:
         return []
@@ -290,6 +304,27 @@ def _ensure_forwarding() -> None:
     except OSError as error:
         raise BuildNetworkError(f"cannot enable IPv4 forwarding for build egress: {error}") from None
     logger.warning("enabled IPv4 forwarding (net.ipv4.ip_forward=1) so that image builds reach the network")
+
+
+_forwarding_checked = False
+
+
+async def _warn_if_forwarding_is_filtered() -> None:
+    """Once per process: an iptables FORWARD policy of DROP (Docker sets one) drops the builds'
+    forwarded traffic whatever our table accepts, so builds would have no egress."""
+    global _forwarding_checked
+    if _forwarding_checked or shutil.which("iptables") is None:
+        return
+    _forwarding_checked = True
+    code, output = await _run(["iptables", "-S", "FORWARD"], check=False)
+    if code == 0 and "-P FORWARD DROP" in output.splitlines():
+        logger.warning(
+            "the iptables FORWARD policy is DROP: image builds will have no network egress unless "
+            "forwarding is allowed for them, e.g. iptables -I FORWARD -i %s+ -j ACCEPT and "
+            "iptables -I FORWARD -o %s+ -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+            LINK_PREFIX,
+            LINK_PREFIX,
+        )
 
 
 async def _check_no_overlap(subnet: ipaddress.IPv4Network) -> None:
@@ -320,18 +355,32 @@ async def _check_no_overlap(subnet: ipaddress.IPv4Network) -> None:
 
 
 def _try_lock(names: _Names) -> int | None:
-    """The flock'd fd of the slot, or None when a live build holds it."""
+    """The flock'd fd of the slot, or None when a live build holds it. Lock files are unlinked by
+    their holder on release (`_release`), so a lock taken on a file that was unlinked meanwhile is
+    worthless: the inode check retries on the new file."""
     STATE_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(names.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    while True:
+        fd = os.open(names.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            current = os.stat(names.lock_path)
+        except (BlockingIOError, FileNotFoundError) as error:
+            os.close(fd)
+            if isinstance(error, BlockingIOError):
+                return None
+            continue
+        except BaseException:
+            os.close(fd)
+            raise
+        if os.fstat(fd).st_ino == current.st_ino:
+            return fd
         os.close(fd)
-        return None
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+
+
+def _release(names: _Names, fd: int) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        names.lock_path.unlink()
+    os.close(fd)
 
 
 async def _remove_objects(names: _Names, tables: list[str] | None = None) -> None:
@@ -360,29 +409,35 @@ async def _leftover_indexes() -> set[int]:
         collect(_LINK_NAME, os.listdir("/sys/class/net"))
     with contextlib.suppress(OSError):
         collect(_STATE_FILE, os.listdir(STATE_DIR))
-    collect(_TABLE_NAME, await _table_names() if shutil.which("nft") else [])
+    collect(_TABLE_NAME, await _table_names())
     return found
 
 
 async def cleanup_build_networks() -> list[str]:
-    """Remove the build networks (namespace, veth, nftables table, resolver file) that no running
-    build holds: what a crashed or killed server left behind. Safe at any time, also while builds
-    of this or another server run (their flocks keep them). Returns the namespaces removed."""
+    """Remove the build networks (namespace, veth, nftables table, resolver and lock files) that no
+    running build holds: what a crashed or killed server left behind. Safe at any time, also while
+    builds of this or another server run (their flocks keep them). Returns the namespaces removed.
+    Failures are logged, not raised: call it at server start."""
     removed: list[str] = []
+    if os.geteuid() != 0:
+        return removed  # nothing of ours can exist: creating it needs root
     indexes = await _leftover_indexes()
     if not indexes:
         return removed
-    tables = await _table_names() if shutil.which("nft") else []
+    tables = await _table_names()
     for index in sorted(indexes):
         names = _Names(index)
-        fd = _try_lock(names)
-        if fd is None:
-            continue  # a live build
         try:
-            await _remove_objects(names, tables)
-            removed.append(names.netns)
-        finally:
-            os.close(fd)
+            fd = _try_lock(names)  # non-blocking; in the loop's thread so a cancel cannot lose the fd
+            if fd is None:
+                continue  # a live build
+            try:
+                await _remove_objects(names, tables)
+                removed.append(names.netns)
+            finally:
+                _release(names, fd)
+        except (BuildNetworkError, OSError):
+            logger.exception("could not remove the leftover build network %s", names.netns)
     if removed:
         logger.info("removed %d build network(s) left behind: %s", len(removed), ", ".join(removed))
     return removed
@@ -391,7 +446,7 @@ async def cleanup_build_networks() -> list[str]:
 # ----------------------------------------------------------------------------- setup
 
 
-async def _create(names: _Names, subnet: ipaddress.IPv4Network) -> None:
+async def _create(names: _Names, subnet: ipaddress.IPv4Network, denied: list[ipaddress.IPv4Network]) -> None:
     host = f"{subnet.network_address + 1}/30"
     build = f"{subnet.network_address + 2}/30"
     await _ip_batch(
@@ -415,7 +470,7 @@ async def _create(names: _Names, subnet: ipaddress.IPv4Network) -> None:
             f"route add default via {subnet.network_address + 1}",
         ],
     )
-    await _run(["nft", "-f", "-"], _ruleset(names, subnet))
+    await _run(["nft", "-f", "-"], _ruleset(names, subnet, denied))
 
 
 async def open_build_network() -> BuildNetwork:
@@ -424,27 +479,30 @@ async def open_build_network() -> BuildNetwork:
         raise BuildNetworkError("image builds run in a network namespace of their own, which needs root")
     for tool, package in (("ip", "iproute2"), ("nft", "nftables"), ("nsenter", "util-linux")):
         if shutil.which(tool) is None:
-            raise BuildNetworkError(f"`{tool}` is not installed on this server (Debian: apt-get install {package})")
+            raise BuildNetworkError(
+                f"`{tool}` is not installed on this server (Debian: apt-get install {package})"
+            )
     subnet = configured_subnet()
+    denied = configured_denials()
     await _check_no_overlap(subnet)
+    await _warn_if_forwarding_is_filtered()
     await asyncio.to_thread(_ensure_forwarding)
     await cleanup_build_networks()
-    slots = _slots(subnet)
-    for _ in range(_MAX_ALLOCATION_ATTEMPTS):
-        names = _Names(random.randrange(slots))
-        fd = await asyncio.to_thread(_try_lock, names)
+    for index in range(_slots(subnet)):  # the lowest free slot: few lock files, few addresses
+        names = _Names(index)
+        fd = _try_lock(names)  # non-blocking; in the loop's thread so a cancel cannot lose the fd
         if fd is None:
             continue
-        network: BuildNetwork | None = None
         try:
             await _remove_objects(names)  # a crash between lock and cleanup may have left some
             text, servers = build_resolv_conf()
             names.resolv_conf.write_text(text)
-            await _create(names, _slot(subnet, names.index))
-            network = BuildNetwork(names, _slot(subnet, names.index), servers, fd)
-            return network
-        finally:
-            if network is None:
+            await _create(names, _slot(subnet, names.index), denied)
+        except BaseException:
+            try:
                 await run_to_completion(_remove_objects(names))
-                os.close(fd)
-    raise BuildNetworkError(f"no free build subnet in {subnet} after {_MAX_ALLOCATION_ATTEMPTS} attempts")
+            finally:
+                _release(names, fd)
+            raise
+        return BuildNetwork(names, _slot(subnet, names.index), servers, fd)
+    raise BuildNetworkError(f"all {_slots(subnet)} build subnets of {subnet} are in use")

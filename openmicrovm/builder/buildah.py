@@ -8,6 +8,11 @@ filesystem for every layer) and 4x the disk.
 
 Every buildah process runs in its own process group, so RUN steps it left behind (daemons started
 in the background, a build cancelled half-way) are killed together with it.
+
+`buildah bud` runs the user's Dockerfile: it is run contained (`contained_command`), in namespaces
+of its own (PID, mount, IPC, UTS, and the build's network namespace, see build_network.py), with
+buildah as the PID namespace's init so that its end (or a SIGKILL) takes every RUN-step process
+with it, even those that left the process group.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import signal
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from openmicrovm.builder.build_network import BuildNetwork
 from openmicrovm.builder.cleanup import run_to_completion
 
 LineSink = Callable[[str], None]
@@ -147,19 +153,96 @@ def _split_lines(buffer: bytearray) -> tuple[list[str], bytearray]:
     return [line.decode("utf-8", errors="replace") for line in complete], bytearray(rest)
 
 
-async def _stop_group(process: asyncio.subprocess.Process) -> None:
-    """SIGTERM buildah (it removes its build containers), then SIGKILL whatever is left in the group."""
-    if process.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signal.SIGTERM)
+# Runs as init of the build's new PID namespace, in its fresh mount namespace, before it becomes
+# buildah. buildah's chroot isolation bind-mounts /dev, /dev/pts and /dev/shm into RUN steps: the
+# host's would give them its raw disks (root with CAP_DAC_OVERRIDE opens any block device; a
+# read-only mount does not stop writes to device nodes), its ptys and its shared memory. So /dev
+# is replaced by a minimal one as Docker has (null, zero, full, random, urandom, tty, a new devpts
+# instance, a 64 MiB shm and the IPC namespace's mqueue). Then the build's resolv.conf (see
+# build_network) replaces the host's, for buildah's own lookups (ADD <url>, pulls) and for RUN
+# steps, which get a copy of /etc/resolv.conf.
+_ENTER_BUILD_NAMESPACES = """\
+set -e
+mount -t tmpfs -o nosuid,noexec,mode=755,size=64k openmicrovm-dev /dev
+mknod -m 666 /dev/null c 1 3
+mknod -m 666 /dev/zero c 1 5
+mknod -m 666 /dev/full c 1 7
+mknod -m 666 /dev/random c 1 8
+mknod -m 666 /dev/urandom c 1 9
+mknod -m 666 /dev/tty c 5 0
+ln -s /proc/self/fd /dev/fd
+ln -s /proc/self/fd/0 /dev/stdin
+ln -s /proc/self/fd/1 /dev/stdout
+ln -s /proc/self/fd/2 /dev/stderr
+mkdir /dev/pts /dev/shm /dev/mqueue
+mount -t devpts -o newinstance,ptmxmode=0666,mode=0620,gid=5,nosuid,noexec openmicrovm-devpts /dev/pts
+ln -s pts/ptmx /dev/ptmx
+mount -t tmpfs -o nosuid,nodev,noexec,mode=1777,size=64m openmicrovm-shm /dev/shm
+mount -t mqueue -o nosuid,nodev,noexec openmicrovm-mqueue /dev/mqueue || rmdir /dev/mqueue
+if [ -e /etc/resolv.conf ]; then mount --bind "$1" /etc/resolv.conf; fi
+shift
+exec "$@"
+"""
+
+
+def contained_command(store: BuildahStore, args: Sequence[str], network: BuildNetwork) -> list[str]:
+    """`buildah <args>` in the build's network namespace and new PID, mount, IPC and UTS namespaces.
+
+    nsenter joins the network namespace and execs unshare, which forks buildah as PID 1 of the new
+    PID namespace (with a /proc of its own) and stays behind as its parent; --kill-child SIGKILLs
+    buildah, and with it the whole namespace, if unshare dies."""
+    return [
+        *("nsenter", f"--net={network.netns_path}", "--"),
+        *("unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "--ipc", "--uts", "--"),
+        *("/bin/sh", "-c", _ENTER_BUILD_NAMESPACES, "openmicrovm-build", str(network.resolv_conf)),
+        *store.command(*args),
+    ]
+
+
+class BuildahProcess:
+    """A running buildah, plain or contained (then `process` is the unshare in front of it)."""
+
+    def __init__(self, process: asyncio.subprocess.Process, contained: bool) -> None:
+        self.process = process
+        self.contained = contained
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
+    def _buildah_pid(self) -> int | None:
+        if not self.contained:
+            return self.process.pid
+        # unshare blocks SIGTERM while it waits for its child; buildah is that child.
+        pid = self.process.pid
         try:
-            await asyncio.wait_for(process.wait(), _TERMINATE_GRACE_SECONDS)
-        except TimeoutError:
-            pass
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
-    if process.returncode is None:
-        await process.wait()
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            return None
+        return int(children[0]) if children else None
+
+    def terminate(self) -> None:
+        """SIGTERM buildah, which then removes its build containers and stops its RUN step."""
+        if self.process.returncode is not None:
+            return
+        pid = self._buildah_pid()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    async def stop(self) -> None:
+        """terminate(), then SIGKILL whatever is left in the group (contained: the whole PID
+        namespace goes with its init)."""
+        if self.process.returncode is None:
+            self.terminate()
+            try:
+                await asyncio.wait_for(self.process.wait(), _TERMINATE_GRACE_SECONDS)
+            except TimeoutError:
+                pass
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        if self.process.returncode is None:
+            await self.process.wait()
 
 
 async def run_buildah(
@@ -167,22 +250,26 @@ async def run_buildah(
     args: Sequence[str],
     *,
     on_line: LineSink | None = None,
-    watchdog: Callable[[asyncio.subprocess.Process], asyncio.Future[None]] | None = None,
+    watchdog: Callable[[BuildahProcess], asyncio.Future[None]] | None = None,
+    network: BuildNetwork | None = None,
 ) -> CommandResult:
-    """Run `buildah <args>` on `store`; each output line goes to `on_line` as it arrives.
+    """Run `buildah <args>` on `store`; each output line goes to `on_line` as it arrives. With a
+    `network`, buildah runs contained (see contained_command): for anything that runs user content.
 
     Cancelling the caller stops buildah and its children before the CancelledError propagates.
     """
+    argv = contained_command(store, args, network) if network is not None else store.command(*args)
     process = await asyncio.create_subprocess_exec(
-        *store.command(*args),
+        *argv,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         env=store.environment(),
         start_new_session=True,
     )
+    handle = BuildahProcess(process, contained=network is not None)
     tail: list[str] = []
-    watcher = watchdog(process) if watchdog is not None else None
+    watcher = watchdog(handle) if watchdog is not None else None
     try:
         assert process.stdout is not None
         pending = bytearray()
@@ -203,7 +290,7 @@ async def run_buildah(
         if watcher is not None:
             watcher.cancel()
         # Also reached on cancellation; a second cancel must not leave processes behind.
-        await run_to_completion(_stop_group(process))
+        await run_to_completion(handle.stop())
     assert process.returncode is not None
     return CommandResult(process.returncode, tail)
 
@@ -221,7 +308,7 @@ async def buildah_output(store: BuildahStore, args: Sequence[str]) -> str:
     try:
         stdout, stderr = await process.communicate()
     finally:
-        await run_to_completion(_stop_group(process))
+        await run_to_completion(BuildahProcess(process, contained=False).stop())
     if process.returncode != 0:
         lines = stderr.decode(errors="replace").splitlines()
         raise BuildahError(f"buildah {' '.join(args)} failed: {' '.join(lines[-5:])}", lines[-_TAIL_LINES:])

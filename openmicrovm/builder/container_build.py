@@ -3,19 +3,28 @@
 Layers are cached (`--layers`), so a second version whose Dockerfile starts the same way reuses
 every step up to the first change. Output streams to the build log line by line as buildah
 prints it (`STEP 3/7: RUN ...`, then that step's own output).
+
+The Dockerfile is the user's code and runs as root, so the whole `buildah bud` is contained: its
+own PID, mount, IPC and UTS namespaces, and a network namespace of its own with egress to the
+outside world only (build_network.py: nothing on the host, loopback included, is reachable, so
+neither a RUN step nor `ADD http://127.0.0.1:...` reaches the control plane). RUN steps lose
+CAP_SYS_CHROOT, without which the classic escape from buildah's chroot (chroot into a subdir,
+`cd ..` past it, chroot again) is impossible, and get a minimal /dev of their own instead of the
+host's (no disks, ptys or shared memory of the host; see buildah.contained_command); they keep
+buildah's other default capabilities, its seccomp filter and its read-only /proc/sys and /sys.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
-import signal
 import time
 from pathlib import Path
 
-from openmicrovm.builder.buildah import BuildahStore, LineSink, run_buildah
-from openmicrovm.builder.errors import CONTAINER_BUILD_FAILED, BuildFailed, disk_full
+from openmicrovm.builder.build_network import BuildNetworkError, open_build_network
+from openmicrovm.builder.buildah import BuildahProcess, BuildahStore, LineSink, run_buildah
+from openmicrovm.builder.cleanup import run_to_completion
+from openmicrovm.builder.errors import CONTAINER_BUILD_FAILED, INTERNAL_PLATFORM_ERROR, BuildFailed, disk_full
 
 # A registry that never answers must not hold a build for long (buildah's own timeouts are minutes).
 DEFAULT_PULL_TIMEOUT_SECONDS = 30.0
@@ -23,6 +32,9 @@ _REASON_TAIL_LINES = 20
 _REASON_LINE_CHARS = 400
 
 _TRYING_TO_PULL = re.compile(r"^Trying to pull (\S+?)\.\.\.$")
+# What RUN steps may not do beyond buildah's defaults (which already exclude SYS_ADMIN, MKNOD,
+# SYS_PTRACE, NET_RAW, ...): chroot(2) is the key to escaping chroot isolation.
+DROPPED_CAPABILITIES = ("CAP_SYS_CHROOT",)
 # Multi-stage builds prefix steps with the stage: "[2/2] STEP 1/15: FROM ...".
 _STEP = re.compile(r"^(?:\[\d+/\d+\] )?STEP \d+/\d+: ")
 _FROM_STEP = re.compile(r"^(?:\[\d+/\d+\] )?STEP \d+/\d+: FROM (\S+)")
@@ -60,13 +72,12 @@ class _PullWatch:
         elif line.startswith(_PULL_PROGRESS) or _STEP.match(line):
             self.pending = None
 
-    async def watch(self, process: asyncio.subprocess.Process) -> None:
+    async def watch(self, process: BuildahProcess) -> None:
         while process.returncode is None:
             await asyncio.sleep(0.5)
             if self.pending is not None and time.monotonic() - self.since > self.timeout:
                 self.stalled = self.pending
-                with contextlib.suppress(ProcessLookupError):
-                    process.send_signal(signal.SIGTERM)
+                process.terminate()
                 return
 
 
@@ -122,16 +133,29 @@ async def build_image(
         # The docker format keeps SHELL, which the OCI format drops with a warning.
         *("--format", "docker"),
         *("--retry", "1", "--retry-delay", "1s"),
+        *(f"--cap-drop={capability}" for capability in DROPPED_CAPABILITIES),
         *("--iidfile", str(iid_file)),
         *("--file", str(context_dir / "Dockerfile")),
         str(context_dir),
     ]
-    result = await run_buildah(
-        store,
-        arguments,
-        on_line=on_line,
-        watchdog=lambda process: asyncio.ensure_future(watch.watch(process)),
-    )
+    try:
+        network = await open_build_network()
+    except BuildNetworkError as error:
+        raise BuildFailed.because(
+            INTERNAL_PLATFORM_ERROR, f"The isolated build environment could not be set up: {error}"
+        ) from None
+    if not network.nameservers:
+        log("openmicrovm: no DNS resolver of this server is reachable from builds; names will not resolve")
+    try:
+        result = await run_buildah(
+            store,
+            arguments,
+            on_line=on_line,
+            watchdog=lambda process: asyncio.ensure_future(watch.watch(process)),
+            network=network,
+        )
+    finally:
+        await run_to_completion(network.close())
     if result.returncode != 0 or watch.stalled is not None:
         raise _failure(result.tail, watch)
     image_id = iid_file.read_text().strip() if iid_file.exists() else ""

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from openmicrovm.builder.build_network import cleanup_build_networks
 from openmicrovm.builder.buildah import buildah_output, list_containers, open_store, run_buildah
 
 
 async def cleanup_build_strays(cache_dir: Path) -> list[str]:
     """Remove every buildah container (and its mount) in our storage; returns their names.
     Only call it while no build runs, e.g. at server start before builds are resumed: a crash
-    mid-build leaves the export container and buildah's own working containers behind."""
+    mid-build leaves the export container and buildah's own working containers behind. Also
+    removes the build networks no live build holds (cleanup_build_networks, safe at any time)."""
+    await cleanup_build_networks()
     store = await open_store(cache_dir)
     containers = await list_containers(store)
     names = [str(item.get("containername") or item.get("id")) for item in containers]

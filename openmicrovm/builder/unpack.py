@@ -10,6 +10,7 @@ below the context directory only; any violation is ARCHIVE_INVALID naming the en
 
 from __future__ import annotations
 
+import errno
 import lzma
 import os
 import stat
@@ -32,7 +33,11 @@ from openmicrovm.builder.errors import (
 
 DOCKERFILE = "Dockerfile"
 _CHUNK = 1024 * 1024
-_MAX_LINK_TARGET = 4096
+_MAX_LINK_TARGET = 4095  # PATH_MAX less its NUL: symlink(2) refuses longer targets
+_NAME_MAX = 255  # bytes in one path component (Linux NAME_MAX)
+# Bytes in an entry's whole path: below PATH_MAX (4096), leaving room for the context dir's own path.
+_MAX_ENTRY_PATH = 3072
+_SHOWN_NAME_CHARS = 200  # longer names are shortened in messages
 _MAX_LINK_HOPS = 40  # Linux's own limit on symlinks followed during one lookup
 _UNIX_CREATOR = 3
 _PKWARE_UNIX_EXTRA = 0x000D  # carries the "linked to" name of hard links (APPNOTE 4.5.7)
@@ -69,7 +74,9 @@ class _Plan:
 
 
 def _printable(name: str) -> str:
-    # Entry names are user data going into an API response: keep them on one line.
+    # Entry names are user data going into an API response: keep them on one line, and short.
+    if len(name) > _SHOWN_NAME_CHARS:
+        name = f"{name[:150]}...{name[-30:]}"
     return "".join(char if char.isprintable() else "?" for char in name)
 
 
@@ -91,6 +98,15 @@ def _normalise(info: zipfile.ZipInfo) -> tuple[str, ...]:
     parts = tuple(part for part in posix.split("/") if part not in ("", "."))
     if ".." in parts:
         raise _invalid(name, "has a '..' path component that points outside the build context")
+    for part in parts:
+        if len(os.fsencode(part)) > _NAME_MAX:
+            raise _invalid(
+                name,
+                f"has a file or directory name of {len(os.fsencode(part))} bytes; names are limited "
+                f"to {_NAME_MAX} bytes",
+            )
+    if len(os.fsencode("/".join(parts))) > _MAX_ENTRY_PATH:
+        raise _invalid(name, f"has a path longer than {_MAX_ENTRY_PATH} bytes")
     return parts
 
 
@@ -364,6 +380,12 @@ def unpack_artifact(
         except OSError as error:
             if is_disk_full(error):
                 raise disk_full("unpacking the code artifact") from None
+            if error.errno == errno.ENAMETOOLONG:  # entry names are checked: the build dir is long
+                raise BuildFailed.because(
+                    ARCHIVE_INVALID,
+                    "The code artifact zip is not acceptable: a path in it is too long for this "
+                    "server's file system. Use shorter file names and fewer directory levels.",
+                ) from None
             raise
     files = sum(1 for entry in plan.entries.values() if entry.kind != "dir")
     return UnpackedContext(context_dir, files, total)

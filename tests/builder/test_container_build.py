@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-import socket
 import tarfile
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,6 +19,7 @@ from openmicrovm.builder.errors import CONTAINER_BUILD_FAILED, BuildFailed
 from openmicrovm.builder.image_config import ImageConfig, read_image_config
 from openmicrovm.builder.rootfs_export import RootfsExport, export_rootfs
 from tests.builder.conftest import SAMPLE_APP, assert_store_clean
+from tests.builder.fake_internet import fake_internet
 
 EVERY_INSTRUCTION = """\
 ARG BASE=public.ecr.aws/lambda/microvms:al2023-minimal
@@ -183,29 +182,10 @@ def test_from_an_unreachable_registry_fails_naming_the_image(store: BuildahStore
 
 @pytest.fixture
 def silent_registry() -> Iterator[str]:
-    """A TCP port that accepts connections and never answers, like a black-holed registry."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    accepted: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        listener.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                accepted.append(listener.accept()[0])
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield f"127.0.0.1:{listener.getsockname()[1]}"
-    stop.set()
-    thread.join()
-    for connection in accepted:
-        connection.close()
-    listener.close()
+    """A registry address that accepts connections and never answers, like a black-holed registry.
+    It lives in a namespace standing in for the internet: builds cannot reach the host itself."""
+    with fake_internet() as internet:
+        yield f"{internet.address}:{internet.silent_port()}"
 
 
 def test_a_registry_that_never_answers_is_given_up_after_the_pull_timeout(

@@ -223,3 +223,29 @@ def test_a_corrupted_entry_is_archive_invalid(tmp_path: Path) -> None:
         unpack_artifact(archive, tmp_path / "build" / "context")
     assert caught.value.code == ARCHIVE_INVALID
     assert "entry 'data.txt' cannot be decompressed" in caught.value.state_reason
+
+
+@pytest.mark.parametrize(
+    ("entries", "why"),
+    [
+        ([DOCKERFILE, file("n" * 5000, "x")], "names are limited to 255 bytes"),
+        ([DOCKERFILE, file("dir/" + "é" * 128 + "/f", "x")], "name of 256 bytes"),  # 2 bytes a char
+        ([DOCKERFILE, file("/".join(["d" * 200] * 20), "x")], "path longer than 3072 bytes"),
+        ([DOCKERFILE, symlink("far", "x/" * 2048)], "oversized"),
+    ],
+    ids=["component-5000", "component-256-utf8", "path-4000", "symlink-target-4096"],
+)
+def test_overlong_names_are_archive_invalid_without_the_servers_paths(
+    tmp_path: Path, entries: list[Entry], why: str
+) -> None:
+    failure = refused(tmp_path, entries)
+    assert failure.code == ARCHIVE_INVALID
+    assert why in failure.state_reason, failure.state_reason
+    assert str(tmp_path) not in failure.state_reason
+    assert len(failure.state_reason) < 600, failure.state_reason  # the name is shortened
+
+
+def test_names_at_the_limits_unpack(tmp_path: Path) -> None:
+    longest = "n" * 255
+    context = unpack(tmp_path, [DOCKERFILE, file(f"{longest}/{longest}", "x"), symlink("far", "x/" * 2047)])
+    assert (context / longest / longest).read_text() == "x"
