@@ -112,7 +112,11 @@ def main() -> None:
     for name, samples in results.items():
         rate = statistics.median(r for r, _ in samples)
         p50 = statistics.median(p for _, p in samples)
-        report[name] = {"requests_per_second": round(rate), "p50_ms": round(p50, 2), "ratio": round(rate / baseline, 2)}
+        report[name] = {
+            "requests_per_second": round(rate),
+            "p50_ms": round(p50, 2),
+            "ratio": round(rate / baseline, 2),
+        }
         print(f"{name:32} {rate:9.0f} {p50:8.2f} {rate / baseline:10.2f}")
     print(json.dumps(report))
 

@@ -45,7 +45,9 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     lock = DataDirLock(settings.data_dir)
     if not lock.acquire():
-        print(f"openmicrovm cleanup: a server is running on {settings.data_dir}; stop it first", file=sys.stderr)
+        print(
+            f"openmicrovm cleanup: a server is running on {settings.data_dir}; stop it first", file=sys.stderr
+        )
         return 1
     try:
         terminated, removed = asyncio.run(_cleanup(settings.data_dir, settings.cache_dir, settings.driver))

@@ -39,6 +39,8 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 4599)")
     serve.add_argument("--data-dir", type=Path, help="where state lives (default ~/.local/share/openmicrovm)")
-    serve.add_argument("--driver", choices=["auto", "gvisor", "process"], help="sandbox driver (default auto)")
+    serve.add_argument(
+        "--driver", choices=["auto", "gvisor", "process"], help="sandbox driver (default auto)"
+    )
     serve.add_argument("--config", type=Path, help="settings file (default <data dir>/settings.toml)")
     serve.set_defaults(run=_serve)

@@ -33,6 +33,7 @@ from .driver import (
     SandboxStats,
     SnapshotError,
     SnapshotInfo,
+    TooManyConnections,
 )
 from .host import HostReport, describe_host, missing_for
 
@@ -57,6 +58,7 @@ __all__ = [
     "SandboxStats",
     "SnapshotError",
     "SnapshotInfo",
+    "TooManyConnections",
     "describe_host",
     "make_driver",
 ]

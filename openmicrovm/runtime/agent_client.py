@@ -9,13 +9,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from .driver import DriverError, PortNotListening, PtySession
+from .driver import DriverError, PortNotListening, PtySession, TooManyConnections
 
 # Inside the sandbox the agent listens on this port of its interface address. An app cannot use
 # it (on the same address or 0.0.0.0); it is outside Linux's ephemeral range, so outgoing
 # connections never collide with it either.
 AGENT_PORT = 65199
 REPLY_TIMEOUT = 10.0
+# CONNECT relays one agent serves at once (its --max-relays); one more is refused with EMAXCONN.
+# Each relayed connection usually costs the app a thread; the agent itself spends no process on
+# it (agent.c says why that matters under gVisor).
+MAX_RELAYED_CONNECTIONS = 128
 _FRAME_HEADER = 5
 _MAX_INPUT_FRAME = 16 * 1024
 
@@ -187,8 +191,44 @@ async def open_port(
     except AgentError as error:
         if error.code == "ECONNREFUSED":
             raise PortNotListening(f"nothing in the sandbox accepts connections on port {port}") from None
+        if error.code == "EMAXCONN":
+            raise TooManyConnections(
+                f"the sandbox is relaying as many connections as it takes at once ({error})"
+            ) from None
         raise
     return reader, writer
+
+
+class AppWatch:
+    """One WAIT request kept open: `answer` resolves to the STATUS fields once the app is no longer
+    running, or fails when the connection ends first (an ABORT before a suspend, a dead sandbox,
+    an agent too old to know WAIT: AgentError EPROTO)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        self.answer: asyncio.Task[dict[str, str]] = asyncio.ensure_future(self._read(reader))
+
+    async def _read(self, reader: asyncio.StreamReader) -> dict[str, str]:
+        line = await reader.readline()
+        if not line.endswith(b"\n"):
+            raise ConnectionResetError("the sandbox agent closed the WAIT connection")
+        return parse_reply(line)
+
+    async def close(self) -> None:
+        self.answer.cancel()
+        with contextlib.suppress(BaseException):
+            await self.answer
+        self._writer.close()
+        with contextlib.suppress(OSError):
+            await self._writer.wait_closed()
+
+
+async def watch_app(address: AgentAddress) -> AppWatch:
+    """Ask the agent to answer once the app stops (WAIT); see AppWatch."""
+    sock = await address.open_socket()
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(request_line(address.token, "WAIT"))
+    return AppWatch(reader, writer)
 
 
 class AgentPtySession(PtySession):

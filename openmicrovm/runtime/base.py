@@ -18,6 +18,7 @@ import os
 import secrets
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -65,8 +66,14 @@ class SandboxRecord:
     key: str  # names the sandbox's host objects (names.host_names)
     token: str  # the agent's secret
     agent_binary: str
-    state: str = "starting"  # starting | running | suspended
-    suspended_in: str = ""  # while suspended: "memory" (frozen) or "disk" (checkpointed)
+    # starting | running | suspended, and the transitions in between, written before they begin so
+    # that adopt() after a crash knows which side of one a sandbox is on: suspending (a freeze or a
+    # checkpoint to disk under way), resuming (a thaw or a restore from disk under way). gvisor
+    # also has warm (a pool sandbox, pool.py).
+    state: str = "starting"
+    # suspended: "memory" (frozen) or "disk" (checkpointed); suspending: the tier being entered;
+    # resuming: the tier being left.
+    suspended_in: str = ""
     footprint_bytes: int = 0  # memory in use when last snapshotted or suspended
     # gvisor: the runsc binary the sandbox runs under and its platform (both empty in records
     # written before the driver could choose: those run under the runsc on PATH, on ptrace).
@@ -219,6 +226,7 @@ class BaseDriver(SandboxDriver):
         self.restore_pool_size = restore_pool_size
         self._code_bytes: dict[Path, int] = {}
         self._locks: dict[tuple[int, str], asyncio.Lock] = {}
+        self._creating: set[str] = set()  # ids start() / restore() of this driver are making now
         self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ hooks for subclasses
@@ -283,6 +291,24 @@ class BaseDriver(SandboxDriver):
         except (OSError, ValueError, KeyError, TypeError):
             return None
         return Sandbox(sandbox_id, self.name, state_dir, record.spec, {"record": record})
+
+    @contextlib.contextmanager
+    def creating(self, sandbox_id: str) -> Iterator[None]:
+        """Around start() and restore(): adopt() leaves a sandbox being made alone."""
+        self._creating.add(sandbox_id)
+        try:
+            yield
+        finally:
+            self._creating.discard(sandbox_id)
+
+    async def drop_unfinished(self, sandbox: Sandbox) -> None:
+        """adopt() of a sandbox whose start or restore a stopped server never finished (its record
+        still says so): destroy what was made, so that the id can be started again. Called with the
+        sandbox's lock held."""
+        if sandbox.sandbox_id in self._creating:
+            return
+        log.info("removing sandbox %s: its start never finished", sandbox.sandbox_id)
+        await self.destroy_quietly(sandbox)
 
     def new_sandbox(self, sandbox_id: str, spec: SandboxSpec, token: str, agent_binary: Path) -> Sandbox:
         """Claim the state directory; fails if the id is in use."""
@@ -384,11 +410,13 @@ class BaseDriver(SandboxDriver):
         record = record_of(sandbox)
         if record.state == "suspended":
             raise DriverError(f"sandbox {sandbox.sandbox_id} is suspended; resume it first")
+        if record.state in ("suspending", "resuming"):
+            raise DriverError(f"sandbox {sandbox.sandbox_id} is {record.state}; try again when it is done")
         return record
 
     async def app_status(self, sandbox: Sandbox) -> AppStatus:
         record = record_of(sandbox)
-        if record.state == "suspended":
+        if record.state in ("suspended", "suspending", "resuming"):
             return AppStatus("suspended")
         oom = self.cgroup_of(sandbox).oom_kills() > 0
         # A dead gVisor sandbox does not even refuse connections; ask the host first.
@@ -403,6 +431,68 @@ class BaseDriver(SandboxDriver):
         if state == "running":
             return AppStatus("running", None, oom)
         return AppStatus(state, code, oom, self.describe_app(sandbox, state, code))
+
+    def _watchable(self, sandbox: Sandbox) -> bool:
+        """Meant to be running, and nothing (suspend, resume, destroy) under way."""
+        return not self.lock(sandbox.sandbox_id).locked() and self.refresh(sandbox).state == "running"
+
+    async def wait_exit(self, sandbox: Sandbox, interval: float = 2.0) -> AppStatus:
+        """See SandboxDriver.wait_exit. A dead sandbox: its cgroup is empty (read every interval;
+        under gVisor the whole sandbox goes when it is killed). An exited app: the agent answers a
+        WAIT request kept open; an agent too old for WAIT is asked STATUS every 5 intervals. The
+        WAIT connection is dropped (an ABORT resets it) while the sandbox is suspended."""
+        watch: agent_client.AppWatch | None = None
+        wait_known = True  # False once an old agent has turned WAIT down
+        rounds = 0
+        try:
+            while True:
+                if not sandbox.state_dir.exists():
+                    return AppStatus("stopped", None, False, "the sandbox was destroyed")
+                quiet = self._watchable(sandbox)
+                if quiet and not await self.runtime_alive(sandbox) and self._watchable(sandbox):
+                    oom = self.cgroup_of(sandbox).oom_kills() > 0
+                    return AppStatus("stopped", None, oom, self.stopped_detail(sandbox))
+                if not quiet and watch is not None:
+                    await watch.close()
+                    watch = None
+                if quiet and watch is None and wait_known:
+                    with contextlib.suppress(OSError, TimeoutError, DriverError):
+                        watch = await agent_client.watch_app(self.agent_address(sandbox))
+                if quiet and not wait_known and rounds % 5 == 0:
+                    # Only the app's own end counts here: an agent slow to answer is no dead sandbox.
+                    status = await self.app_status(sandbox)
+                    if status.state in ("exited", "failed") and self._watchable(sandbox):
+                        return status
+                rounds += 1
+                if watch is None:
+                    await asyncio.sleep(interval)
+                    continue
+                done, _ = await asyncio.wait({watch.answer}, timeout=interval)
+                if not done:
+                    continue
+                fields: dict[str, str] | None = None
+                try:
+                    fields = watch.answer.result()
+                except agent_client.AgentError as error:
+                    wait_known = error.code != "EPROTO"
+                except (OSError, ValueError, DriverError):
+                    pass  # an ABORT (a suspend), a dead sandbox, a garbled answer: look again
+                await watch.close()
+                watch = None
+                if fields is None or fields.get("app", "running") == "running":
+                    continue
+                if not self._watchable(sandbox):
+                    continue  # the exit stays; it is reported once the sandbox runs again
+                state = fields["app"]
+                try:
+                    code = int(fields.get("status", "-1"))
+                except ValueError:
+                    code = -1
+                oom = self.cgroup_of(sandbox).oom_kills() > 0
+                return AppStatus(state, code, oom, self.describe_app(sandbox, state, code))
+        finally:
+            if watch is not None:
+                await watch.close()
 
     async def exec_pty(
         self,
@@ -487,7 +577,9 @@ class BaseDriver(SandboxDriver):
                 log.info("removing stray network namespace %s", name)
                 await netns.delete(name)
         parent = names.cgroup_parent(self.scope)
-        for key in cgroups.children(self.layout, parent):
+        # Every mounted hierarchy: runsc also makes the sandbox's cgroup in blkio, cpuset, devices,
+        # name=systemd, ..., and after a crash nothing else removes it there.
+        for key in cgroups.children_everywhere(self.layout, parent):
             if key not in keep_keys:
                 log.info("removing stray cgroup %s/%s", parent, key)
                 await cgroups.Cgroup(self.layout, f"{parent}/{key}").remove()

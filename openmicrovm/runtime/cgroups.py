@@ -260,19 +260,39 @@ class Cgroup:
             await asyncio.sleep(0.01)
 
     async def remove(self, timeout: float = 10.0) -> None:
+        """Kill what is inside and remove the cgroup from every mounted hierarchy: ours, and the
+        ones runtimes (runsc) also create it in (blkio, cpuset, devices, name=systemd, ...), where
+        a crash leaves it behind. Directories a runtime made below it go too."""
         await self.kill_all(timeout)
         deadline = time.monotonic() + timeout
-        for path in self.layout.dirs(self.relative):
-            while path.is_dir():
-                try:
-                    path.rmdir()
-                except OSError as error:
-                    # EBUSY for a moment while the last task is being torn down.
-                    if error.errno not in (errno.EBUSY, errno.ENOTEMPTY) or time.monotonic() > deadline:
-                        raise DriverError(
-                            f"cannot remove cgroup {path}: {error.strerror} ({_occupants(path)})"
-                        ) from None
-                    await asyncio.sleep(0.01)
+        paths = self.layout.dirs(self.relative)
+        paths += [mount / self.relative for mount in all_hierarchies() if mount / self.relative not in paths]
+        for path in paths:
+            await _remove_tree(path, deadline)
+
+
+async def _remove_tree(path: Path, deadline: float) -> None:
+    """rmdir a cgroup directory and any below it, children first."""
+    try:
+        below = [entry for entry in path.iterdir() if entry.is_dir()]
+    except FileNotFoundError:
+        return
+    except OSError:
+        below = []
+    for child in below:
+        await _remove_tree(child, deadline)
+    while path.is_dir():
+        try:
+            path.rmdir()
+        except FileNotFoundError:
+            return
+        except OSError as error:
+            # EBUSY for a moment while the last task is being torn down.
+            if error.errno not in (errno.EBUSY, errno.ENOTEMPTY) or time.monotonic() > deadline:
+                raise DriverError(
+                    f"cannot remove cgroup {path}: {error.strerror} ({_occupants(path)})"
+                ) from None
+            await asyncio.sleep(0.01)
 
 
 def _occupants(path: Path) -> str:
@@ -291,11 +311,21 @@ def _occupants(path: Path) -> str:
 
 
 def children(layout: Layout, parent: str) -> list[str]:
-    """Names of the cgroups directly below `parent`, in any hierarchy."""
+    """Names of the cgroups directly below `parent`, in any hierarchy of ours."""
     names: set[str] = set()
     for path in layout.dirs(parent):
         with contextlib.suppress(OSError):
             names.update(entry.name for entry in path.iterdir() if entry.is_dir())
+    return sorted(names)
+
+
+def children_everywhere(layout: Layout, parent: str) -> list[str]:
+    """Names of the cgroups directly below `parent` in every mounted hierarchy: ours and the ones
+    only runtimes create cgroups in (see all_hierarchies)."""
+    names: set[str] = set(children(layout, parent))
+    for mount in all_hierarchies():
+        with contextlib.suppress(OSError):
+            names.update(entry.name for entry in (mount / parent).iterdir() if entry.is_dir())
     return sorted(names)
 
 

@@ -29,6 +29,12 @@ class PortNotListening(DriverError):
     """Nothing inside the sandbox accepts connections on the requested port."""
 
 
+class TooManyConnections(DriverError):
+    """The sandbox already relays as many connections as it takes at once (connect() of the gvisor
+    driver: the guest agent's limit, agent_client.MAX_RELAYED_CONNECTIONS). Nothing is wrong with
+    the sandbox: try again once a connection has closed. The endpoint answers 429."""
+
+
 @dataclass(frozen=True)
 class ProcessConfig:
     """The application process, as an OCI image config describes it (entrypoint + cmd resolved)."""
@@ -174,6 +180,29 @@ class SandboxDriver(abc.ABC):
     @abc.abstractmethod
     def is_suspended(self, sandbox: Sandbox) -> bool:
         """True between suspend() and resume() (also for a handle from adopt())."""
+
+    async def wait_exit(self, sandbox: Sandbox, interval: float = 2.0) -> AppStatus:
+        """Return once the sandbox's app has stopped for good, with its final AppStatus: "exited"
+        or "failed" (the app ended; the sandbox is still there), or "stopped" (the sandbox itself
+        died, e.g. killed at its memory limit: oom_killed says so, detail has the words and the
+        last output). Never returns while the app runs or the sandbox is suspended, suspending or
+        resuming: a suspended sandbox is not a dead one, and watching goes on after resume().
+        After destroy() it returns AppStatus("stopped", detail="the sandbox was destroyed").
+
+        Meant to run as one background task per live sandbox, started after start(), restore()
+        or adopt() and cancelled (or left to see the destroy) when the sandbox is destroyed:
+
+            watcher = asyncio.create_task(driver.wait_exit(sandbox))
+            watcher.add_done_callback(...)  # the MicroVM died: mark it, destroy the sandbox
+
+        It costs next to nothing: the drivers read the sandbox's cgroup every `interval` seconds
+        (a dead sandbox is seen within that) and keep one idle connection to the guest agent,
+        which answers the moment the app exits. This default asks app_status() every interval."""
+        while True:
+            status = await self.app_status(sandbox)
+            if status.state in ("exited", "failed", "stopped"):
+                return status
+            await asyncio.sleep(interval)
 
     async def close(self) -> None:
         """Stop the driver's background work (timers, warm pools) and destroy what only that work

@@ -44,6 +44,19 @@ Files the app writes therefore count against its memory limit.
 Suspend has two tiers: the sandbox is frozen at once (cgroup freezer; resume is a thaw, a few ms)
 and its memory goes to disk (checkpoint, RAM freed) after `suspend_to_disk_after` seconds, or at
 once when that is 0. Restores of a hot snapshot come from a warm pool (pool.py).
+
+Crash safety: the record says which side of a transition the sandbox is on ("suspending" before a
+freeze or a checkpoint starts, "suspended" after; "resuming" before a restore, "running" after),
+and the checkpoint and restore commands, which run in sessions of their own and so finish even
+when the server is killed under them, leave a marker once they have succeeded (CHECKPOINT_DONE,
+RESTORE_DONE; the launcher writes it, see _LAUNCHER) and their pid while they run. adopt() waits
+for such a command still running, then keeps a complete suspend image (the sandbox is suspended),
+drops an incomplete one (the sandbox is running, or suspended in memory, when it still is; gone
+otherwise), and takes a finished restore as running, an unfinished one as suspended.
+
+No runtime path asks runsc about a container's state (`runsc state`, `runsc list`): both hang on a
+frozen sandbox (a warm one, one suspended in memory). Containers are found from runsc's state
+files (_containers), and every runsc command has a timeout.
 """
 
 from __future__ import annotations
@@ -93,13 +106,26 @@ MEMORY_IMAGE = "memory"  # directory inside a snapshot holding runsc's checkpoin
 SNAPSHOT_AGENT = "omv-agent"  # the agent binary the snapshot's processes were started from
 SUSPEND_IMAGE = "suspended"  # directory inside a sandbox's state dir while it is suspended to disk
 CHECKPOINT_ATTEMPTS = 5
-# gVisor's own threads (sentry, gofer, ptrace stubs) count against the host pids limit too.
-PIDS_HEADROOM = 256
+# Host tasks a sandbox may have beyond the spec's pids_max: gVisor's own threads (sentry, gofer)
+# and the ptrace platform's stubs, one host process per guest address space with a host thread per
+# sentry thread that ran it, all count against the sandbox's pids cgroup, and gVisor dies when it
+# cannot create a thread. Measured (2-core machine, runsc 20240729, ptrace): 55-130 host tasks for
+# an idle sandbox, ~90 while 128 connections are relayed to a threaded app; a fork bomb reaches
+# ~14 host threads per guest process and meets the memory limit at ~1200 host tasks.
+PIDS_HEADROOM = 512
+# Markers in a sandbox's state dir, written by the launcher when `runsc checkpoint` (suspend to
+# disk) or `runsc restore` (resume from disk) succeeded; "<marker>.pid" holds the launcher's pid
+# while the command runs. See the module docstring (crash safety).
+CHECKPOINT_DONE = "checkpoint.done"
+RESTORE_DONE = "restore.done"
+# How long adopt() waits for a checkpoint or restore that a killed server left running.
+HELPER_WAIT_SECONDS = 300.0
 
 # Runs every runsc command: hides /proc/sys/net (see the module docstring) and, for run/restore,
 # first joins the sandbox's cgroups and mounts its root (see _root_options). The mounts live in the
 # launcher's private mount namespace, which runsc's processes inherit, so the host never sees them
-# and they vanish with the sandbox.
+# and they vanish with the sandbox. With $OMV_DONE set it stays to write its pid to $OMV_DONE.pid
+# first and the marker $OMV_DONE once the command succeeded (crash safety, see above).
 _LAUNCHER = (
     'if [ -n "$OMV_ROOT" ]; then '
     'for f in $OMV_JOIN; do echo $$ > "$f" || exit 125; done; '
@@ -107,6 +133,8 @@ _LAUNCHER = (
     'mount -t overlay omv-root -o "lowerdir=$OMV_IMAGE,upperdir=$OMV_STUB/u,workdir=$OMV_STUB/w" "$OMV_ROOT" '
     "|| exit 125; fi; "
     "mount -t tmpfs omv-netfix /proc/sys/net || exit 125; "
+    'if [ -n "$OMV_DONE" ]; then echo $$ > "$OMV_DONE.pid" || exit 125; "$@"; s=$?; '
+    '[ $s -ne 0 ] || : > "$OMV_DONE" || s=125; exit $s; fi; '
     'exec "$@"'
 )
 
@@ -223,10 +251,15 @@ class GVisorDriver(BaseDriver):
         root_for: Sandbox | None = None,
         log_file: Path | None = None,
         shim: Path | None = None,
+        done: Path | None = None,
         timeout: float = 120.0,
     ) -> proc.Completed:
+        """Every runsc command goes through here, with a timeout. done (launcher only): the marker
+        to write when the command succeeds (see _LAUNCHER)."""
         argv = self._runsc_argv(binary or self.default_binary, args)
         env = {"PATH": os.environ.get("PATH", rootfs.DEFAULT_PATH)}
+        if done is not None:
+            env["OMV_DONE"] = str(done)
         if launcher:
             argv = [
                 self.unshare,
@@ -245,8 +278,18 @@ class GVisorDriver(BaseDriver):
             argv = [str(shim), "--wait", "--", *argv]
         return await proc.run(argv, check=False, timeout=timeout, env=env, stdout_path=log_file)
 
-    async def _container_exists(self, container: str, binary: tuple[Runsc, str] | None = None) -> bool:
-        return (await self._runsc(["state", container], binary=binary, timeout=30)).returncode == 0
+    def _containers(self) -> set[str]:
+        """The ids of the containers runsc keeps state for under our root, read from its state
+        files (runsc 2024: <id>_sandbox:<sandbox>.state; older runsc: a directory per container),
+        never by asking runsc: `runsc list -format json` and `runsc state` hang on a frozen sandbox."""
+        found: set[str] = set()
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self.runsc_root):
+                if entry.name.endswith(".state"):
+                    found.add(entry.name.removesuffix(".state").split("_sandbox:")[0])
+                elif entry.is_dir() and names.key_of_container(entry.name) is not None:
+                    found.add(entry.name)
+        return found
 
     @property
     def root_mount(self) -> Path:
@@ -265,7 +308,7 @@ class GVisorDriver(BaseDriver):
             "OMV_ROOT": str(self.root_mount),
         }
 
-    async def _launch(self, sandbox: Sandbox, args: list[str]) -> proc.Completed:
+    async def _launch(self, sandbox: Sandbox, args: list[str], done: Path | None = None) -> proc.Completed:
         """run / restore: the sandbox inherits the launcher's stdio, which is the app log, and the
         shim becomes the parent of the sandbox processes runsc leaves behind."""
         return await self._runsc(
@@ -275,6 +318,7 @@ class GVisorDriver(BaseDriver):
             root_for=sandbox,
             log_file=self.log_path(sandbox),
             shim=await agent_build.ensure_shim(self.cache_dir),
+            done=done,
         )
 
     # ------------------------------------------------------------------ pieces
@@ -305,6 +349,8 @@ class GVisorDriver(BaseDriver):
             oci.AGENT_IN_SANDBOX,
             "--listen",
             f"{SANDBOX_IP}:{AGENT_PORT}",
+            "--max-relays",
+            str(agent_client.MAX_RELAYED_CONNECTIONS),
             "--uid",
             str(user.uid),
             "--gid",
@@ -334,6 +380,10 @@ class GVisorDriver(BaseDriver):
     # ------------------------------------------------------------------ start, connect
 
     async def start(self, sandbox_id: str, spec: SandboxSpec) -> Sandbox:
+        with self.creating(sandbox_id):
+            return await self._start(sandbox_id, spec)
+
+    async def _start(self, sandbox_id: str, spec: SandboxSpec) -> Sandbox:
         self.check_spec(spec)
         self.gate.check("start a sandbox", self.cold_start_footprint_bytes, spec.memory_mib)
         agent = await agent_build.ensure_agent(self.cache_dir)
@@ -371,10 +421,13 @@ class GVisorDriver(BaseDriver):
 
     # ------------------------------------------------------------------ snapshots
 
-    async def _checkpoint(self, sandbox: Sandbox, image_dir: Path) -> proc.Completed:
+    async def _checkpoint(
+        self, sandbox: Sandbox, image_dir: Path, done: Path | None = None
+    ) -> proc.Completed:
         """runsc checkpoint, which refuses while a TCP connection on eth0 is open: the agent drops
         them all first, and a connection that was just closing (one round trip in LAST_ACK) is
-        waited out by trying again; a refused checkpoint leaves the sandbox running."""
+        waited out by trying again; a refused checkpoint leaves the sandbox running. done: the
+        marker the launcher writes when the checkpoint succeeded."""
         container = self.names_of(sandbox).container
         for attempt in range(CHECKPOINT_ATTEMPTS):
             await agent_client.control(self.agent_address(sandbox), "ABORT")
@@ -382,6 +435,7 @@ class GVisorDriver(BaseDriver):
                 ["checkpoint", "--image-path", str(image_dir), container],
                 binary=self.binary_of(sandbox),
                 launcher=True,
+                done=done,
                 timeout=600,
             )
             if (
@@ -445,10 +499,11 @@ class GVisorDriver(BaseDriver):
         self._binary_for_snapshot(snapshot_dir, meta)  # fails early when no runsc can restore it
         if self.state_dir(sandbox_id).exists():
             raise DriverError(f"sandbox {sandbox_id} already exists")
-        sandbox = await self.pool.take(snapshot_dir, sandbox_id)
-        if sandbox is None:
-            self.gate.check("restore a sandbox", meta.footprint_bytes, meta.spec.memory_mib)
-            sandbox = await self._restore_new(sandbox_id, snapshot_dir, meta)
+        with self.creating(sandbox_id):
+            sandbox = await self.pool.take(snapshot_dir, sandbox_id)
+            if sandbox is None:
+                self.gate.check("restore a sandbox", meta.footprint_bytes, meta.spec.memory_mib)
+                sandbox = await self._restore_new(sandbox_id, snapshot_dir, meta)
         self.pool.restored(snapshot_dir)
         return sandbox
 
@@ -522,6 +577,18 @@ class GVisorDriver(BaseDriver):
 
     # ------------------------------------------------------------------ suspend and resume
 
+    def _mark(self, sandbox: Sandbox, state: str, suspended_in: str) -> None:
+        """Persist which side of a transition the sandbox is on (see the module docstring)."""
+        record = record_of(sandbox)
+        record.state, record.suspended_in = state, suspended_in
+        self.save(sandbox)
+
+    @staticmethod
+    def _clear_marker(marker: Path) -> None:
+        for path in (marker, marker.with_name(marker.name + ".pid")):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
     async def suspend(self, sandbox: Sandbox) -> None:
         async with self.lock(sandbox.sandbox_id):
             self.refresh(sandbox)
@@ -529,24 +596,37 @@ class GVisorDriver(BaseDriver):
             cgroup = self.cgroup_of(sandbox)
             record.footprint_bytes = cgroup.memory_bytes()
             if self.suspend_to_disk_after > 0:
-                # Connections go first, as they would at a checkpoint: one closing while the
-                # sandbox is frozen could still be half-open when the disk tier checkpoints it.
-                await agent_client.control(self.agent_address(sandbox), "ABORT")
-                await cgroup.freeze()
-                record.state, record.suspended_in = "suspended", "memory"
-                self.save(sandbox)
+                self._mark(sandbox, "suspending", "memory")
+                try:
+                    # Connections go first, as they would at a checkpoint: one closing while the
+                    # sandbox is frozen could still be half-open when the disk tier checkpoints it.
+                    await agent_client.control(self.agent_address(sandbox), "ABORT")
+                    await cgroup.freeze()
+                except BaseException:
+                    with contextlib.suppress(DriverError):
+                        cgroup.thaw()
+                    self._mark(sandbox, "running", "")
+                    raise
+                self._mark(sandbox, "suspended", "memory")
                 self._schedule_disk_tier(sandbox)
                 return
-            await self._to_disk(sandbox)
-            record.state, record.suspended_in = "suspended", "disk"
-            self.save(sandbox)
+            self._mark(sandbox, "suspending", "disk")
+            try:
+                await self._to_disk(sandbox)
+            except BaseException:
+                await self._settle_suspend(sandbox, wait=False)
+                raise
+            self._mark(sandbox, "suspended", "disk")
 
     async def _to_disk(self, sandbox: Sandbox) -> None:
-        """Checkpoint a running sandbox into its state dir and stop it, freeing its memory."""
+        """Checkpoint a running sandbox into its state dir and stop it, freeing its memory. The
+        caller has marked the record "suspending" (disk)."""
         image = sandbox.state_dir / SUSPEND_IMAGE
+        marker = sandbox.state_dir / CHECKPOINT_DONE
+        self._clear_marker(marker)
         await asyncio.to_thread(shutil.rmtree, image, True)
         image.mkdir()
-        result = await self._checkpoint(sandbox, image)
+        result = await self._checkpoint(sandbox, image, done=marker)
         if result.returncode != 0:
             await asyncio.to_thread(shutil.rmtree, image, True)
             raise DriverError(f"cannot suspend sandbox {sandbox.sandbox_id}: {result.describe()}")
@@ -554,10 +634,15 @@ class GVisorDriver(BaseDriver):
 
     async def _stop_container(self, sandbox: Sandbox) -> None:
         # Killing through the cgroup first makes `runsc delete` quick: it finds nothing to wait for.
-        await self.cgroup_of(sandbox).kill_all()
-        await self._runsc(
-            ["delete", "-force", self.names_of(sandbox).container], binary=self._teardown_binary(sandbox)
-        )
+        try:
+            await self.cgroup_of(sandbox).kill_all()
+        except DriverError:
+            log.exception("stopping sandbox %s", sandbox.sandbox_id)
+        container = self.names_of(sandbox).container
+        if container in self._containers():
+            await self._runsc(
+                ["delete", "-force", container], binary=self._teardown_binary(sandbox), timeout=60
+            )
 
     def _schedule_disk_tier(self, sandbox: Sandbox) -> None:
         self._cancel_disk_tier(sandbox.sandbox_id)
@@ -585,6 +670,7 @@ class GVisorDriver(BaseDriver):
             if record.state != "suspended" or record.suspended_in != "memory":
                 return
             cgroup = self.cgroup_of(sandbox)
+            self._mark(sandbox, "suspending", "disk")
             cgroup.thaw()  # runsc checkpoints a running sandbox only
             try:
                 await self._to_disk(sandbox)
@@ -592,11 +678,13 @@ class GVisorDriver(BaseDriver):
                 log.exception(
                     "sandbox %s stays suspended in memory: writing it to disk failed", sandbox.sandbox_id
                 )
-                with contextlib.suppress(DriverError):
-                    await cgroup.freeze()
+                await self._settle_suspend(sandbox, wait=False)
+                if record.state == "running":  # the checkpoint left it running: freeze it again
+                    with contextlib.suppress(DriverError):
+                        await cgroup.freeze()
+                        self._mark(sandbox, "suspended", "memory")
                 return
-            record.suspended_in = "disk"
-            self.save(sandbox)
+            self._mark(sandbox, "suspended", "disk")
 
     async def resume(self, sandbox: Sandbox) -> None:
         async with self.lock(sandbox.sandbox_id):
@@ -604,12 +692,24 @@ class GVisorDriver(BaseDriver):
             if record.state != "suspended":
                 raise DriverError(f"sandbox {sandbox.sandbox_id} is not suspended")
             self._cancel_disk_tier(sandbox.sandbox_id)
-            if record.suspended_in == "memory":
-                self.cgroup_of(sandbox).thaw()
-            else:
-                await self._resume_from_disk(sandbox)
-            record.state, record.suspended_in = "running", ""
-            self.save(sandbox)
+            tier = record.suspended_in
+            self._mark(sandbox, "resuming", tier)
+            try:
+                if tier == "memory":
+                    self.cgroup_of(sandbox).thaw()
+                else:
+                    await self._resume_from_disk(sandbox)
+            except BaseException:
+                self._mark(sandbox, "suspended", tier)  # a failed restore was stopped: try again later
+                raise
+            self._mark(sandbox, "running", "")
+            await self._drop_suspend_image(sandbox)
+
+    async def _drop_suspend_image(self, sandbox: Sandbox) -> None:
+        """Once the record says running: the suspend image and the markers have served."""
+        await asyncio.to_thread(shutil.rmtree, sandbox.state_dir / SUSPEND_IMAGE, True)
+        self._clear_marker(sandbox.state_dir / CHECKPOINT_DONE)
+        self._clear_marker(sandbox.state_dir / RESTORE_DONE)
 
     async def _resume_from_disk(self, sandbox: Sandbox) -> None:
         record = record_of(sandbox)
@@ -621,8 +721,10 @@ class GVisorDriver(BaseDriver):
         await netns.ensure_address(host.netns, SANDBOX_DEV, SANDBOX_CIDR)
         bundle = sandbox.state_dir / "bundle"
         args = ["restore", "--detach", "--image-path", str(image), "--bundle", str(bundle), host.container]
+        marker = sandbox.state_dir / RESTORE_DONE
+        self._clear_marker(marker)
         try:
-            result = await self._launch(sandbox, args)
+            result = await self._launch(sandbox, args, done=marker)
             if result.returncode != 0:
                 raise DriverError(
                     f"cannot resume sandbox {sandbox.sandbox_id}: {proc.tail(self.log_path(sandbox), 1500)}"
@@ -631,8 +733,109 @@ class GVisorDriver(BaseDriver):
         except BaseException:
             # Stay suspended (the image is kept), so a later resume can try again.
             await self._stop_container(sandbox)
+            self._clear_marker(marker)
             raise
+        # The image and the markers stay until the record says running (resume(), adopt()).
+
+    # ------------------------------------------------------------------ after a crash
+
+    def _launcher_running(self, pid: int) -> bool:
+        """Is pid a launcher of ours (a checkpoint or restore a killed server left behind)?"""
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+        return str(self.runsc_root).encode() in cmdline  # a zombie's is empty
+
+    async def _wait_helper(self, marker: Path) -> None:
+        """Wait (bounded) for the checkpoint or restore whose marker this is, if it still runs."""
+        try:
+            pid = int(marker.with_name(marker.name + ".pid").read_text())
+        except (OSError, ValueError):
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + HELPER_WAIT_SECONDS
+        if self._launcher_running(pid):
+            log.info("waiting for the %s a stopped server left running (pid %d)", marker.stem, pid)
+        while self._launcher_running(pid) and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+
+    async def _answers(self, sandbox: Sandbox) -> bool:
+        try:
+            await agent_client.control(self.agent_address(sandbox), "STATUS", timeout=5.0)
+        except (OSError, TimeoutError, DriverError):
+            return False
+        return True
+
+    async def _settle_suspend(self, sandbox: Sandbox, *, wait: bool = True) -> None:
+        """A record left "suspending": keep a complete suspend image (suspended on disk), drop an
+        incomplete one; then the sandbox is suspended in memory if frozen, else running if it
+        answers, else stopped (the record says running: the caller finds it dead)."""
+        record = record_of(sandbox)
+        marker = sandbox.state_dir / CHECKPOINT_DONE
+        if wait:
+            await self._wait_helper(marker)
+        image = sandbox.state_dir / SUSPEND_IMAGE
+        if record.suspended_in == "disk" and marker.is_file() and (image / "checkpoint.img").is_file():
+            await self._stop_container(sandbox)  # the sandbox exits after a checkpoint; runsc's record goes
+            self._mark(sandbox, "suspended", "disk")
+            return
+        log.info("sandbox %s: dropping an incomplete suspend", sandbox.sandbox_id)
         await asyncio.to_thread(shutil.rmtree, image, True)
+        self._clear_marker(marker)
+        cgroup = self.cgroup_of(sandbox)
+        if cgroup.pids() and cgroup.is_frozen():
+            self._mark(sandbox, "suspended", "memory")
+            return
+        if cgroup.pids() and not await self._answers(sandbox):
+            # Left half-checkpointed: of no use, and a suspend or resume of it would only fail.
+            log.warning("sandbox %s does not answer after an interrupted suspend", sandbox.sandbox_id)
+            await self._stop_container(sandbox)
+        self._mark(sandbox, "running", "")  # adopt() finds a stopped one gone
+
+    async def _settle_resume(self, sandbox: Sandbox) -> None:
+        """A record left "resuming": running if the restore finished (or the thaw happened), else
+        suspended, on disk or in memory, as before."""
+        record = record_of(sandbox)
+        cgroup = self.cgroup_of(sandbox)
+        if record.suspended_in == "memory":
+            frozen = bool(cgroup.pids()) and cgroup.is_frozen()
+            self._mark(sandbox, "suspended" if frozen else "running", "memory" if frozen else "")
+            return
+        marker = sandbox.state_dir / RESTORE_DONE
+        await self._wait_helper(marker)
+        if marker.is_file() and cgroup.pids() and not cgroup.is_frozen() and await self._answers(sandbox):
+            self._mark(sandbox, "running", "")
+            await self._drop_suspend_image(sandbox)
+            return
+        log.info("sandbox %s: an unfinished resume; it stays suspended", sandbox.sandbox_id)
+        await self._stop_container(sandbox)
+        self._clear_marker(marker)
+        self._mark(sandbox, "suspended", "disk")
+
+    async def adopt(self, sandbox_id: str) -> Sandbox | None:
+        sandbox = self.load(sandbox_id)
+        if sandbox is None:
+            return None
+        async with self.lock(sandbox_id):
+            record = record_of(sandbox)
+            if record.state in ("starting", "warm"):
+                await self.drop_unfinished(sandbox)
+                return None
+            if record.state == "suspending":
+                await self._settle_suspend(sandbox)
+            elif record.state == "resuming":
+                await self._settle_resume(sandbox)
+            cgroup = self.cgroup_of(sandbox)
+            if record.state == "suspended" and record.suspended_in == "disk":
+                return sandbox if (sandbox.state_dir / SUSPEND_IMAGE / "checkpoint.img").is_file() else None
+            if record.state == "suspended" and cgroup.pids() and cgroup.is_frozen():
+                self._schedule_disk_tier(sandbox)
+                return sandbox
+            if record.state == "running" and cgroup.pids() and not cgroup.is_frozen():
+                await self._drop_suspend_image(sandbox)  # left by a crash right after a resume
+                return sandbox
+            return None
 
     # ------------------------------------------------------------------ teardown and recovery
 
@@ -644,38 +847,31 @@ class GVisorDriver(BaseDriver):
         except DriverError:
             return self.default_binary
 
+    async def _delete_container(self, container: str, binaries: list[tuple[Runsc, str]]) -> None:
+        """`runsc delete -force`, with each binary in turn until runsc's record of it is gone."""
+        result = None
+        for binary in binaries:
+            if container not in self._containers():
+                return
+            result = await self._runsc(["delete", "-force", container], binary=binary, timeout=60)
+        if container in self._containers():
+            words = result.describe() if result is not None else "no runsc to delete it with"
+            raise DriverError(f"runsc could not delete container {container}: {words}")
+
     async def teardown(self, sandbox: Sandbox, host: names.HostNames) -> None:
         self._cancel_disk_tier(sandbox.sandbox_id)
         await self.cgroup_for(host).kill_all()
-        binary = self._teardown_binary(sandbox)
-        if await self._container_exists(host.container, binary):
-            result = await self._runsc(["delete", "-force", host.container], binary=binary, timeout=60)
-            if result.returncode != 0 and await self._container_exists(host.container, binary):
-                raise DriverError(f"runsc could not delete container {host.container}: {result.describe()}")
-
-    async def adopt(self, sandbox_id: str) -> Sandbox | None:
-        sandbox = self.load(sandbox_id)
-        if sandbox is None:
-            return None
-        record = record_of(sandbox)
-        cgroup = self.cgroup_of(sandbox)
-        if record.state == "suspended" and record.suspended_in == "disk":
-            return sandbox if (sandbox.state_dir / SUSPEND_IMAGE / "checkpoint.img").is_file() else None
-        if record.state == "suspended" and cgroup.pids() and cgroup.is_frozen():
-            self._schedule_disk_tier(sandbox)
-            return sandbox
-        if record.state == "running" and cgroup.pids() and not cgroup.is_frozen():
-            return sandbox
-        return None
+        await self._delete_container(host.container, [self._teardown_binary(sandbox)])
 
     async def remove_orphans(self, keep_keys: set[str]) -> None:
-        result = await self._runsc(["list", "-quiet"], timeout=30)
-        for container in result.stdout.split():
+        others = [r for r in runsc_binaries.installed([self.cache_dir]) if r.path != self.runsc.path]
+        binaries = [self.default_binary, *((r, r.default_platform) for r in others)]
+        for container in sorted(self._containers()):
             key = names.key_of_container(container)
             if key is not None and key not in keep_keys:
                 log.info("removing stray runsc container %s", container)
                 await self.cgroup_for(names.host_names(self.scope, key)).kill_all()
-                await self._runsc(["delete", "-force", container], timeout=60)
+                await self._delete_container(container, binaries)
 
     async def close(self) -> None:
         for sandbox_id in list(self._disk_timers):

@@ -183,6 +183,10 @@ class ProcessDriver(BaseDriver):
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self, sandbox_id: str, spec: SandboxSpec) -> Sandbox:
+        with self.creating(sandbox_id):
+            return await self._start(sandbox_id, spec)
+
+    async def _start(self, sandbox_id: str, spec: SandboxSpec) -> Sandbox:
         self.check_spec(spec)
         self.gate.check("start a sandbox", self.cold_start_footprint_bytes, spec.memory_mib)
         agent = await agent_build.ensure_agent(self.cache_dir)
@@ -234,6 +238,10 @@ class ProcessDriver(BaseDriver):
         return SnapshotInfo(snapshot_dir, 0, disk_bytes, await self.code_bytes(sandbox.spec.rootfs))
 
     async def restore(self, sandbox_id: str, snapshot_dir: Path) -> Sandbox:
+        with self.creating(sandbox_id):
+            return await self._restore(sandbox_id, snapshot_dir)
+
+    async def _restore(self, sandbox_id: str, snapshot_dir: Path) -> Sandbox:
         meta = read_snapshot_meta(snapshot_dir, self.name)
         layer = snapshot_dir / LAYER
         if not layer.is_dir():
@@ -267,6 +275,7 @@ class ProcessDriver(BaseDriver):
             self.refresh(sandbox)
             record = self.require_running(sandbox)
             await self.cgroup_of(sandbox).freeze()
+            # A crash between the freeze and this write is no matter: adopt() trusts the freezer.
             record.state, record.suspended_in = "suspended", "memory"
             self.save(sandbox)
 
@@ -283,12 +292,18 @@ class ProcessDriver(BaseDriver):
         sandbox = self.load(sandbox_id)
         if sandbox is None:
             return None
-        record = record_of(sandbox)
-        cgroup = self.cgroup_of(sandbox)
-        if not cgroup.pids():
-            return None
-        if record.state == "suspended" and cgroup.is_frozen():
+        async with self.lock(sandbox_id):
+            record = record_of(sandbox)
+            if record.state == "starting":
+                await self.drop_unfinished(sandbox)
+                return None
+            cgroup = self.cgroup_of(sandbox)
+            if not cgroup.pids():
+                return None
+            # Suspending and resuming are a freeze and a thaw here: the freezer says which side of
+            # one a sandbox is on, whatever a record written just before a crash says.
+            state = ("suspended", "memory") if cgroup.is_frozen() else ("running", "")
+            if (record.state, record.suspended_in) != state:
+                record.state, record.suspended_in = state
+                self.save(sandbox)
             return sandbox
-        if record.state == "running" and not cgroup.is_frozen():
-            return sandbox
-        return None

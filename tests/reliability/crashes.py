@@ -36,16 +36,7 @@ _TESTS = "tests/reliability/test_crash_safety.py::"
 # Violations caused by known, reported bugs, each shown by an xfail test: a violation containing
 # every fragment of an entry is counted and printed but not failed on. Remove an entry once its
 # xfail test passes.
-KNOWN_BUGS: list[tuple[tuple[str, ...], str]] = [
-    (
-        ("lost-suspend", "sandbox was gone when the server restarted"),
-        _TESTS + "test_a_microvm_being_suspended_survives_a_crash",
-    ),
-    (
-        ("stray cgroup", "(blkio, cpuset, devices, systemd)"),
-        _TESTS + "test_recovery_removes_stray_cgroups_from_every_hierarchy",
-    ),
-]
+KNOWN_BUGS: list[tuple[tuple[str, ...], str]] = []
 
 
 def known_bug(violation: str) -> str | None:

@@ -120,13 +120,6 @@ def test_a_microvm_being_started_survives_a_crash(harness: CrashHarness) -> None
         client.terminate_microvm(microvmIdentifier=microvm_id)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a crash while a MicroVM is SUSPENDING loses it: the checkpoint (a runsc child that "
-    "outlives the server) completes, but the sandbox record still says 'running', so "
-    "GVisorDriver.adopt() finds a stopped container, returns None, and recovery.py marks the MicroVM "
-    "TERMINATED ('sandbox was gone') although its suspend image is complete",
-)
 def test_a_microvm_being_suspended_survives_a_crash(harness: CrashHarness) -> None:
     server = harness.server
     client = server.client()
@@ -181,13 +174,6 @@ def test_terminate_while_suspending_ends_in_success(harness: CrashHarness) -> No
 
 
 @pytest.mark.skipif(Path("/sys/fs/cgroup/cgroup.controllers").exists(), reason="cgroup v2: one hierarchy")
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: runsc also makes the sandbox's cgroup in the hierarchies the driver does not manage "
-    "(blkio, cpuset, devices, name=systemd); after a crash those are never removed, because "
-    "BaseDriver.cleanup_strays() walks only the driver's own controllers (cgroups.children() over "
-    "layout.dirs): the random crash trials leave them, and this machine holds hundreds of them",
-)
 def test_recovery_removes_stray_cgroups_from_every_hierarchy(harness: CrashHarness) -> None:
     server = harness.server
     scope = HostView(server.data_dir).scopes()["gvisor"]

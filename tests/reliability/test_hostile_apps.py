@@ -171,13 +171,6 @@ def test_filling_the_disk_fills_the_sandbox_not_the_host(
     _neighbour_fine(hostile_server, neighbour)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: when a sandbox dies under a request (gVisor is killed whole at its memory limit), "
-    "endpoint/proxy.py gets an OSError from the upstream read (after TCP_USER_TIMEOUT, 30 s) that "
-    "only EndpointConnection.serve() catches: the client's connection is closed without any answer "
-    "instead of a 502",
-)
 def test_a_request_in_flight_when_its_sandbox_dies_gets_a_502(attacks: dict[str, Attack]) -> None:
     for name, attack in attacks.items():
         assert attack.answer.status in (200, 502), (name, attack.answer)
@@ -316,24 +309,10 @@ def test_the_server_lets_go_of_every_hostile_connection(rampage: Rampage) -> Non
     assert rampage.after.log_fds <= LOG_FILES_KEPT_OPEN
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: 200 simultaneous requests kill a healthy MicroVM: each relayed connection is a guest "
-    "process the agent forks (runtime/agent/agent.c) and each app thread a host thread, so the "
-    "sandbox's pids cgroup (pids_max 1024 + 256 headroom, gvisor.py) fills, gVisor's sentry cannot "
-    "clone and the whole sandbox dies; the MicroVM answers 502 from then on while GetMicrovm still "
-    "says RUNNING. Nothing caps connections per MicroVM (AWS does, answering 429)",
-)
 def test_a_flood_does_not_kill_the_flooded_microvm(flood: Flood) -> None:
     assert (flood.recovered, flood.pid_limit_hits) == (200, 0), flood
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: in a flood, requests in flight when the upstream connection is reset or the "
-    "sandbox dies get no HTTP answer at all: endpoint/proxy.py lets the OSError end the client "
-    "connection instead of answering 502 (or 429 for a MicroVM over a connection limit)",
-)
 def test_every_request_of_a_flood_gets_an_http_answer(flood: Flood) -> None:
     unanswered = {outcome: n for outcome, n in flood.outcomes.items() if not outcome.isdigit()}
     assert unanswered == {}, flood.outcomes

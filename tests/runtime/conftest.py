@@ -30,7 +30,7 @@ APP_PORT = 8080
 # The app every test runs: stdlib only, state in memory so restores can be told apart.
 APP = textwrap.dedent(
     """
-    import http.server, json, os, random, socket, sys, time, urllib.parse
+    import http.server, json, os, random, socket, sys, threading, time, urllib.parse
 
     TOKEN = random.randrange(10**12)  # made at start: equal in two sandboxes only via a snapshot
     count = 0
@@ -57,6 +57,12 @@ APP = textwrap.dedent(
                 count += 1
                 self.reply(200, {"token": TOKEN, "count": count, "hostname": socket.gethostname(),
                                  "uid": os.getuid()})
+            elif url.path == "/slow":
+                time.sleep(float(query.get("seconds", "1")))
+                self.reply(200, {"slept": float(query.get("seconds", "1"))})
+            elif url.path == "/exit":
+                self.reply(200, {"exiting": int(query["code"])})
+                threading.Timer(0.2, os._exit, (int(query["code"]),)).start()
             elif url.path == "/print":
                 print(query["text"], flush=True)
                 self.reply(200, {"printed": query["text"]})
@@ -89,6 +95,7 @@ APP = textwrap.dedent(
             pass
 
 
+    http.server.ThreadingHTTPServer.request_queue_size = 256  # a flood is queued, not dropped
     host = os.environ.get("APP_HOST", "127.0.0.1")
     port = int(os.environ.get("APP_PORT", "8080"))
     print(f"app listening on {host}:{port}", flush=True)

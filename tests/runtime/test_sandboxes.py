@@ -288,10 +288,8 @@ def test_suspend_and_resume_keep_memory(
                 await tiered.connect(sandbox, 8080)
             if tier == "disk-later":
                 for _ in range(600):  # the disk tier runs in the background
-                    if (
-                        record_of(sandbox).suspended_in == "disk"
-                        or tiered.refresh(sandbox).suspended_in == "disk"
-                    ):
+                    record = tiered.refresh(sandbox)
+                    if (record.state, record.suspended_in) == ("suspended", "disk"):
                         break
                     await asyncio.sleep(0.05)
             assert record_of(sandbox).suspended_in == ("memory" if tier == "memory" else "disk")

@@ -9,10 +9,20 @@
  *
  * Usage:
  *   omv-agent --listen ADDR:PORT [--uid N] [--gid N] [--groups G1,G2] [--workdir DIR]
- *             [--nofile N] -- ARGV...
+ *             [--nofile N] [--max-relays N] -- ARGV...
  * The application gets the agent's environment minus OMV_AGENT_* variables. The shared secret is
  * taken from $OMV_AGENT_TOKEN and wiped from memory, so an application that runs as another user
  * cannot read it from /proc/1/environ and drive the agent.
+ *
+ * One process serves everything: every connection, relay and terminal session is a slot of one
+ * poll() loop, never a process of its own. Under gVisor's ptrace platform every guest process is a
+ * host process with a host thread per sentry thread that ran it, all counted by the sandbox's pids
+ * cgroup: an agent that forked per connection let a flood of connections fill that cgroup until
+ * gVisor itself could not create a thread and died. At most --max-relays (DEFAULT_MAX_RELAYS)
+ * CONNECT relays run at once; one more is refused with EMAXCONN, which the host reports as "too
+ * many connections" (HTTP 429 at the endpoint). Terminal sessions (MAX_PTYS) and WAIT watchers
+ * (MAX_WAITERS) have limits of their own (EBUSY), and at most MAX_PENDING connections may be
+ * sending their request line or reading their answer; more wait in the listen backlog.
  *
  * Protocol (version 1). One request per TCP connection. The client sends one line (at most
  * MAX_LINE bytes, newline-terminated; partial reads are reassembled):
@@ -22,15 +32,21 @@
  * Values are percent-encoded (%XX) so they may contain spaces, '=' or any byte but NUL.
  * The agent answers with one line, "OK [key=value ...]\n" or "ERR <CODE> <message>\n".
  *
- *   STATUS                    -> OK app=running|exited|failed status=N disk=BYTES
+ *   STATUS                    -> OK app=running|exited|failed status=N pid=N disk=BYTES
  *                                status: exit code, 128+signal, or errno when exec failed.
  *                                disk: bytes used on "/" (plus "/tmp" when it is another fs).
+ *   WAIT                      -> the STATUS answer, sent once the application is no longer
+ *                                running (at once if it is not); the connection stays open
+ *                                until then. ERR EBUSY when MAX_WAITERS are waiting already.
  *   ABORT                     -> OK aborted=N
- *                                Resets every relayed connection and PTY session (see below).
+ *                                Resets every relayed connection, PTY session (its command is
+ *                                killed) and waiting WAIT (see below).
  *   CONNECT port=N            -> OK, then relay; or ERR ECONNREFUSED ... when nothing listens
- *                                on 127.0.0.1:N inside the sandbox.
+ *                                on 127.0.0.1:N inside the sandbox (ETIMEDOUT when the connection
+ *                                is not accepted within CONNECT_TIMEOUT_MS), or ERR EMAXCONN when
+ *                                the relay limit is reached.
  *   PTY rows=R cols=C arg=A... [env=K=V...] [cwd=DIR] [uid=N] [gid=N]
- *                             -> OK pid=N, then PTY frames; or ERR ...
+ *                             -> OK pid=N, then PTY frames; or ERR ... (EBUSY: too many sessions)
  *
  * After OK, bytes from the agent to the client are framed: 1 type byte, a 4-byte big-endian
  * length, the payload. Types sent by the agent: 'd' data, 'e' end of data (CONNECT: the
@@ -44,12 +60,12 @@
  * the sandbox's network interface is in a connected state, and a socket that closes first goes
  * to TIME_WAIT for 60 s, which gVisor does not let a RST cut short. So the agent signals "end of
  * data" with an 'e' frame instead of a FIN and leaves TIME_WAIT to the host. Every accepted
- * socket carries SO_LINGER {1, 0}, so a connection the agent has to drop (ABORT, a killed
- * worker, a protocol error) ends in a RST, which leaves no state behind. A one-line answer
- * (STATUS, ABORT, ERR ...) ends the same way once the client has read it and closed its side. A
- * relay or PTY session ends gracefully (linger off) so queued data is still delivered; its socket
- * then spends one round trip in LAST_ACK, which the host covers by retrying a checkpoint that
- * finds a connection still open. The host sends ABORT before every checkpoint.
+ * socket carries SO_LINGER {1, 0}, so a connection the agent has to drop (ABORT, a protocol
+ * error) ends in a RST, which leaves no state behind. A one-line answer (STATUS, ABORT, ERR ...)
+ * ends the same way once the client has read it and closed its side. A relay or PTY session ends
+ * gracefully (linger off) so queued data is still delivered; its socket then spends one round
+ * trip in LAST_ACK, which the host covers by retrying a checkpoint that finds a connection still
+ * open. The host sends ABORT before every checkpoint.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -82,13 +98,17 @@
 #include <unistd.h>
 
 #define MAX_LINE 65536
-#define MAX_FRAME (1 << 20)
-#define MAX_CONNS 64
-#define MAX_WORKERS 1024
+#define MAX_PENDING 64          /* connections sending their request or reading a one-line answer */
+#define DEFAULT_MAX_RELAYS 128  /* CONNECT relays at once (--max-relays) */
+#define MAX_RELAYS_LIMIT 4096
+#define MAX_PTYS 16             /* terminal sessions at once, including ones being hung up */
+#define MAX_WAITERS 8           /* WAIT connections at once */
 #define MAX_ARGS 1024
 #define BUF_SIZE 65536
 #define REQUEST_TIMEOUT_MS 10000
 #define DRAIN_TIMEOUT_MS 10000
+#define CONNECT_TIMEOUT_MS 8000 /* below the host's REPLY_TIMEOUT, so that it hears why */
+#define HANGUP_GRACE_MS 1000    /* a hung-up terminal command gets this long before SIGKILL */
 
 extern char **environ;
 
@@ -101,6 +121,7 @@ static gid_t app_groups[64];
 static int app_ngroups = -1; /* -1: keep the groups unchanged */
 static const char *app_workdir = "/";
 static long app_nofile = 1024;
+static long max_relays = DEFAULT_MAX_RELAYS;
 static char **app_argv;
 static char **app_env;
 
@@ -111,20 +132,9 @@ static pid_t app_pid = -1;
 
 static int self_pipe[2] = {-1, -1};
 static volatile sig_atomic_t got_term;
+static volatile sig_atomic_t got_child = 1; /* a SIGCHLD since the last reap (under gVisor every
+                                              syscall is dear: waitpid only when one came) */
 static int terminating;
-
-static pid_t workers[MAX_WORKERS];
-static int n_workers;
-
-enum conn_state { CONN_FREE, CONN_READING, CONN_DRAINING };
-struct conn {
-    enum conn_state state;
-    int fd;
-    long long deadline;
-    size_t len;
-    char *buf;
-};
-static struct conn conns[MAX_CONNS];
 
 static void logmsg(const char *fmt, ...) {
     char line[1024];
@@ -185,42 +195,6 @@ static int write_all(int fd, const void *data, size_t len, int timeout_ms) {
     }
     return 0;
 }
-
-static void reply(int fd, const char *fmt, ...) {
-    char line[512];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(line, sizeof line, fmt, ap);
-    va_end(ap);
-    if (n < 0) return;
-    if (n >= (int)sizeof line) n = sizeof line - 1;
-    write_all(fd, line, (size_t)n, 2000);
-}
-
-/* After a one-line answer: wait (blocking, in a worker) until the client, having read the answer,
- * closes; then reset, so nothing of the connection outlives it (see the protocol notes). */
-static void wait_client_close(int fd) {
-    char sink[4096];
-    long long deadline = now_ms() + DRAIN_TIMEOUT_MS;
-    set_nonblock(fd, 1);
-    for (;;) {
-        long long left = deadline - now_ms();
-        if (left <= 0) {
-            close(fd); /* linger {1,0} still set: RST */
-            return;
-        }
-        struct pollfd pfd = {fd, POLLIN, 0};
-        int r = poll(&pfd, 1, (int)left);
-        if (r < 0 && errno == EINTR) continue;
-        if (r <= 0) continue;
-        ssize_t n = read(fd, sink, sizeof sink);
-        if (n > 0) continue;
-        if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;
-        close(fd); /* linger {1,0}: RST */
-        return;
-    }
-}
-
 static int hexval(int c) {
     if (c >= '0' && c <= '9') return c - '0';
     if (c >= 'a' && c <= 'f') return c - 'a' + 10;
@@ -273,6 +247,7 @@ static void reset_signals(void) {
 static void on_signal(int sig) {
     int saved = errno;
     if (sig == SIGTERM || sig == SIGINT) got_term = sig;
+    if (sig == SIGCHLD) got_child = 1;
     char b = (char)sig;
     ssize_t ignored = write(self_pipe[1], &b, 1);
     (void)ignored;
@@ -361,33 +336,6 @@ static void start_app(void) {
         app_status = f.err;
     }
 }
-
-static void record_exit(int status) {
-    if (app_state == APP_RUNNING) {
-        app_state = APP_EXITED;
-        app_status = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-        logmsg("application exited with status %d", app_status);
-    }
-}
-
-static void reap(void) {
-    int status;
-    pid_t pid;
-    while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
-        if (pid == app_pid) {
-            if (app_state == APP_RUNNING) record_exit(status);
-            app_pid = -1;
-            continue;
-        }
-        for (int i = 0; i < n_workers; i++) {
-            if (workers[i] == pid) {
-                workers[i] = workers[--n_workers];
-                break;
-            }
-        }
-    }
-}
-
 static unsigned long long disk_used(void) {
     struct statvfs root, tmp;
     struct stat st_root, st_tmp;
@@ -457,110 +405,6 @@ static void errno_name(int err, char *out, size_t size) {
     default: snprintf(out, size, "E%d", err); return;
     }
     snprintf(out, size, "%s", name);
-}
-
-/*
- * Relay between the client socket (raw in, framed out) and the application's socket.
- * Ends when the client has closed (its EOF read) and the application's end has been delivered.
- */
-static void relay(int client, int app, const char *early, size_t early_len) {
-    char buf[BUF_SIZE];
-    struct outbuf to_client = {0}; /* framed */
-    char *to_app = malloc(BUF_SIZE);
-    size_t to_app_len = 0;
-    int client_eof = 0, app_eof = 0, app_dead = 0, app_wr_closed = 0;
-    if (!to_app) return;
-    if (early_len > BUF_SIZE) early_len = BUF_SIZE;
-    memcpy(to_app, early, early_len);
-    to_app_len = early_len;
-    set_nonblock(client, 1);
-    set_nonblock(app, 1);
-    for (;;) {
-        if (client_eof && to_app_len == 0 && !app_wr_closed && !app_dead) {
-            shutdown(app, SHUT_WR);
-            app_wr_closed = 1;
-        }
-        if (client_eof && (app_eof || app_dead) && to_client.len == 0) break;
-        struct pollfd p[2] = {{client, 0, 0}, {app, 0, 0}};
-        if (!client_eof && to_app_len < BUF_SIZE) p[0].events |= POLLIN;
-        if (to_client.len) p[0].events |= POLLOUT;
-        if (!app_eof && !app_dead && to_client.len < 4 * BUF_SIZE) p[1].events |= POLLIN;
-        if (to_app_len && !app_dead) p[1].events |= POLLOUT;
-        int r = poll(p, 2, -1);
-        if (r < 0) {
-            if (errno == EINTR) continue;
-            goto reset;
-        }
-        if (p[0].revents & (POLLIN | POLLHUP | POLLERR)) {
-            if (!client_eof && to_app_len < BUF_SIZE) {
-                ssize_t n = read(client, to_app + to_app_len, BUF_SIZE - to_app_len);
-                if (n > 0) {
-                    if (app_dead) to_app_len = 0; /* the application is gone: discard */
-                    else to_app_len += (size_t)n;
-                } else if (n == 0) {
-                    client_eof = 1;
-                } else if (errno != EINTR && errno != EAGAIN) {
-                    goto reset;
-                }
-            } else if (p[0].revents & POLLERR) {
-                goto reset;
-            }
-        }
-        if (p[0].revents & POLLOUT) {
-            if (out_flush(&to_client, client) < 0) goto reset;
-        }
-        if (p[1].revents & (POLLIN | POLLHUP | POLLERR)) {
-            if (!app_eof && !app_dead) {
-                ssize_t n = read(app, buf, sizeof buf);
-                if (n > 0) {
-                    if (out_frame(&to_client, 'd', buf, (size_t)n) < 0) goto reset;
-                } else if (n == 0 || (errno != EINTR && errno != EAGAIN)) {
-                    app_eof = 1;
-                    if (out_frame(&to_client, 'e', NULL, 0) < 0) goto reset;
-                }
-                if (out_flush(&to_client, client) < 0) goto reset;
-            }
-        }
-        if ((p[1].revents & POLLOUT) && to_app_len) {
-            ssize_t n = write(app, to_app, to_app_len);
-            if (n > 0) {
-                memmove(to_app, to_app + n, to_app_len - (size_t)n);
-                to_app_len -= (size_t)n;
-            } else if (n < 0 && errno != EINTR && errno != EAGAIN) {
-                app_dead = 1;
-                to_app_len = 0;
-                if (!app_eof) {
-                    app_eof = 1;
-                    if (out_frame(&to_client, 'e', NULL, 0) < 0) goto reset;
-                }
-            }
-        }
-    }
-    close(app);
-    close_graceful(client);
-    return;
-reset:
-    close(app);
-    close(client); /* linger {1,0}: RST */
-}
-
-static void handle_connect(int client, long port, const char *early, size_t early_len) {
-    int app = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (app < 0 || connect(app, (struct sockaddr *)&sa, sizeof sa) < 0) {
-        int err = errno;
-        char name[32];
-        errno_name(err, name, sizeof name);
-        reply(client, "ERR %s %s on 127.0.0.1:%ld\n", name, strerror(err), port);
-        if (app >= 0) close(app);
-        wait_client_close(client);
-        return;
-    }
-    int one = 1;
-    setsockopt(app, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    reply(client, "OK\n");
-    relay(client, app, early, early_len);
 }
 
 /* ---------------------------------------------------------------- PTY */
@@ -642,204 +486,455 @@ static int pty_decode(char *in, size_t *in_len, char *to_master, size_t *to_mast
     return 0;
 }
 
-static void handle_pty(int client, struct pty_request *req, const char *early, size_t early_len) {
+/* ---------------------------------------------------------------- connections */
+
+/*
+ * Every accepted connection is one slot, whatever it turns into:
+ *   READING     sending its request line (deadline: REQUEST_TIMEOUT_MS)
+ *   DRAINING    answered with one line; waiting for the client to close (DRAIN_TIMEOUT_MS)
+ *   WAITING     WAIT: answered when the application stops
+ *   CONNECTING  CONNECT: the connection to the application is being made (CONNECT_TIMEOUT_MS)
+ *   RELAY       CONNECT: bytes flow both ways
+ *   PTY         a terminal session
+ *   HANGUP      a terminal session whose client left: its command got SIGHUP and, unless it
+ *               exits first, gets SIGKILL after HANGUP_GRACE_MS (no sockets left)
+ */
+enum conn_state { CONN_FREE, CONN_READING, CONN_DRAINING, CONN_WAITING, CONN_CONNECTING, CONN_RELAY, CONN_PTY,
+                  CONN_HANGUP, CONN_STATES };
+
+struct conn {
+    enum conn_state state;
+    int fd; /* the client socket */
+    long long deadline; /* 0: none */
+    short crev, orev;   /* poll results of this round: client socket, other descriptor */
+    /* READING */
+    char *buf;
+    size_t len;
+    /* CONNECTING, RELAY */
+    int app;
+    long port;
+    char *to_app;
+    size_t to_app_len, to_app_cap;
+    int client_eof, app_eof, app_dead, app_wr_closed;
+    /* RELAY, PTY */
+    struct outbuf to_client; /* framed */
+    /* PTY */
+    int master;
+    pid_t child;
+    int exited, exit_sent, status;
+    char *in;
+    size_t in_len;
+    char *to_master;
+    size_t to_master_len;
+};
+
+static struct conn *conns;
+static int n_slots;
+static int in_state[CONN_STATES];
+static char io_buf[BUF_SIZE];
+
+static void set_state(struct conn *c, enum conn_state state) {
+    in_state[c->state]--;
+    in_state[state]++;
+    c->state = state;
+}
+
+static int pending_count(void) { return in_state[CONN_READING] + in_state[CONN_DRAINING]; }
+static int relay_count(void) { return in_state[CONN_CONNECTING] + in_state[CONN_RELAY]; }
+static int pty_count(void) { return in_state[CONN_PTY] + in_state[CONN_HANGUP]; }
+
+/* Release a slot. graceful: the client's EOF was read (linger off); else the client gets a RST. */
+static void free_conn(struct conn *c, int graceful) {
+    if (c->fd >= 0) {
+        if (graceful) close_graceful(c->fd);
+        else close(c->fd);
+    }
+    if (c->app >= 0) close(c->app);
+    if (c->master >= 0) close(c->master);
+    free(c->buf);
+    free(c->to_app);
+    free(c->to_client.data);
+    free(c->in);
+    free(c->to_master);
+    in_state[c->state]--;
+    in_state[CONN_FREE]++;
+    *c = (struct conn){.state = CONN_FREE, .fd = -1, .app = -1, .master = -1};
+}
+
+static void drain(struct conn *c) {
+    free(c->buf);
+    c->buf = NULL;
+    set_state(c, CONN_DRAINING);
+    c->deadline = now_ms() + DRAIN_TIMEOUT_MS;
+}
+
+/* Answer with one line and wait for the client to close. */
+static void answer(struct conn *c, const char *fmt, ...) {
+    char line[512];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    if (n >= (int)sizeof line) n = sizeof line - 1;
+    if (n > 0) write_all(c->fd, line, (size_t)n, 2000);
+    drain(c);
+}
+
+static void answer_status(struct conn *c) {
+    const char *state = app_state == APP_RUNNING ? "running" : app_state == APP_EXITED ? "exited" : "failed";
+    answer(c, "OK app=%s status=%d pid=%d disk=%llu\n", state, app_status, (int)app_pid, disk_used());
+}
+
+/* A terminal session's command: SIGKILL to its process group (and to itself, should it have left it). */
+static void kill_session(pid_t child, int sig) {
+    if (child > 0) {
+        kill(-child, sig);
+        kill(child, sig);
+    }
+}
+
+/* ---------------------------------------------------------------- application exits */
+
+static void record_exit(int status) {
+    if (app_state == APP_RUNNING) {
+        app_state = APP_EXITED;
+        app_status = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+        logmsg("application exited with status %d", app_status);
+    }
+    for (int i = 0; i < n_slots; i++)
+        if (conns[i].state == CONN_WAITING) answer_status(&conns[i]);
+}
+
+static void reap(void) {
+    int status;
+    pid_t pid;
+    if (!got_child) return;
+    got_child = 0;
+    while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+        if (pid == app_pid) {
+            app_pid = -1;
+            record_exit(status);
+            continue;
+        }
+        for (int i = 0; i < n_slots; i++) {
+            struct conn *c = &conns[i];
+            if (c->child != pid || (c->state != CONN_PTY && c->state != CONN_HANGUP)) continue;
+            if (c->state == CONN_HANGUP) {
+                free_conn(c, 0);
+            } else {
+                c->exited = 1;
+                c->status = exit_code(status);
+                c->child = -1;
+            }
+            break;
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- CONNECT */
+
+static void relay_reset(struct conn *c) { free_conn(c, 0); }
+
+static void connect_failed(struct conn *c, int err) {
+    char name[32];
+    errno_name(err, name, sizeof name);
+    close(c->app);
+    c->app = -1;
+    free(c->to_app);
+    c->to_app = NULL;
+    c->to_app_len = c->to_app_cap = 0;
+    set_state(c, CONN_READING); /* counted as pending again while the answer is read */
+    answer(c, "ERR %s %s on 127.0.0.1:%ld\n", name, strerror(err), c->port);
+}
+
+static void connected(struct conn *c) {
+    int one = 1;
+    setsockopt(c->app, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    c->deadline = 0;
+    set_state(c, CONN_RELAY);
+    /* A fresh socket takes three bytes without waiting. */
+    write_all(c->fd, "OK\n", 3, 2000);
+}
+
+/* CONNECT port=N: early holds the bytes the client sent after its request line. */
+static void start_connect(struct conn *c, long port, const char *early, size_t early_len) {
+    if (relay_count() >= max_relays) {
+        answer(c, "ERR EMAXCONN too many connections: %ld are being relayed, the most this sandbox takes\n",
+               max_relays);
+        return;
+    }
+    size_t cap = early_len > BUF_SIZE ? early_len : BUF_SIZE;
+    char *to_app = malloc(cap);
+    if (!to_app) {
+        answer(c, "ERR ENOMEM out of memory\n");
+        return;
+    }
+    memcpy(to_app, early, early_len);
+    free(c->buf);
+    c->buf = NULL;
+    c->to_app = to_app;
+    c->to_app_len = early_len;
+    c->to_app_cap = cap;
+    c->port = port;
+    set_state(c, CONN_CONNECTING);
+    c->deadline = now_ms() + CONNECT_TIMEOUT_MS;
+    c->app = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (c->app < 0) {
+        connect_failed(c, errno);
+        return;
+    }
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (connect(c->app, (struct sockaddr *)&sa, sizeof sa) == 0) connected(c);
+    else if (errno != EINPROGRESS && errno != EINTR) connect_failed(c, errno);
+}
+
+static void connecting_step(struct conn *c) {
+    if (c->crev & (POLLERR | POLLHUP)) {
+        relay_reset(c); /* the client gave up */
+        return;
+    }
+    if (!(c->orev & (POLLOUT | POLLERR | POLLHUP))) return;
+    int err = 0;
+    socklen_t len = sizeof err;
+    if (getsockopt(c->app, SOL_SOCKET, SO_ERROR, &err, &len) < 0) err = errno;
+    if (err == 0) connected(c);
+    else connect_failed(c, err);
+}
+
+/*
+ * Relay between the client socket (raw in, framed out) and the application's socket.
+ * Ends when the client has closed (its EOF read) and the application's end has been delivered.
+ */
+static void relay_step(struct conn *c) {
+    short cr = c->crev, ar = c->orev;
+    if (cr & (POLLIN | POLLHUP | POLLERR)) {
+        if (!c->client_eof && c->to_app_len < c->to_app_cap) {
+            ssize_t n = read(c->fd, c->to_app + c->to_app_len, c->to_app_cap - c->to_app_len);
+            if (n > 0) {
+                if (c->app_dead) c->to_app_len = 0; /* the application is gone: discard */
+                else c->to_app_len += (size_t)n;
+            } else if (n == 0) {
+                c->client_eof = 1;
+            } else if (errno != EINTR && errno != EAGAIN) {
+                relay_reset(c);
+                return;
+            }
+        } else if (cr & (POLLERR | POLLHUP)) {
+            relay_reset(c); /* the client is gone */
+            return;
+        }
+    }
+    if ((cr & POLLOUT) && out_flush(&c->to_client, c->fd) < 0) {
+        relay_reset(c);
+        return;
+    }
+    if ((ar & (POLLIN | POLLHUP | POLLERR)) && !c->app_eof && !c->app_dead) {
+        ssize_t n = read(c->app, io_buf, sizeof io_buf);
+        if (n > 0) {
+            if (out_frame(&c->to_client, 'd', io_buf, (size_t)n) < 0) {
+                relay_reset(c);
+                return;
+            }
+        } else if (n == 0 || (errno != EINTR && errno != EAGAIN)) {
+            c->app_eof = 1;
+            if (out_frame(&c->to_client, 'e', NULL, 0) < 0) {
+                relay_reset(c);
+                return;
+            }
+        }
+        if (out_flush(&c->to_client, c->fd) < 0) {
+            relay_reset(c);
+            return;
+        }
+    }
+    if ((ar & (POLLOUT | POLLHUP | POLLERR)) && c->to_app_len && !c->app_dead) {
+        ssize_t n = write(c->app, c->to_app, c->to_app_len);
+        if (n > 0) {
+            memmove(c->to_app, c->to_app + n, c->to_app_len - (size_t)n);
+            c->to_app_len -= (size_t)n;
+        } else if (n < 0 && errno != EINTR && errno != EAGAIN) {
+            c->app_dead = 1;
+            c->to_app_len = 0;
+            if (!c->app_eof) {
+                c->app_eof = 1;
+                if (out_frame(&c->to_client, 'e', NULL, 0) < 0) {
+                    relay_reset(c);
+                    return;
+                }
+            }
+        }
+    }
+    if (c->client_eof && c->to_app_len == 0 && !c->app_wr_closed && !c->app_dead) {
+        shutdown(c->app, SHUT_WR);
+        c->app_wr_closed = 1;
+    }
+    if (c->to_client.len == 0 && c->to_client.cap > 4 * BUF_SIZE && !(ar & POLLIN)) {
+        free(c->to_client.data); /* a burst is over: give its memory back */
+        c->to_client = (struct outbuf){0};
+    }
+    if (c->client_eof && (c->app_eof || c->app_dead) && c->to_client.len == 0) free_conn(c, 1);
+}
+
+/* ---------------------------------------------------------------- PTY */
+
+static void start_pty(struct conn *c, struct pty_request *req, const char *early, size_t early_len) {
+    if (pty_count() >= MAX_PTYS) {
+        answer(c, "ERR EBUSY too many terminal sessions (at most %d)\n", MAX_PTYS);
+        return;
+    }
+    const size_t in_cap = BUF_SIZE + 5;
+    if (early_len > in_cap) {
+        free_conn(c, 0);
+        return;
+    }
+    char *in = malloc(in_cap), *to_master = malloc(BUF_SIZE);
+    if (!in || !to_master) {
+        free(in);
+        free(to_master);
+        answer(c, "ERR ENOMEM out of memory\n");
+        return;
+    }
     int master;
     struct winsize ws = {(unsigned short)req->rows, (unsigned short)req->cols, 0, 0};
     pid_t child = forkpty(&master, NULL, NULL, &ws);
     if (child < 0) {
-        reply(client, "ERR EPTY cannot open a pseudo-terminal: %s\n", strerror(errno));
-        wait_client_close(client);
+        int err = errno;
+        free(in);
+        free(to_master);
+        answer(c, "ERR EPTY cannot open a pseudo-terminal: %s\n", strerror(err));
         return;
     }
-    if (child == 0) pty_child(req);
+    if (child == 0) pty_child(req); /* every descriptor of ours is close-on-exec */
     fcntl(master, F_SETFD, FD_CLOEXEC);
     set_nonblock(master, 1);
-    set_nonblock(client, 1);
-    reply(client, "OK pid=%d\n", (int)child);
-
-    const size_t in_cap = BUF_SIZE + 5;
-    struct outbuf to_client = {0};
-    char *in = malloc(in_cap);
-    size_t in_len = 0;
-    char *to_master = malloc(BUF_SIZE);
-    size_t to_master_len = 0;
-    char buf[BUF_SIZE];
-    int exited = 0, status = 0, client_eof = 0;
-    if (!in || !to_master) goto reset;
-    if (early_len > in_cap) goto reset;
     memcpy(in, early, early_len);
-    in_len = early_len;
-    for (;;) {
-        if (pty_decode(in, &in_len, to_master, &to_master_len, master, child, exited) < 0) goto reset;
-        if (!exited) {
-            int st;
-            if (waitpid(child, &st, WNOHANG) == child) {
-                exited = 1;
-                status = exit_code(st);
+    free(c->buf);
+    c->buf = NULL;
+    c->in = in;
+    c->in_len = early_len;
+    c->to_master = to_master;
+    c->master = master;
+    c->child = child;
+    c->deadline = 0;
+    set_state(c, CONN_PTY);
+    char line[64];
+    int n = snprintf(line, sizeof line, "OK pid=%d\n", (int)child);
+    write_all(c->fd, line, (size_t)n, 2000);
+}
+
+static void pty_reset(struct conn *c) {
+    if (!c->exited) kill_session(c->child, SIGKILL);
+    free_conn(c, 0);
+}
+
+static void pty_step(struct conn *c) {
+    const size_t in_cap = BUF_SIZE + 5;
+    short cr = c->crev, mr = c->orev;
+    if (cr & (POLLIN | POLLHUP | POLLERR)) {
+        if (!c->client_eof && c->in_len < in_cap) {
+            ssize_t n = read(c->fd, c->in + c->in_len, in_cap - c->in_len);
+            if (n == 0) c->client_eof = 1;
+            else if (n > 0) c->in_len += (size_t)n;
+            else if (errno != EINTR && errno != EAGAIN) {
+                pty_reset(c);
+                return;
             }
-        }
-        if (exited && master >= 0) {
-            /* Pass on what the command printed last, then report the exit. */
-            for (;;) {
-                ssize_t n = read(master, buf, sizeof buf);
-                if (n <= 0) break;
-                if (out_frame(&to_client, 'd', buf, (size_t)n) < 0) goto reset;
-            }
-            close(master);
-            master = -1;
-            char code[16];
-            int n = snprintf(code, sizeof code, "%d", status);
-            if (out_frame(&to_client, 'x', code, (size_t)n) < 0) goto reset;
-        }
-        if (client_eof) {
-            if (master >= 0) {
-                /* The client went away before the command ended: hang up the session. */
-                kill(-child, SIGHUP);
-                kill(child, SIGHUP);
-                close(master);
-                master = -1;
-                struct timespec ts = {0, 20 * 1000 * 1000};
-                int st;
-                for (int i = 0; i < 50 && waitpid(child, &st, WNOHANG) == 0; i++) nanosleep(&ts, NULL);
-                if (kill(child, 0) == 0) {
-                    kill(-child, SIGKILL);
-                    kill(child, SIGKILL);
-                    waitpid(child, &st, 0);
-                }
-            }
-            break;
-        }
-        struct pollfd p[2] = {{client, 0, 0}, {master, 0, 0}};
-        if (in_len < in_cap) p[0].events |= POLLIN;
-        if (to_client.len) p[0].events |= POLLOUT;
-        if (master >= 0 && to_client.len < 4 * BUF_SIZE) p[1].events |= POLLIN;
-        if (master >= 0 && to_master_len) p[1].events |= POLLOUT;
-        /* A short timeout while the command runs: its exit is noticed by polling waitpid. */
-        int r = poll(p, 2, exited ? -1 : 50);
-        if (r < 0 && errno != EINTR) goto reset;
-        if (r <= 0) continue;
-        if (p[0].revents & POLLOUT) {
-            if (out_flush(&to_client, client) < 0) goto reset;
-        }
-        if (p[0].revents & (POLLIN | POLLHUP | POLLERR)) {
-            ssize_t n = read(client, in + in_len, in_cap - in_len);
-            if (n == 0) client_eof = 1;
-            else if (n < 0 && errno != EINTR && errno != EAGAIN) goto reset;
-            else if (n > 0) in_len += (size_t)n;
-        }
-        if (master >= 0 && (p[1].revents & POLLOUT) && to_master_len) {
-            ssize_t n = write(master, to_master, to_master_len);
-            if (n > 0) {
-                memmove(to_master, to_master + n, to_master_len - (size_t)n);
-                to_master_len -= (size_t)n;
-            }
-        }
-        if (master >= 0 && (p[1].revents & (POLLIN | POLLHUP | POLLERR))) {
-            ssize_t n = read(master, buf, sizeof buf);
-            if (n > 0) {
-                if (out_frame(&to_client, 'd', buf, (size_t)n) < 0) goto reset;
-                if (out_flush(&to_client, client) < 0) goto reset;
-            } else if (n == 0 || (errno != EINTR && errno != EAGAIN)) {
-                /* EIO: every holder of the terminal closed it; the exit status follows. */
-                if (!exited) {
-                    int st;
-                    waitpid(child, &st, 0);
-                    exited = 1;
-                    status = exit_code(st);
-                }
-            }
+        } else if (cr & (POLLERR | POLLHUP)) {
+            pty_reset(c);
+            return;
         }
     }
-    close_graceful(client);
-    return;
-reset:
-    kill(-child, SIGKILL);
-    kill(child, SIGKILL);
-    close(client);
+    if ((cr & POLLOUT) && out_flush(&c->to_client, c->fd) < 0) {
+        pty_reset(c);
+        return;
+    }
+    if (c->master >= 0 && (mr & (POLLOUT | POLLERR | POLLHUP)) && c->to_master_len) {
+        ssize_t n = write(c->master, c->to_master, c->to_master_len);
+        if (n > 0) {
+            memmove(c->to_master, c->to_master + n, c->to_master_len - (size_t)n);
+            c->to_master_len -= (size_t)n;
+        } else if (n < 0 && errno != EINTR && errno != EAGAIN) {
+            c->to_master_len = 0; /* nobody reads the terminal any more */
+        }
+    }
+    if (c->master >= 0 && (mr & (POLLIN | POLLHUP | POLLERR))) {
+        ssize_t n = read(c->master, io_buf, sizeof io_buf);
+        if (n > 0) {
+            if (out_frame(&c->to_client, 'd', io_buf, (size_t)n) < 0 || out_flush(&c->to_client, c->fd) < 0) {
+                pty_reset(c);
+                return;
+            }
+        } else if (n == 0 || (errno != EINTR && errno != EAGAIN)) {
+            /* EIO: every holder of the terminal closed it; the exit status follows (reap). */
+            close(c->master);
+            c->master = -1;
+        }
+    }
+    if (pty_decode(c->in, &c->in_len, c->to_master, &c->to_master_len, c->master, c->child, c->exited) < 0) {
+        pty_reset(c);
+        return;
+    }
+    if (c->exited && !c->exit_sent) {
+        /* Pass on what the command printed last, then report the exit. */
+        while (c->master >= 0) {
+            ssize_t n = read(c->master, io_buf, sizeof io_buf);
+            if (n <= 0) break;
+            if (out_frame(&c->to_client, 'd', io_buf, (size_t)n) < 0) {
+                pty_reset(c);
+                return;
+            }
+        }
+        if (c->master >= 0) close(c->master);
+        c->master = -1;
+        char code[16];
+        int n = snprintf(code, sizeof code, "%d", c->status);
+        if (out_frame(&c->to_client, 'x', code, (size_t)n) < 0 || out_flush(&c->to_client, c->fd) < 0) {
+            pty_reset(c);
+            return;
+        }
+        c->exit_sent = 1;
+    }
+    if (!c->client_eof) return;
+    if (c->exited) {
+        free_conn(c, 1);
+        return;
+    }
+    /* The client went away before the command ended: hang up the session. */
+    kill_session(c->child, SIGHUP);
+    close_graceful(c->fd);
+    c->fd = -1;
+    if (c->master >= 0) close(c->master);
+    c->master = -1;
+    set_state(c, CONN_HANGUP);
+    c->deadline = now_ms() + HANGUP_GRACE_MS;
 }
 
 /* ---------------------------------------------------------------- requests */
 
-static void spawn_worker(struct conn *c, int listen_fd, int verb_connect, long port, struct pty_request *req,
-                         const char *early, size_t early_len) {
-    if (n_workers >= MAX_WORKERS) {
-        reply(c->fd, "ERR EBUSY too many sessions\n");
-        c->state = CONN_DRAINING;
-        c->deadline = now_ms() + DRAIN_TIMEOUT_MS;
-        return;
-    }
-    pid_t pid = fork();
-    if (pid < 0) {
-        reply(c->fd, "ERR EFORK %s\n", strerror(errno));
-        c->state = CONN_DRAINING;
-        c->deadline = now_ms() + DRAIN_TIMEOUT_MS;
-        return;
-    }
-    if (pid == 0) {
-        int fd = c->fd;
-        reset_signals();
-        signal(SIGPIPE, SIG_IGN);
-        close(listen_fd);
-        close(self_pipe[0]);
-        close(self_pipe[1]);
-        for (int i = 0; i < MAX_CONNS; i++)
-            if (conns[i].state != CONN_FREE && conns[i].fd != fd) close(conns[i].fd);
-        if (verb_connect) handle_connect(fd, port, early, early_len);
-        else handle_pty(fd, req, early, early_len);
-        _exit(0);
-    }
-    workers[n_workers++] = pid;
-    close(c->fd); /* the worker holds the socket now */
-    free(c->buf);
-    c->buf = NULL;
-    c->state = CONN_FREE;
-}
-
-static void free_conn(struct conn *c, int graceful) {
-    if (graceful) close_graceful(c->fd);
-    else close(c->fd);
-    free(c->buf);
-    c->buf = NULL;
-    c->state = CONN_FREE;
-}
-
-static void drain(struct conn *c) {
-    c->state = CONN_DRAINING;
-    c->deadline = now_ms() + DRAIN_TIMEOUT_MS;
-}
-
 static void abort_all(struct conn *except, int *count) {
-    for (int i = 0; i < n_workers; i++) kill(workers[i], SIGKILL);
-    for (int i = 0; i < n_workers; i++) {
-        int st;
-        /* The app is reaped here too if it dies meanwhile; waitpid on a worker pid only. */
-        while (waitpid(workers[i], &st, 0) < 0 && errno == EINTR) {
-        }
-    }
-    *count = n_workers;
-    n_workers = 0;
-    for (int i = 0; i < MAX_CONNS; i++) {
-        if (conns[i].state != CONN_FREE && &conns[i] != except) {
-            free_conn(&conns[i], 0);
-            (*count)++;
-        }
+    *count = 0;
+    for (int i = 0; i < n_slots; i++) {
+        struct conn *c = &conns[i];
+        if (c->state == CONN_FREE || c == except) continue;
+        if ((c->state == CONN_PTY && !c->exited) || c->state == CONN_HANGUP) kill_session(c->child, SIGKILL);
+        free_conn(c, 0);
+        (*count)++;
     }
 }
 
-static void handle_request(struct conn *c, char *line, int listen_fd, const char *early, size_t early_len) {
+static void handle_request(struct conn *c, char *line, const char *early, size_t early_len) {
     char *words[MAX_ARGS * 2 + 8];
     int n = 0;
     for (char *save = NULL, *w = strtok_r(line, " \r", &save); w && n < (int)(sizeof words / sizeof *words);
          w = strtok_r(NULL, " \r", &save))
         words[n++] = w;
     if (n < 3 || strcmp(words[0], "OMV1") != 0) {
-        reply(c->fd, "ERR EPROTO expected: OMV1 <token> <verb> [key=value ...]\n");
-        drain(c);
+        answer(c, "ERR EPROTO expected: OMV1 <token> <verb> [key=value ...]\n");
         return;
     }
     if (!token_ok(words[1])) {
-        reply(c->fd, "ERR EACCES bad token\n");
-        drain(c);
+        answer(c, "ERR EACCES bad token\n");
         return;
     }
     const char *verb = words[2];
@@ -866,38 +961,38 @@ static void handle_request(struct conn *c, char *line, int listen_fd, const char
     req.env[req.envc] = NULL;
 
     if (!strcmp(verb, "STATUS")) {
-        const char *state = app_state == APP_RUNNING ? "running" : app_state == APP_EXITED ? "exited" : "failed";
-        reply(c->fd, "OK app=%s status=%d pid=%d disk=%llu\n", state, app_status, (int)app_pid, disk_used());
-        drain(c);
+        answer_status(c);
+    } else if (!strcmp(verb, "WAIT")) {
+        if (app_state != APP_RUNNING) {
+            answer_status(c);
+        } else if (in_state[CONN_WAITING] >= MAX_WAITERS) {
+            answer(c, "ERR EBUSY too many waiters (at most %d)\n", MAX_WAITERS);
+        } else {
+            free(c->buf);
+            c->buf = NULL;
+            set_state(c, CONN_WAITING);
+            c->deadline = 0;
+        }
     } else if (!strcmp(verb, "ABORT")) {
         int count = 0;
         abort_all(c, &count);
-        reply(c->fd, "OK aborted=%d\n", count);
-        drain(c);
+        answer(c, "OK aborted=%d\n", count);
     } else if (!strcmp(verb, "CONNECT")) {
         if (port < 0) goto bad;
-        spawn_worker(c, listen_fd, 1, port, NULL, early, early_len);
+        start_connect(c, port, early, early_len);
     } else if (!strcmp(verb, "PTY")) {
         if (req.argc == 0) goto bad;
-        spawn_worker(c, listen_fd, 0, 0, &req, early, early_len);
+        start_pty(c, &req, early, early_len);
     } else {
-        reply(c->fd, "ERR EPROTO unknown verb %s\n", verb);
-        drain(c);
+        answer(c, "ERR EPROTO unknown verb %s\n", verb);
     }
     return;
 bad:
-    reply(c->fd, "ERR EINVAL malformed request\n");
-    drain(c);
+    answer(c, "ERR EINVAL malformed request\n");
 }
 
-static void on_readable(struct conn *c, int listen_fd) {
-    if (c->state == CONN_DRAINING) {
-        /* The client read the answer and closed: reset (see the protocol notes). */
-        char sink[4096];
-        ssize_t n = read(c->fd, sink, sizeof sink);
-        if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) free_conn(c, 0);
-        return;
-    }
+static void reading_step(struct conn *c) {
+    if (!(c->crev & (POLLIN | POLLHUP | POLLERR))) return;
     ssize_t n = read(c->fd, c->buf + c->len, MAX_LINE - c->len);
     if (n == 0) {
         free_conn(c, 1);
@@ -910,40 +1005,96 @@ static void on_readable(struct conn *c, int listen_fd) {
     c->len += (size_t)n;
     char *nl = memchr(c->buf, '\n', c->len);
     if (!nl) {
-        if (c->len >= MAX_LINE) {
-            reply(c->fd, "ERR E2BIG request line too long\n");
-            drain(c);
-        }
+        if (c->len >= MAX_LINE) answer(c, "ERR E2BIG request line too long\n");
         return;
     }
-    /* Bytes after the request line (a client that did not wait for OK) go to the worker. */
+    /* Bytes after the request line (a client that did not wait for OK) go to the session. */
     *nl = 0;
     size_t line_len = (size_t)(nl - c->buf) + 1;
-    handle_request(c, c->buf, listen_fd, c->buf + line_len, c->len - line_len);
+    handle_request(c, c->buf, c->buf + line_len, c->len - line_len);
+}
+
+/* DRAINING, WAITING: the client closes (having read the answer, or giving up): reset. */
+static void closing_step(struct conn *c) {
+    if (!(c->crev & (POLLIN | POLLHUP | POLLERR))) return;
+    char sink[4096];
+    ssize_t n = read(c->fd, sink, sizeof sink);
+    if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) free_conn(c, 0);
+}
+
+static void on_deadline(struct conn *c) {
+    switch (c->state) {
+    case CONN_CONNECTING: connect_failed(c, ETIMEDOUT); break;
+    case CONN_HANGUP:
+        kill_session(c->child, SIGKILL); /* reaped like any orphan */
+        free_conn(c, 0);
+        break;
+    default: free_conn(c, 0); /* too slow to send a request or to close: RST */
+    }
 }
 
 static void on_accept(int listen_fd) {
-    for (;;) {
+    while (pending_count() < MAX_PENDING) {
         int fd = accept4(listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) return;
         set_linger(fd, 1);
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
         struct conn *slot = NULL;
-        for (int i = 0; i < MAX_CONNS; i++)
-            if (conns[i].state == CONN_FREE) {
-                slot = &conns[i];
-                break;
-            }
+        for (int i = 0; i < n_slots && !slot; i++)
+            if (conns[i].state == CONN_FREE) slot = &conns[i];
         char *buf = slot ? malloc(MAX_LINE + 1) : NULL;
         if (!buf) {
             close(fd); /* RST */
             continue;
         }
-        *slot = (struct conn){CONN_READING, fd, now_ms() + REQUEST_TIMEOUT_MS, 0, buf};
+        slot->fd = fd;
+        slot->buf = buf;
+        slot->len = 0;
+        set_state(slot, CONN_READING);
+        slot->deadline = now_ms() + REQUEST_TIMEOUT_MS;
     }
 }
 
+/* Which descriptors of a slot to watch this round: the client socket, and the application's
+ * socket or the terminal. An event mask of 0 still reports errors and hang-ups. */
+static void watch(const struct conn *c, struct pollfd *client, struct pollfd *other) {
+    *client = (struct pollfd){c->fd, 0, 0};
+    *other = (struct pollfd){-1, 0, 0};
+    switch (c->state) {
+    case CONN_READING:
+    case CONN_DRAINING:
+    case CONN_WAITING: client->events = POLLIN; break;
+    case CONN_CONNECTING: *other = (struct pollfd){c->app, POLLOUT, 0}; break;
+    case CONN_RELAY:
+        if (!c->client_eof && c->to_app_len < c->to_app_cap) client->events |= POLLIN;
+        if (c->to_client.len) client->events |= POLLOUT;
+        if (!c->app_eof && !c->app_dead && c->to_client.len < 4 * BUF_SIZE) other->events |= POLLIN;
+        if (c->to_app_len && !c->app_dead) other->events |= POLLOUT;
+        if (other->events) other->fd = c->app;
+        break;
+    case CONN_PTY:
+        if (!c->client_eof && c->in_len < BUF_SIZE + 5) client->events |= POLLIN;
+        if (c->to_client.len) client->events |= POLLOUT;
+        if (c->master >= 0 && c->to_client.len < 4 * BUF_SIZE) other->events |= POLLIN;
+        if (c->master >= 0 && c->to_master_len) other->events |= POLLOUT;
+        if (other->events) other->fd = c->master;
+        break;
+    default: client->fd = -1;
+    }
+}
+
+static void step(struct conn *c) {
+    switch (c->state) {
+    case CONN_READING: reading_step(c); break;
+    case CONN_DRAINING:
+    case CONN_WAITING: closing_step(c); break;
+    case CONN_CONNECTING: connecting_step(c); break;
+    case CONN_RELAY: relay_step(c); break;
+    case CONN_PTY: pty_step(c); break;
+    default: break;
+    }
+}
 /* ---------------------------------------------------------------- setup */
 
 static int open_listener(void) {
@@ -1018,7 +1169,7 @@ static void align_bounding_set(void) {
 
 static void usage(void) {
     logmsg("usage: omv-agent --listen ADDR:PORT [--uid N] [--gid N] [--groups G,...] [--workdir DIR] "
-           "[--nofile N] -- ARGV...");
+           "[--nofile N] [--max-relays N] -- ARGV...");
     exit(2);
 }
 
@@ -1061,6 +1212,8 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--groups") && parse_groups(argv[i + 1]) == 0) i++;
         else if (!strcmp(argv[i], "--workdir")) app_workdir = argv[++i];
         else if (!strcmp(argv[i], "--nofile") && parse_long(argv[i + 1], 16, 1 << 20, &v) == 0) app_nofile = v, i++;
+        else if (!strcmp(argv[i], "--max-relays") && parse_long(argv[i + 1], 1, MAX_RELAYS_LIMIT, &v) == 0)
+            max_relays = v, i++;
         else usage();
     }
     if (!listen_spec || i >= argc) usage();
@@ -1068,6 +1221,14 @@ int main(int argc, char **argv) {
     take_token();
     build_app_env();
     align_bounding_set();
+
+    n_slots = MAX_PENDING + (int)max_relays + MAX_PTYS + MAX_WAITERS;
+    conns = calloc((size_t)n_slots, sizeof *conns);
+    struct pollfd *p = calloc((size_t)n_slots * 2 + 2, sizeof *p);
+    int *who = calloc((size_t)n_slots * 2 + 2, sizeof *who); /* 2 * slot + (0 client, 1 other) */
+    if (!conns || !p || !who) return 2;
+    for (int k = 0; k < n_slots; k++) conns[k] = (struct conn){.state = CONN_FREE, .fd = -1, .app = -1, .master = -1};
+    in_state[CONN_FREE] = n_slots;
 
     if (pipe2(self_pipe, O_CLOEXEC | O_NONBLOCK) < 0) return 2;
     struct sigaction sa = {0};
@@ -1092,34 +1253,46 @@ int main(int argc, char **argv) {
         reap();
         if (terminating && app_pid < 0) exit(app_state == APP_RUNNING ? 0 : app_status & 0xff);
 
-        struct pollfd p[MAX_CONNS + 2];
-        struct conn *owner[MAX_CONNS + 2];
-        int np = 0;
         long long now = now_ms(), next = now + 60000;
-        p[np] = (struct pollfd){listen_fd, POLLIN, 0};
-        owner[np++] = NULL;
-        p[np] = (struct pollfd){self_pipe[0], POLLIN, 0};
-        owner[np++] = NULL;
-        for (int k = 0; k < MAX_CONNS; k++) {
+        /* While MAX_PENDING connections are being served, new ones wait in the listen backlog. */
+        p[0] = (struct pollfd){pending_count() < MAX_PENDING ? listen_fd : -1, POLLIN, 0};
+        p[1] = (struct pollfd){self_pipe[0], POLLIN, 0};
+        int np = 2;
+        for (int k = 0; k < n_slots; k++) {
             struct conn *c = &conns[k];
             if (c->state == CONN_FREE) continue;
-            if (c->deadline <= now) {
-                free_conn(c, 0); /* too slow to send a request or to close: RST */
-                continue;
+            if (c->deadline && c->deadline < next) next = c->deadline;
+            struct pollfd client, other;
+            watch(c, &client, &other);
+            if (client.fd >= 0) {
+                who[np] = 2 * k;
+                p[np++] = client;
             }
-            if (c->deadline < next) next = c->deadline;
-            p[np] = (struct pollfd){c->fd, POLLIN, 0};
-            owner[np++] = c;
+            if (other.fd >= 0) {
+                who[np] = 2 * k + 1;
+                p[np++] = other;
+            }
         }
-        int r = poll(p, (nfds_t)np, (int)(next - now));
-        if (r < 0) continue;
-        if (p[1].revents) {
+        int r = poll(p, (nfds_t)np, next > now ? (int)(next - now) : 0);
+        if (r < 0 && errno != EINTR) continue;
+        for (int i = 2; r > 0 && i < np; i++) {
+            struct conn *c = &conns[who[i] / 2];
+            if (who[i] % 2) c->orev = p[i].revents;
+            else c->crev = p[i].revents;
+        }
+        if (r > 0 && p[1].revents) {
             char sink[64];
             while (read(self_pipe[0], sink, sizeof sink) > 0) {
             }
         }
-        if (p[0].revents & POLLIN) on_accept(listen_fd);
-        for (int k = 2; k < np; k++)
-            if (p[k].revents && owner[k]->state != CONN_FREE) on_readable(owner[k], listen_fd);
+        reap(); /* before the sessions run: a terminal's exit is reported in this round */
+        now = now_ms();
+        for (int k = 0; k < n_slots; k++)
+            if (conns[k].state != CONN_FREE && conns[k].deadline && conns[k].deadline <= now) on_deadline(&conns[k]);
+        if (r > 0 && (p[0].revents & POLLIN)) on_accept(listen_fd);
+        for (int k = 0; k < n_slots; k++) {
+            if (conns[k].state != CONN_FREE) step(&conns[k]);
+            conns[k].crev = conns[k].orev = 0;
+        }
     }
 }
