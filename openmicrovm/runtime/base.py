@@ -394,12 +394,15 @@ class BaseDriver(SandboxDriver):
         how = f"status {status}"
         if status > 128:
             how += f" (killed by signal {status - 128})"
-        return f"the app exited with {how}; last output: {output}"
+        return f"the app exited with {how}{self._memory_limit_words(sandbox)}; last output: {output}"
+
+    def _memory_limit_words(self, sandbox: Sandbox) -> str:
+        if self.cgroup_of(sandbox).oom_kills() > 0:
+            return f" (it was killed at its memory limit of {sandbox.spec.memory_mib} MiB)"
+        return ""
 
     def stopped_detail(self, sandbox: Sandbox) -> str:
-        words = "the sandbox is not running"
-        if self.cgroup_of(sandbox).oom_kills() > 0:
-            words += f" (it was killed at its memory limit of {sandbox.spec.memory_mib} MiB)"
+        words = "the sandbox is not running" + self._memory_limit_words(sandbox)
         output = proc.tail(self.log_path(sandbox), 1500)
         return words + (f"; log: {output}" if output else "")
 
