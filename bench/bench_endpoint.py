@@ -14,12 +14,14 @@ import argparse
 import asyncio
 import json
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from bench.common import build_image, http_get, percentile
 from tests.support.images import ALL_HOOKS, REPO, SAMPLE_APP
 from tests.support.server import ServerProcess

@@ -25,6 +25,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from bench.common import build_image, summary
 from tests.support.images import ALL_HOOKS, SAMPLE_APP
 from tests.support.server import ServerProcess, free_port
