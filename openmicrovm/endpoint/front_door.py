@@ -143,14 +143,15 @@ class _ApiConnection(asyncio.Protocol):
                 if not self.body_left:
                     self.state = "head"
                 continue
-            if self.timer is None and self.transport is not None:
-                self.timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, self.transport.close)
             start = len(self.head)
             self.head += view
             end = self.head.find(b"\r\n\r\n", max(start - 3, 0))
             if end < 0:
                 if len(self.head) > MAX_HEAD_BYTES:
                     self.state = "off"  # aiohttp answers an oversized head itself
+                elif self.timer is None and self.transport is not None:
+                    # Armed only for a head that did not come whole: most do, and pay no timer.
+                    self.timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, self.transport.close)
                 return
             self._stop_timer()
             head, rest = bytes(self.head[: end + 4]).lower(), view[end + 4 - start :]
