@@ -85,6 +85,8 @@ class Settings:
     # Bounds on what an artifact may unpack to (zip bombs).
     max_artifact_bytes: int = 2 * 1024 * 1024 * 1024
     max_artifact_files: int = 100_000
+    # How long the Dockerfile part of a build may run before it is stopped and fails.
+    max_dockerfile_build_seconds: float = 3600.0
     log_max_bytes: int = 10 * 1024 * 1024
     log_keep_files: int = 3
 

@@ -28,6 +28,9 @@ from openmicrovm.builder.errors import CONTAINER_BUILD_FAILED, INTERNAL_PLATFORM
 
 # A registry that never answers must not hold a build for long (buildah's own timeouts are minutes).
 DEFAULT_PULL_TIMEOUT_SECONDS = 30.0
+# A RUN step that never ends (a server started by mistake, `sleep infinity`) must not hold one of the
+# few build slots for ever; AWS's own builds take minutes.
+DEFAULT_DOCKERFILE_TIMEOUT_SECONDS = 3600.0
 _REASON_TAIL_LINES = 20
 _REASON_LINE_CHARS = 400
 
@@ -53,10 +56,14 @@ _PULL_FAILURE_HINTS = (
 
 
 class _PullWatch:
-    """Notices a `Trying to pull X...` that makes no progress and stops the build."""
+    """Notices a `Trying to pull X...` that makes no progress, or a build that runs past its time
+    limit, and stops the build."""
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, build_timeout: float = DEFAULT_DOCKERFILE_TIMEOUT_SECONDS) -> None:
         self.timeout = timeout
+        self.build_timeout = build_timeout
+        self.deadline = time.monotonic() + build_timeout
+        self.overran = False
         self.pending: str | None = None
         self.since = 0.0
         self.stalled: str | None = None
@@ -79,6 +86,10 @@ class _PullWatch:
                 self.stalled = self.pending
                 process.terminate()
                 return
+            if time.monotonic() > self.deadline:
+                self.overran = True
+                await process.stop()  # SIGTERM first; a RUN step that ignores it is killed
+                return
 
 
 def _clip(line: str) -> str:
@@ -97,7 +108,12 @@ def _failure(tail: list[str], watch: _PullWatch) -> BuildFailed:
     error_lines = [line for line in tail if line.startswith("Error:")]
     error = error_lines[-1] if error_lines else ""
     detail = ""
-    if watch.stalled is not None:
+    if watch.overran:
+        detail = (
+            f" It ran longer than the limit of {watch.build_timeout:g} seconds (the server's "
+            "max_dockerfile_build_seconds) and was stopped: look for a RUN step that never ends."
+        )
+    elif watch.stalled is not None:
         detail = (
             f" Could not get the image {watch.stalled} named in FROM: no container registry answered within "
             f"{watch.timeout:g} seconds. Only registries reachable from this server can be used; "
@@ -116,10 +132,11 @@ async def build_image(
     log: LineSink,
     *,
     pull_timeout: float = DEFAULT_PULL_TIMEOUT_SECONDS,
+    build_timeout: float = DEFAULT_DOCKERFILE_TIMEOUT_SECONDS,
 ) -> str:
     """Build `context_dir/Dockerfile`; returns the image id. The image stays untagged: it is read
     once to make the version's root filesystem, and its layers stay behind as the build cache."""
-    watch = _PullWatch(pull_timeout)
+    watch = _PullWatch(pull_timeout, build_timeout)
 
     def on_line(line: str) -> None:
         watch.on_line(line)
@@ -156,7 +173,7 @@ async def build_image(
         )
     finally:
         await run_to_completion(network.close())
-    if result.returncode != 0 or watch.stalled is not None:
+    if result.returncode != 0 or watch.stalled is not None or watch.overran:
         raise _failure(result.tail, watch)
     image_id = iid_file.read_text().strip() if iid_file.exists() else ""
     if not image_id:

@@ -26,7 +26,11 @@ from openmicrovm.builder.base_image import ensure_base_image
 from openmicrovm.builder.build_hooks import wait_for_hook, wait_for_port
 from openmicrovm.builder.buildah import BuildahError, open_store
 from openmicrovm.builder.cleanup import run_to_completion
-from openmicrovm.builder.container_build import DEFAULT_PULL_TIMEOUT_SECONDS, build_image
+from openmicrovm.builder.container_build import (
+    DEFAULT_DOCKERFILE_TIMEOUT_SECONDS,
+    DEFAULT_PULL_TIMEOUT_SECONDS,
+    build_image,
+)
 from openmicrovm.builder.errors import (
     APPLICATION_START_FAILED,
     INTERNAL_PLATFORM_ERROR,
@@ -82,6 +86,7 @@ class BuildRequest:
     require_bucket_region: bool = True
     limits: UnpackLimits = field(default_factory=UnpackLimits)
     pull_timeout_seconds: float = DEFAULT_PULL_TIMEOUT_SECONDS
+    dockerfile_timeout_seconds: float = DEFAULT_DOCKERFILE_TIMEOUT_SECONDS
     # Without a ready hook: how long the app may take to accept connections.
     startup_timeout_seconds: float = DEFAULT_HOOK_TIMEOUT_SECONDS
 
@@ -274,6 +279,7 @@ class _Build:
                 request.work_dir / "image-id",
                 self.log,
                 pull_timeout=request.pull_timeout_seconds,
+                build_timeout=request.dockerfile_timeout_seconds,
             )
             config = await read_image_config(store, image_id, dockerfile_text)
         with self.stage("build.export", announce=False):

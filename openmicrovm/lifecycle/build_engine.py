@@ -120,6 +120,7 @@ class BuildEngine:
                 max_total_bytes=self.service.settings.max_artifact_bytes,
                 max_files=self.service.settings.max_artifact_files,
             ),
+            dockerfile_timeout_seconds=self.service.settings.max_dockerfile_build_seconds,
         )
         write(f"build {build_id} of {job.image_arn} version {job.version} ({job.architecture}) started")
         try:

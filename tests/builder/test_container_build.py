@@ -200,6 +200,38 @@ def test_a_registry_that_never_answers_is_given_up_after_the_pull_timeout(
     assert_store_clean(store)
 
 
+def test_a_run_step_that_never_ends_is_stopped_at_the_build_time_limit(
+    store: BuildahStore, tmp_path: Path
+) -> None:
+    marker = f"never-ends-{uuid.uuid4().hex[:8]}"
+    dockerfile = (
+        "FROM public.ecr.aws/lambda/microvms:al2023-minimal\n"
+        # Ignores SIGTERM, as a careless server might: the limit must still hold.
+        f"RUN trap '' TERM; echo {marker}; sleep 300 & wait; sleep 300\n"
+    )
+    context = make_context(tmp_path / "context", {"Dockerfile": dockerfile})
+    lines: list[str] = []
+    started = time.monotonic()
+    with pytest.raises(BuildFailed) as caught:
+        build(store, context, lines, build_timeout=4.0)
+    assert time.monotonic() - started < 60
+    assert marker in lines  # the step did run before it was stopped
+    assert caught.value.code == CONTAINER_BUILD_FAILED
+    assert "ran longer than the limit of 4 seconds" in caught.value.state_reason
+    survivors = [
+        p for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline(p).startswith("sleep 300")
+    ]
+    assert survivors == []
+    assert_store_clean(store)
+
+
+def _cmdline(process: Path) -> str:
+    try:
+        return (process / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def test_output_streams_while_the_build_runs(store: BuildahStore, tmp_path: Path) -> None:
     dockerfile = (
         "FROM public.ecr.aws/lambda/microvms:al2023-minimal\n"

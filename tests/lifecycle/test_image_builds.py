@@ -265,3 +265,13 @@ def test_a_restart_during_a_build_never_leaves_it_in_progress(
     assert image["state"] in ("CREATED", "CREATE_FAILED")
     builds = client.list_microvm_image_builds(imageIdentifier=arn, imageVersion="1.0")["items"]
     assert builds[0]["buildState"] in ("SUCCESSFUL", "FAILED")
+
+
+def test_a_build_past_the_servers_time_limit_fails(
+    make_server: Callable[..., ServerProcess], moto: MotoServer
+) -> None:
+    server = make_server({"max_dockerfile_build_seconds": 3})
+    dockerfile = "FROM public.ecr.aws/lambda/microvms:al2023-minimal\nRUN echo started && sleep 600\n"
+    reason = _failed_build(server.client(), upload(moto, zip_files({"Dockerfile": dockerfile})))
+    assert reason.startswith("CONTAINER_BUILD_FAILED: The container image build failed.")
+    assert "ran longer than the limit of 3 seconds (the server's max_dockerfile_build_seconds)" in reason
