@@ -14,7 +14,9 @@ and an nftables table `inet omvb_XXXX` of its own, which
 * refuses forwarded traffic the host DNATs (published container ports are the host's too), traffic
   to link-local 169.254.0.0/16 (the sandboxes' addresses and cloud metadata services), loopback,
   multicast and reserved ranges, whatever OPENMICROVM_BUILD_EGRESS_DENY lists (comma-separated
-  IPv4 networks), and traffic to other builds; drops all IPv6 (the build has none);
+  IPv4 networks), and traffic to other builds and to MicroVMs' uplinks (runtime/egress.py, which
+  gives MicroVMs with internet egress the same table, egress_ruleset); drops all IPv6 (the build
+  has none);
 * lets everything else out, masqueraded behind the host's address on the way out, and lets only
   replies back in.
 
@@ -145,23 +147,23 @@ class BuildNetwork:
             _release(self.names, self._lock)
 
 
-def configured_subnet() -> ipaddress.IPv4Network:
-    text = os.environ.get(SUBNET_ENV, "").strip() or DEFAULT_SUBNET
+def configured_subnet(env: str = SUBNET_ENV, default: str = DEFAULT_SUBNET) -> ipaddress.IPv4Network:
+    text = os.environ.get(env, "").strip() or default
     try:
         subnet = ipaddress.IPv4Network(text)
     except ValueError as error:
-        raise BuildNetworkError(f"${SUBNET_ENV}={text!r} is not an IPv4 network: {error}") from None
+        raise BuildNetworkError(f"${env}={text!r} is not an IPv4 network: {error}") from None
     if subnet.prefixlen > 30 or not subnet.is_private:
-        raise BuildNetworkError(f"${SUBNET_ENV}={text!r} must be a private IPv4 network of /30 or larger")
+        raise BuildNetworkError(f"${env}={text!r} must be a private IPv4 network of /30 or larger")
     return subnet
 
 
-def configured_denials() -> list[ipaddress.IPv4Network]:
-    text = os.environ.get(EGRESS_DENY_ENV, "")
+def configured_denials(env: str = EGRESS_DENY_ENV) -> list[ipaddress.IPv4Network]:
+    text = os.environ.get(env, "")
     try:
         return [ipaddress.IPv4Network(item.strip()) for item in text.split(",") if item.strip()]
     except ValueError as error:
-        raise BuildNetworkError(f"${EGRESS_DENY_ENV}={text!r}: {error}") from None
+        raise BuildNetworkError(f"${env}={text!r}: {error}") from None
 
 
 def _slot(subnet: ipaddress.IPv4Network, index: int) -> ipaddress.IPv4Network:
@@ -175,7 +177,7 @@ def _slots(subnet: ipaddress.IPv4Network) -> int:
 # ----------------------------------------------------------------------------- subprocesses
 
 
-async def _run(argv: list[str], stdin: str | None = None, check: bool = True) -> tuple[int, str]:
+async def run_command(argv: list[str], stdin: str | None = None, check: bool = True) -> tuple[int, str]:
     """Run a command; returns (returncode, combined output). Raises BuildNetworkError if `check`."""
     try:
         process = await asyncio.create_subprocess_exec(
@@ -199,7 +201,7 @@ async def _run(argv: list[str], stdin: str | None = None, check: bool = True) ->
 
 
 async def _ip_batch(netns: str | None, commands: list[str]) -> None:
-    await _run(["ip", *(["-n", netns] if netns else []), "-batch", "-"], "\n".join(commands) + "\n")
+    await run_command(["ip", *(["-n", netns] if netns else []), "-batch", "-"], "\n".join(commands) + "\n")
 
 
 # ----------------------------------------------------------------------------- DNS
@@ -233,15 +235,16 @@ def _read(path: Path) -> str:
         return ""
 
 
-def build_resolv_conf() -> tuple[str, tuple[str, ...]]:
-    """The resolv.conf a build gets, and its nameservers (empty: the build has no DNS)."""
+def build_resolv_conf(user: str = "an image build") -> tuple[str, tuple[str, ...]]:
+    """The resolv.conf a build (or another `user` of the host's resolvers) gets, and its
+    nameservers (empty: it has no DNS)."""
     servers, others = _resolver_lines(_read(_HOST_RESOLV_CONF))
     if not servers:
         upstream, upstream_others = _resolver_lines(_read(_UPSTREAM_RESOLV_CONF))
         servers, others = upstream, others or upstream_others
     servers = list(dict.fromkeys(servers))[:3]  # glibc uses at most three
     lines = [
-        "# written by openmicrovm for an image build (the host's resolvers)",
+        f"# written by openmicrovm for {user} (the host's resolvers)",
         *(f"nameserver {server}" for server in servers),
         *others,
     ]
@@ -251,13 +254,24 @@ def build_resolv_conf() -> tuple[str, tuple[str, ...]]:
 # ----------------------------------------------------------------------------- firewall
 
 
-def _ruleset(names: _Names, subnet: ipaddress.IPv4Network, denied: list[ipaddress.IPv4Network]) -> str:
-    link = names.host_link
+# Links whose traffic is contained like a build's: builds (omvb...h) and sandbox uplinks
+# (omvs...h, runtime/egress.py). Nothing from one of them may reach another.
+ISOLATED_LINK_GLOBS = ("omvb*", "omvs*")
+
+
+def egress_ruleset(
+    table: str, link: str, subnet: ipaddress.IPv4Network, denied: list[ipaddress.IPv4Network]
+) -> str:
+    """The host's nftables table for one contained link (see the module docstring): `subnet` is the
+    link's /30, whose traffic is masqueraded on its way out."""
     refuse = "reject with icmpx type admin-prohibited"
     # One rule per operator denial: overlapping networks in one interval set are an nft error.
     denials = "".join(f'        iifname "{link}" ip daddr {network} {refuse}\n' for network in denied)
+    isolation = "".join(
+        f'        iifname "{link}" oifname "{glob}" {refuse}\n' for glob in ISOLATED_LINK_GLOBS
+    )
     return f"""\
-table inet {names.table} {{
+table inet {table} {{
     chain input {{
         type filter hook input priority filter - 5; policy accept;
         iifname "{link}" meta l4proto tcp reject with tcp reset
@@ -268,8 +282,7 @@ table inet {names.table} {{
         iifname "{link}" meta nfproto != ipv4 drop
         iifname "{link}" ct status dnat {refuse}
         iifname "{link}" ip daddr {{ {_BLOCKED_DESTINATIONS} }} {refuse}
-{denials}        iifname "{link}" oifname "{LINK_PREFIX}*" {refuse}
-        oifname "{link}" ct state established,related accept
+{denials}{isolation}        oifname "{link}" ct state established,related accept
         oifname "{link}" drop
     }}
     chain postrouting {{
@@ -280,10 +293,10 @@ table inet {names.table} {{
 """
 
 
-async def _table_names() -> list[str]:
+async def table_names() -> list[str]:
     if shutil.which("nft") is None:
         return []
-    code, output = await _run(["nft", "-j", "list", "tables", "inet"], check=False)
+    code, output = await run_command(["nft", "-j", "list", "tables", "inet"], check=False)
     if code != 0:
         return []
     try:
@@ -296,40 +309,46 @@ async def _table_names() -> list[str]:
 # ----------------------------------------------------------------------------- host checks
 
 
-def _ensure_forwarding() -> None:
+def ensure_forwarding(purpose: str = "image builds") -> None:
     try:
         if _IP_FORWARD.read_text().strip() == "1":
             return
         _IP_FORWARD.write_text("1\n")
     except OSError as error:
-        raise BuildNetworkError(f"cannot enable IPv4 forwarding for build egress: {error}") from None
-    logger.warning("enabled IPv4 forwarding (net.ipv4.ip_forward=1) so that image builds reach the network")
+        raise BuildNetworkError(
+            f"cannot enable IPv4 forwarding for the egress of {purpose}: {error}"
+        ) from None
+    logger.warning("enabled IPv4 forwarding (net.ipv4.ip_forward=1) so that %s reach the network", purpose)
 
 
-_forwarding_checked = False
+_forwarding_checked: set[str] = set()  # link prefixes warned about
 
 
-async def _warn_if_forwarding_is_filtered() -> None:
-    """Once per process: an iptables FORWARD policy of DROP (Docker sets one) drops the builds'
-    forwarded traffic whatever our table accepts, so builds would have no egress."""
-    global _forwarding_checked
-    if _forwarding_checked or shutil.which("iptables") is None:
+async def warn_if_forwarding_is_filtered(
+    link_prefix: str = LINK_PREFIX, purpose: str = "image builds"
+) -> None:
+    """Once per process and prefix: an iptables FORWARD policy of DROP (Docker sets one) drops the
+    forwarded traffic of our links whatever our table accepts, so they would have no egress."""
+    if link_prefix in _forwarding_checked or shutil.which("iptables") is None:
         return
-    _forwarding_checked = True
-    code, output = await _run(["iptables", "-S", "FORWARD"], check=False)
+    _forwarding_checked.add(link_prefix)
+    code, output = await run_command(["iptables", "-S", "FORWARD"], check=False)
     if code == 0 and "-P FORWARD DROP" in output.splitlines():
         logger.warning(
-            "the iptables FORWARD policy is DROP: image builds will have no network egress unless "
+            "the iptables FORWARD policy is DROP: %s will have no network egress unless "
             "forwarding is allowed for them, e.g. iptables -I FORWARD -i %s+ -j ACCEPT and "
             "iptables -I FORWARD -o %s+ -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
-            LINK_PREFIX,
-            LINK_PREFIX,
+            purpose,
+            link_prefix,
+            link_prefix,
         )
 
 
-async def _check_no_overlap(subnet: ipaddress.IPv4Network) -> None:
-    """Refuse a build subnet that overlaps a network the host routes elsewhere."""
-    code, output = await _run(["ip", "-j", "-4", "route", "show", "table", "all"], check=False)
+async def check_no_overlap(
+    subnet: ipaddress.IPv4Network, env: str = SUBNET_ENV, own_links: re.Pattern[str] = _LINK_NAME
+) -> None:
+    """Refuse a subnet (of $env) that overlaps a network the host routes elsewhere than own_links."""
+    code, output = await run_command(["ip", "-j", "-4", "route", "show", "table", "all"], check=False)
     if code != 0:
         return
     try:
@@ -338,7 +357,7 @@ async def _check_no_overlap(subnet: ipaddress.IPv4Network) -> None:
         return
     for route in routes:
         dst, dev = route.get("dst", ""), str(route.get("dev", ""))
-        if dst in ("", "default") or _LINK_NAME.match(dev) or route.get("type") in ("local", "broadcast"):
+        if dst in ("", "default") or own_links.match(dev) or route.get("type") in ("local", "broadcast"):
             continue
         try:
             network = ipaddress.IPv4Network(dst if "/" in dst else f"{dst}/32", strict=False)
@@ -346,8 +365,8 @@ async def _check_no_overlap(subnet: ipaddress.IPv4Network) -> None:
             continue
         if network.prefixlen > 0 and network.overlaps(subnet):
             raise BuildNetworkError(
-                f"the build subnet {subnet} overlaps the host's route to {dst} (dev {dev}); "
-                f"choose another private range with ${SUBNET_ENV}"
+                f"the subnet {subnet} overlaps the host's route to {dst} (dev {dev}); "
+                f"choose another private range with ${env}"
             )
 
 
@@ -387,11 +406,11 @@ async def _remove_objects(names: _Names, tables: list[str] | None = None) -> Non
     """Remove what exists of a slot's objects; quiet about what does not."""
     # Deleting the host end removes the pair; the namespace goes when its last process does.
     if Path("/sys/class/net", names.host_link).exists():
-        await _run(["ip", "link", "delete", names.host_link], check=False)
+        await run_command(["ip", "link", "delete", names.host_link], check=False)
     if (NETNS_DIR / names.netns).exists():
-        await _run(["ip", "netns", "delete", names.netns], check=False)
-    if names.table in (tables if tables is not None else await _table_names()):
-        await _run(["nft", "delete", "table", "inet", names.table], check=False)
+        await run_command(["ip", "netns", "delete", names.netns], check=False)
+    if names.table in (tables if tables is not None else await table_names()):
+        await run_command(["nft", "delete", "table", "inet", names.table], check=False)
     names.resolv_conf.unlink(missing_ok=True)
 
 
@@ -409,7 +428,7 @@ async def _leftover_indexes() -> set[int]:
         collect(_LINK_NAME, os.listdir("/sys/class/net"))
     with contextlib.suppress(OSError):
         collect(_STATE_FILE, os.listdir(STATE_DIR))
-    collect(_TABLE_NAME, await _table_names())
+    collect(_TABLE_NAME, await table_names())
     return found
 
 
@@ -424,7 +443,7 @@ async def cleanup_build_networks() -> list[str]:
     indexes = await _leftover_indexes()
     if not indexes:
         return removed
-    tables = await _table_names()
+    tables = await table_names()
     for index in sorted(indexes):
         names = _Names(index)
         try:
@@ -470,7 +489,7 @@ async def _create(names: _Names, subnet: ipaddress.IPv4Network, denied: list[ipa
             f"route add default via {subnet.network_address + 1}",
         ],
     )
-    await _run(["nft", "-f", "-"], _ruleset(names, subnet, denied))
+    await run_command(["nft", "-f", "-"], egress_ruleset(names.table, names.host_link, subnet, denied))
 
 
 async def open_build_network() -> BuildNetwork:
@@ -484,9 +503,9 @@ async def open_build_network() -> BuildNetwork:
             )
     subnet = configured_subnet()
     denied = configured_denials()
-    await _check_no_overlap(subnet)
-    await _warn_if_forwarding_is_filtered()
-    await asyncio.to_thread(_ensure_forwarding)
+    await check_no_overlap(subnet)
+    await warn_if_forwarding_is_filtered()
+    await asyncio.to_thread(ensure_forwarding)
     await cleanup_build_networks()
     for index in range(_slots(subnet)):  # the lowest free slot: few lock files, few addresses
         names = _Names(index)

@@ -29,6 +29,17 @@ from openmicrovm.service.managed import host_architecture
 
 log = logging.getLogger("openmicrovm.microvms")
 SUCCESS = "Success."
+# The managed connector's ARN ends so (service/arns.py managed_connector_arn), in every region.
+_INTERNET_EGRESS_SUFFIX = ":aws-network-connector:INTERNET_EGRESS"
+
+
+def wants_internet_egress(run_config: dict[str, Any]) -> bool:
+    """Does the MicroVM's run configuration list the INTERNET_EGRESS connector? A configuration
+    without the member has AWS's default, which is that connector."""
+    connectors = run_config.get("egressNetworkConnectors")
+    if connectors is None:
+        return True
+    return any(str(arn).endswith(_INTERNET_EGRESS_SUFFIX) for arn in connectors)
 
 
 @dataclass
@@ -209,15 +220,17 @@ class MicrovmEngine:
         if snapshot is None:
             await self._fail(microvm_id, entry, "The image version's snapshot for this host is missing.")
             return
+        config = json.loads(row["config"])
         try:
-            entry.sandbox = await self.driver.restore(microvm_id, snapshot)
+            entry.sandbox = await self.driver.restore(
+                microvm_id, snapshot, egress=wants_internet_egress(config)
+            )
         except DriverError as error:
             await self._fail(
                 microvm_id, entry, f"The MicroVM could not be restored from its snapshot: {error}"
             )
             return
         self._follow_output(microvm_id, entry.sandbox)
-        config = json.loads(row["config"])
         outcome = await call_lifecycle_hook(
             self.driver,
             entry.sandbox,

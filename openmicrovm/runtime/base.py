@@ -79,6 +79,8 @@ class SandboxRecord:
     # written before the driver could choose: those run under the runsc on PATH, on ptrace).
     runsc: str = ""
     runsc_platform: str = ""
+    # gvisor: the slot of the sandbox's egress uplink (runtime/egress.py), -1 without one.
+    uplink: int = -1
 
     def to_json(self) -> str:
         data = asdict(self)

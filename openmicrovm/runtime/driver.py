@@ -56,6 +56,10 @@ class SandboxSpec:
     # False: the reduced capability set of spec §5.8 with no_new_privs; True: every capability.
     all_capabilities: bool = False
     hostname: str = "microvm"
+    # Outbound connections to the internet (a MicroVM's INTERNET_EGRESS connector); never to the
+    # host, link-local, other sandboxes or operator-denied networks. Drivers without
+    # DriverCapabilities.internet_egress run the sandbox without egress.
+    egress: bool = False
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,8 @@ class DriverCapabilities:
     memory_snapshot: bool
     # True when suspend() writes memory to disk and frees the RAM; False when it only freezes.
     suspend_releases_memory: bool
+    # True when SandboxSpec.egress gives the sandbox outbound network (see runtime/egress.py).
+    internet_egress: bool = False
 
 
 @dataclass
@@ -147,8 +153,9 @@ class SandboxDriver(abc.ABC):
         """Write the sandbox's state to snapshot_dir. The sandbox is destroyed afterwards."""
 
     @abc.abstractmethod
-    async def restore(self, sandbox_id: str, snapshot_dir: Path) -> Sandbox:
+    async def restore(self, sandbox_id: str, snapshot_dir: Path, *, egress: bool = False) -> Sandbox:
         """A new sandbox from a snapshot; any number of sandboxes may be restored from one snapshot.
+        egress: give it outbound network (SandboxSpec.egress), where the driver can.
         Raises SnapshotError when the snapshot is missing or corrupt, CapacityError when the host is
         short of memory."""
 

@@ -17,8 +17,12 @@ Network topology, per sandbox (runsc needs all of this to checkpoint a networked
 Every sandbox restored from one image has the same inner address (the snapshot carries gVisor's
 network configuration), so each sandbox gets its own small peer namespace holding the other end
 of its veth pair, and the driver reaches a sandbox by creating its socket inside that peer
-namespace. Neither namespace has a route anywhere else, so a sandbox reaches neither the host
-(loopback or otherwise) nor other sandboxes.
+namespace. The sandbox's default route leads to the peer namespace, and no further unless the
+sandbox has internet egress (SandboxSpec.egress): then the peer namespace has an uplink to the host
+that forwards and masquerades the sandbox's traffic, and the host lets it out to the world, never to
+itself (loopback or otherwise), link-local addresses, other sandboxes or denied networks (egress.py).
+A sandbox restored ahead of time for the warm pool gets its uplink switched off while it waits;
+restore() switches it on when the MicroVM asks for egress.
 
 The app's 127.0.0.1 is gVisor's own loopback, out of reach of any host socket, so connections to
 app ports are relayed by the guest agent (agent/agent.c), which runs as the sandbox's init and
@@ -63,13 +67,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
 import socket
 from pathlib import Path
 
-from . import agent_build, agent_client, names, netns, oci, proc, rootfs
+from openmicrovm.builder.build_network import build_resolv_conf
+
+from . import agent_build, agent_client, egress, names, netns, oci, proc, rootfs
 from . import runsc as runsc_binaries
 from .agent_client import AGENT_PORT, AgentAddress
 from .base import (
@@ -99,7 +106,8 @@ from .runsc import Runsc, RunscError
 
 SANDBOX_IP = "169.254.77.2"
 SANDBOX_CIDR = f"{SANDBOX_IP}/30"
-PEER_CIDR = "169.254.77.1/30"
+PEER_IP = "169.254.77.1"
+PEER_CIDR = f"{PEER_IP}/30"
 SANDBOX_DEV = "eth0"
 PEER_DEV = "veth0"
 MEMORY_IMAGE = "memory"  # directory inside a snapshot holding runsc's checkpoint.img
@@ -122,7 +130,10 @@ RESTORE_DONE = "restore.done"
 HELPER_WAIT_SECONDS = 300.0
 
 # Runs every runsc command: hides /proc/sys/net (see the module docstring) and, for run/restore,
-# first joins the sandbox's cgroups and mounts its root (see _root_options). The mounts live in the
+# first joins the sandbox's cgroups and mounts its root (see _root_options), with the host's
+# resolvers in its /etc/resolv.conf when the host has reachable ones ($OMV_RESOLV, written to the
+# root's throwaway upper layer, never to the image; the link is removed first so that a symlink
+# in the image cannot point the write at a host file). The mounts live in the
 # launcher's private mount namespace, which runsc's processes inherit, so the host never sees them
 # and they vanish with the sandbox. With $OMV_DONE set it stays to write its pid to $OMV_DONE.pid
 # first and the marker $OMV_DONE once the command succeeded (crash safety, see above).
@@ -132,6 +143,8 @@ _LAUNCHER = (
     'mount -t tmpfs -o size=1m,mode=0755 omv-stub "$OMV_STUB" && mkdir "$OMV_STUB/u" "$OMV_STUB/w" && '
     'mount -t overlay omv-root -o "lowerdir=$OMV_IMAGE,upperdir=$OMV_STUB/u,workdir=$OMV_STUB/w" "$OMV_ROOT" '
     "|| exit 125; fi; "
+    'if [ -n "$OMV_RESOLV" ] && [ -d "$OMV_ROOT/etc" ] && [ ! -L "$OMV_ROOT/etc" ]; then '
+    '{ rm -f "$OMV_ROOT/etc/resolv.conf" && cat "$OMV_RESOLV" > "$OMV_ROOT/etc/resolv.conf"; } 2>/dev/null; fi; '
     "mount -t tmpfs omv-netfix /proc/sys/net || exit 125; "
     'if [ -n "$OMV_DONE" ]; then echo $$ > "$OMV_DONE.pid" || exit 125; "$@"; s=$?; '
     '[ $s -ne 0 ] || : > "$OMV_DONE" || s=125; exit $s; fi; '
@@ -139,9 +152,18 @@ _LAUNCHER = (
 )
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
 class GVisorDriver(BaseDriver):
     name = "gvisor"
-    capabilities = DriverCapabilities(memory_snapshot=True, suspend_releases_memory=True)
+    capabilities = DriverCapabilities(
+        memory_snapshot=True, suspend_releases_memory=True, internet_egress=True
+    )
     cold_start_footprint_bytes = 96 * MIB
 
     def __init__(
@@ -306,7 +328,20 @@ class GVisorDriver(BaseDriver):
             "OMV_STUB": str(self.state_root / "mnt" / "stub"),
             "OMV_IMAGE": overlay_safe(sandbox.spec.rootfs.resolve()),
             "OMV_ROOT": str(self.root_mount),
+            "OMV_RESOLV": self._resolver_file(),
         }
+
+    def _resolver_file(self) -> str:
+        """A resolv.conf with the host's resolvers that a sandbox with egress can reach (as a
+        build's, see build_network.build_resolv_conf), or "" when the host has none. Read afresh at
+        every run and restore: the host's resolvers may change while snapshots stay."""
+        text, servers = build_resolv_conf("a MicroVM")
+        if not servers:
+            return ""
+        path = self.state_root / "resolv.conf"
+        if _read_text(path) != text:
+            write_private(path, text)  # the launcher, which reads it, runs as root
+        return str(path)
 
     async def _launch(self, sandbox: Sandbox, args: list[str], done: Path | None = None) -> proc.Completed:
         """run / restore: the sandbox inherits the launcher's stdio, which is the app log, and the
@@ -493,27 +528,35 @@ class GVisorDriver(BaseDriver):
             raise SnapshotError(f"snapshot {snapshot_dir} is incomplete: {SNAPSHOT_AGENT} is missing")
         return meta
 
-    async def restore(self, sandbox_id: str, snapshot_dir: Path) -> Sandbox:
+    async def restore(self, sandbox_id: str, snapshot_dir: Path, *, egress: bool = False) -> Sandbox:
         names.check_sandbox_id(sandbox_id)
         meta = self._check_snapshot(snapshot_dir)
         self._binary_for_snapshot(snapshot_dir, meta)  # fails early when no runsc can restore it
         if self.state_dir(sandbox_id).exists():
             raise DriverError(f"sandbox {sandbox_id} already exists")
         with self.creating(sandbox_id):
-            sandbox = await self.pool.take(snapshot_dir, sandbox_id)
+            sandbox = await self.pool.take(snapshot_dir, sandbox_id, egress)
             if sandbox is None:
                 self.gate.check("restore a sandbox", meta.footprint_bytes, meta.spec.memory_mib)
-                sandbox = await self._restore_new(sandbox_id, snapshot_dir, meta)
+                sandbox = await self._restore_new(sandbox_id, snapshot_dir, meta, egress, uplink=egress)
         self.pool.restored(snapshot_dir)
         return sandbox
 
-    async def _restore_new(self, sandbox_id: str, snapshot_dir: Path, meta: SnapshotMeta) -> Sandbox:
+    async def _restore_new(
+        self, sandbox_id: str, snapshot_dir: Path, meta: SnapshotMeta, egress: bool, *, uplink: bool
+    ) -> Sandbox:
+        """uplink: give the sandbox an uplink (switched on when egress), made while runsc restores
+        so that it costs the restore no time."""
         agent = snapshot_dir / SNAPSHOT_AGENT
         binary = self._binary_for_snapshot(snapshot_dir, meta)
-        sandbox = self.new_sandbox(sandbox_id, meta.spec, meta.token, agent)
+        spec = dataclasses.replace(meta.spec, egress=egress)
+        sandbox = self.new_sandbox(sandbox_id, spec, meta.token, agent)
+        wiring: asyncio.Task[None] | None = None
         try:
             self._set_binary(sandbox, binary)
             await self._create_host_side(sandbox)
+            if uplink:
+                wiring = asyncio.create_task(self._attach_uplink(sandbox))
             bundle = self._write_bundle(sandbox, agent)
             image = snapshot_dir / MEMORY_IMAGE
             container = self.names_of(sandbox).container
@@ -525,19 +568,38 @@ class GVisorDriver(BaseDriver):
                     f"(corrupt?): {proc.tail(self.log_path(sandbox), 1500)}"
                 )
             await self.wait_ready(sandbox)
+            if wiring is not None:
+                await wiring
             record_of(sandbox).state = "running"
             self.save(sandbox)
             return sandbox
         except BaseException:
+            if wiring is not None:
+                wiring.cancel()
+                await asyncio.gather(wiring, return_exceptions=True)
             await self.destroy_quietly(sandbox)
             raise
+
+    async def _attach_uplink(self, sandbox: Sandbox) -> None:
+        """An uplink for the sandbox's peer namespace, switched on if its spec asks for egress."""
+        record = record_of(sandbox)
+
+        def leased(index: int) -> None:
+            record.uplink = index
+            self.save(sandbox)
+
+        peer = self.names_of(sandbox).peer_netns
+        index = await egress.attach(peer, leased)
+        if sandbox.spec.egress:
+            await egress.enable(peer, index)
 
     # ------------------------------------------------------------------ the warm pool
 
     async def _make_warm(self, pool_id: str, snapshot_dir: Path) -> Sandbox:
         meta = self._check_snapshot(snapshot_dir)
         self.gate.check("keep a warm sandbox", meta.footprint_bytes, meta.spec.memory_mib)
-        sandbox = await self._restore_new(pool_id, snapshot_dir, meta)
+        # Every warm sandbox gets an uplink, switched off: hand-out only switches it on.
+        sandbox = await self._restore_new(pool_id, snapshot_dir, meta, False, uplink=True)
         try:
             await self.cgroup_of(sandbox).freeze()
             record_of(sandbox).state = "warm"
@@ -547,9 +609,9 @@ class GVisorDriver(BaseDriver):
             raise
         return sandbox
 
-    async def _hand_out(self, pool_id: str, sandbox_id: str) -> Sandbox | None:
+    async def _hand_out(self, pool_id: str, sandbox_id: str, wants_egress: bool) -> Sandbox | None:
         warm = self.load(pool_id)
-        if warm is None or record_of(warm).state != "warm":
+        if warm is None or record_of(warm).state != "warm" or record_of(warm).uplink < 0:
             return None
         target = self.state_dir(sandbox_id)
         try:
@@ -559,10 +621,13 @@ class GVisorDriver(BaseDriver):
         os.rename(warm.state_dir, target)
         record = record_of(warm)
         record.sandbox_id, record.state = sandbox_id, "running"
+        record.spec = dataclasses.replace(record.spec, egress=wants_egress)
         sandbox = Sandbox(sandbox_id, self.name, target, record.spec, {"record": record})
         self.save(sandbox)
-        self.cgroup_of(sandbox).thaw()
         try:
+            if wants_egress:  # before the thaw: the app's first packet may go out at once
+                await egress.enable(self.names_of(sandbox).peer_netns, record.uplink)
+            self.cgroup_of(sandbox).thaw()
             self.raise_if_app_down(sandbox, await agent_client.control(self.agent_address(sandbox), "STATUS"))
         except (OSError, TimeoutError, DriverError):
             log.warning("warm sandbox for %s did not answer after thawing; restoring afresh", sandbox_id)
@@ -718,7 +783,7 @@ class GVisorDriver(BaseDriver):
             raise SnapshotError(f"the suspend image of sandbox {sandbox.sandbox_id} is missing")
         self.gate.check("resume a sandbox", record.footprint_bytes, sandbox.spec.memory_mib)
         host = self.names_of(sandbox)
-        await netns.ensure_address(host.netns, SANDBOX_DEV, SANDBOX_CIDR)
+        await netns.ensure_address(host.netns, SANDBOX_DEV, SANDBOX_CIDR, PEER_IP)
         bundle = sandbox.state_dir / "bundle"
         args = ["restore", "--detach", "--image-path", str(image), "--bundle", str(bundle), host.container]
         marker = sandbox.state_dir / RESTORE_DONE
@@ -862,8 +927,15 @@ class GVisorDriver(BaseDriver):
         self._cancel_disk_tier(sandbox.sandbox_id)
         await self.cgroup_for(host).kill_all()
         await self._delete_container(host.container, [self._teardown_binary(sandbox)])
+        if "record" in sandbox.extra and record_of(sandbox).uplink >= 0:
+            await egress.remove(record_of(sandbox).uplink)
 
     async def remove_orphans(self, keep_keys: set[str]) -> None:
+        def stray(peer_netns: str) -> bool:
+            key = names.key_of_netns(self.scope, peer_netns)
+            return key is not None and key not in keep_keys
+
+        await egress.sweep(stray)
         others = [r for r in runsc_binaries.installed([self.cache_dir]) if r.path != self.runsc.path]
         binaries = [self.default_binary, *((r, r.default_platform) for r in others)]
         for container in sorted(self._containers()):

@@ -12,6 +12,7 @@ import asyncio
 import ctypes
 import os
 import socket
+import struct
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -21,9 +22,18 @@ from . import proc
 
 NETNS_DIR = Path("/run/netns")
 _CLONE_NEWNET = 0x40000000
+# rtnetlink, for add_default_route (linux/netlink.h, linux/rtnetlink.h)
+_RTM_NEWROUTE = 24
+_NLMSG_ERROR = 2
+_NLM_F_REQUEST_ACK_CREATE_EXCL = 0x1 | 0x4 | 0x400 | 0x200
+_RT_TABLE_MAIN, _RTPROT_STATIC, _RT_SCOPE_UNIVERSE, _RTN_UNICAST, _RTA_GATEWAY = 254, 4, 0, 1, 5
 _libc = ctypes.CDLL(None, use_errno=True)
 
 T = TypeVar("T")
+
+
+# The metric of the peer namespace's catch-all local route: any real default route comes first.
+LOCAL_FALLBACK_METRIC = 4000
 
 
 def path_of(name: str) -> Path:
@@ -50,8 +60,13 @@ async def create(name: str) -> None:
 async def create_pair(
     sandbox_ns: str, peer_ns: str, sandbox_cidr: str, peer_cidr: str, sandbox_dev: str, peer_dev: str
 ) -> None:
-    """Two namespaces joined by a veth pair and nothing else: the sandbox side sees one link-local
-    /30 and no route anywhere, and the peer side holds only the other end."""
+    """Two namespaces joined by a veth pair: the sandbox side sees one link-local /30 and a default
+    route via the peer end (gVisor copies it at `runsc run`, so every snapshot has it), and the peer
+    side holds the other end. The peer side takes every address as its own unless a route says
+    otherwise (a local default route behind any other), so whatever the sandbox sends out is
+    answered at once, by a reset or port unreachable, as if nothing listened there, instead of being
+    dropped on the way (an app's DNS lookup would wait for its timeout): only a default route
+    through an uplink (egress.py) takes the sandbox further."""
     await _run_batch(None, [f"netns add {sandbox_ns}", f"netns add {peer_ns}"])
     await _run_batch(
         peer_ns,
@@ -60,18 +75,55 @@ async def create_pair(
             f"addr add {peer_cidr} dev {peer_dev}",
             f"link set {peer_dev} up",
             "link set lo up",
+            f"route add local default dev lo table main metric {LOCAL_FALLBACK_METRIC}",
         ],
     )
     await _run_batch(
         sandbox_ns,
-        [f"addr add {sandbox_cidr} dev {sandbox_dev}", f"link set {sandbox_dev} up", "link set lo up"],
+        [
+            f"addr add {sandbox_cidr} dev {sandbox_dev}",
+            f"link set {sandbox_dev} up",
+            "link set lo up",
+            f"route add default via {peer_cidr.split('/')[0]}",
+        ],
     )
 
 
-async def ensure_address(name: str, dev: str, cidr: str) -> None:
-    """Put cidr back on dev. runsc moves the address into its own netstack when it takes over the
-    interface, and a restored sandbox only answers once the address is on the interface again."""
-    await proc.run(["ip", "-n", name, "addr", "replace", cidr, "dev", dev])
+def _netlink_default_route(gateway: str) -> None:
+    """Add `default via gateway` to the main table of the calling thread's namespace: the request
+    `ip route add` would send, without starting a process (this is on a restore's critical path)."""
+    rtmsg = struct.pack(
+        "=BBBBBBBBI",
+        socket.AF_INET,
+        0,
+        0,
+        0,
+        _RT_TABLE_MAIN,
+        _RTPROT_STATIC,
+        _RT_SCOPE_UNIVERSE,
+        _RTN_UNICAST,
+        0,
+    )
+    body = rtmsg + struct.pack("=HH", 8, _RTA_GATEWAY) + socket.inet_aton(gateway)
+    header = struct.pack("=IHHII", 16 + len(body), _RTM_NEWROUTE, _NLM_F_REQUEST_ACK_CREATE_EXCL, 1, 0)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+        sock.send(header + body)
+        reply = sock.recv(4096)
+    kind = struct.unpack_from("=H", reply, 4)[0]
+    error = -struct.unpack_from("=i", reply, 16)[0] if kind == _NLMSG_ERROR else 0
+    if error:
+        raise OSError(error, f"adding the default route via {gateway}: {os.strerror(error)}")
+
+
+async def add_default_route(name: str, gateway: str) -> None:
+    await call_in_namespace(name, lambda: _netlink_default_route(gateway))
+
+
+async def ensure_address(name: str, dev: str, cidr: str, gateway: str) -> None:
+    """Put cidr back on dev, and the default route via gateway that went with it. runsc moves the
+    address into its own netstack when it takes over the interface, and a restored sandbox only
+    answers once the address is on the interface again."""
+    await _run_batch(name, [f"addr replace {cidr} dev {dev}", f"route replace default via {gateway}"])
 
 
 async def delete(name: str) -> None:

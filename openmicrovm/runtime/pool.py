@@ -52,12 +52,13 @@ class RestorePool:
         self,
         size: int,
         make: Callable[[str, Path], Awaitable[Sandbox]],
-        hand_out: Callable[[str, str], Awaitable[Sandbox | None]],
+        hand_out: Callable[[str, str, bool], Awaitable[Sandbox | None]],
         discard: Callable[[str], Awaitable[None]],
         max_snapshots: int = 4,
     ) -> None:
         """make(pool_id, snapshot_dir) restores and freezes a pool sandbox; hand_out(pool_id,
-        sandbox_id) renames and thaws one (None when it is no longer usable); discard(pool_id)
+        sandbox_id, egress) renames one, switches its egress on if asked and thaws it (None when
+        it is no longer usable); discard(pool_id)
         destroys one."""
         self.size = size
         self.max_snapshots = max_snapshots
@@ -66,13 +67,13 @@ class RestorePool:
         self._discard = discard
         self._warm: OrderedDict[SnapshotKey, _Warm] = OrderedDict()
 
-    async def take(self, snapshot_dir: Path, sandbox_id: str) -> Sandbox | None:
+    async def take(self, snapshot_dir: Path, sandbox_id: str, egress: bool = False) -> Sandbox | None:
         key = snapshot_key(snapshot_dir)
         warm = self._warm.get(key) if key else None
         while warm is not None and warm.ready:
             pool_id = warm.ready.pop(0)
             try:
-                sandbox = await self._hand_out(pool_id, sandbox_id)
+                sandbox = await self._hand_out(pool_id, sandbox_id, egress)
             except DriverError:
                 log.exception("warm sandbox %s could not be handed out", pool_id)
                 sandbox = None

@@ -237,7 +237,8 @@ class ProcessDriver(BaseDriver):
             await self._destroy_locked(sandbox)
         return SnapshotInfo(snapshot_dir, 0, disk_bytes, await self.code_bytes(sandbox.spec.rootfs))
 
-    async def restore(self, sandbox_id: str, snapshot_dir: Path) -> Sandbox:
+    async def restore(self, sandbox_id: str, snapshot_dir: Path, *, egress: bool = False) -> Sandbox:
+        # No internet egress here (capabilities.internet_egress is False): the sandbox has no network.
         with self.creating(sandbox_id):
             return await self._restore(sandbox_id, snapshot_dir)
 

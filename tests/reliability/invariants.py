@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import sqlite3
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,11 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 # runsc adds the others while a container runs and removes them with it.
 DRIVER_CONTROLLERS = {"memory", "cpu", "cpuacct", "pids", "freezer", "cgroup"}
 NETNS_DIR = Path("/run/netns")
+# Sandbox egress uplinks (openmicrovm/runtime/egress.py): a lease file per /30 naming the peer
+# namespace it serves, a host veth omvs<slot>h and an nftables table inet omvs_<slot>.
+UPLINK_LEASES = Path("/run/openmicrovm/sandbox-net")
+UPLINK_LINK = re.compile(r"^omvs([0-9a-f]{4})h$")
+UPLINK_TABLE = re.compile(r"^table inet omvs_([0-9a-f]{4})$")
 
 
 @dataclass(frozen=True)
@@ -245,6 +252,35 @@ class HostView:
         except FileNotFoundError:
             return set()
 
+    def uplink_leases(self) -> dict[str, str]:
+        """slot -> the peer namespace its lease names, for this data dir's sandboxes."""
+        prefixes = tuple(f"omv-{scope}-" for scope in self.scopes().values())
+        found: dict[str, str] = {}
+        for lease in UPLINK_LEASES.glob("*.lease") if UPLINK_LEASES.is_dir() else []:
+            with contextlib.suppress(OSError):
+                holder = lease.read_text().strip()
+                if holder.startswith(prefixes):
+                    found[lease.name.removesuffix(".lease")] = holder
+        return found
+
+    def unleased_uplink_objects(self) -> list[str]:
+        """Uplink veths and tables of any server with no lease: removal drops the lease last and
+        creation takes it first, so these are always left behind."""
+        leased = (
+            {p.name.removesuffix(".lease") for p in UPLINK_LEASES.glob("*.lease")}
+            if UPLINK_LEASES.is_dir()
+            else set()
+        )
+        found = []
+        for link in sorted(p.name for p in Path("/sys/class/net").iterdir()):
+            if (match := UPLINK_LINK.match(link)) and match.group(1) not in leased:
+                found.append(f"link {link}")
+        listed = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+        for line in listed.splitlines():
+            if (match := UPLINK_TABLE.match(line.strip())) and match.group(1) not in leased:
+                found.append(f"nftables {line.strip()}")
+        return found
+
     def runsc_containers(self) -> set[str]:
         """Container ids in runsc's own state below this data dir, read from its state files
         (`<id>_sandbox:<sandbox>.state`, or a directory per container in older runsc), so that any
@@ -415,6 +451,12 @@ def settled_violations(data_dir: Path, server_pids: frozenset[int] = frozenset()
     for key, sandbox_id in expected.items():
         if not any(name.split("-")[2] == key for name in namespaces):
             problems.append(f"sandbox {sandbox_id} has no network namespace")
+
+    for slot, holder in sorted(view.uplink_leases().items()):
+        key = holder.split("-")[2]
+        if key not in expected or holder not in namespaces:
+            problems.append(f"stray uplink lease {slot} of {holder}{sandboxes.of(key)}")
+    problems += [f"stray uplink {item}" for item in view.unleased_uplink_objects()]
 
     containers = view.runsc_containers()
     for container in sorted(containers):

@@ -9,6 +9,7 @@ fails it if any is left, then sweeps whatever a failing test left.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import textwrap
@@ -19,7 +20,7 @@ from typing import Any, TypeVar
 import pytest
 
 from openmicrovm.config import default_cache_dir
-from openmicrovm.runtime import cgroups, make_driver, names, netns
+from openmicrovm.runtime import cgroups, egress, make_driver, names, netns
 from openmicrovm.runtime.base import BaseDriver
 from openmicrovm.runtime.host import missing_for
 
@@ -216,6 +217,10 @@ def leftovers(driver: BaseDriver) -> list[str]:
     found += [f"cgroup {key}" for key in cgroups.children(driver.layout, parent)]
     found += [f"cgroup dir {path}" for path in cgroups.leftover_dirs(parent)]
     found += [f"state dir {path.name}" for path in driver.sandboxes_dir.iterdir()]
+    for lease in egress.STATE_DIR.glob("*.lease"):
+        with contextlib.suppress(OSError):
+            if lease.read_text().startswith(names.netns_prefix(driver.scope)):
+                found.append(f"uplink lease {lease.name}")
     marker = str(driver.state_root)
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():

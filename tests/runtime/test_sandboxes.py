@@ -176,7 +176,7 @@ def host_listeners() -> Iterator[tuple[HostListener, HostListener]]:
     everywhere.close()
 
 
-def _host_addresses() -> list[str]:
+def host_addresses() -> list[str]:
     out = subprocess.run(
         ["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True, check=True
     ).stdout
@@ -201,8 +201,8 @@ def test_sandbox_reaches_neither_host_services_nor_other_sandboxes(
             assert status == 200
             targets = [f"127.0.0.1:{loopback.port}", "127.0.0.1:9090", f"169.254.77.1:{everywhere.port}"]
             targets += ["169.254.77.1:9090", "169.254.77.2:9090"]
-            targets += [f"{address}:{everywhere.port}" for address in _host_addresses()]
-            targets += [f"{address}:9090" for address in _host_addresses()]
+            targets += [f"{address}:{everywhere.port}" for address in host_addresses()]
+            targets += [f"{address}:9090" for address in host_addresses()]
             results = await probe(driver, sandbox, targets)
             assert results.keys() == set(targets)
             assert all(result != "connected" for result in results.values()), results

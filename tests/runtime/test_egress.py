@@ -1,0 +1,164 @@
+"""Internet egress of sandboxes (SandboxSpec.egress, runtime/egress.py), against a stand-in internet.
+
+The "internet" is a network namespace of the test's own on 198.18.0.0/15 (tests/builder/
+fake_internet.py), reached through the host like any outside address. A sandbox with egress
+connects to it; one without does not; and egress never opens the host, link-local addresses or
+other sandboxes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from openmicrovm.builder.build_network import build_resolv_conf
+from openmicrovm.runtime import Sandbox, make_driver
+from openmicrovm.runtime import egress as uplinks
+from openmicrovm.runtime.base import BaseDriver, record_of
+from tests.builder.fake_internet import FakeInternet, fake_internet
+from tests.runtime.conftest import run
+from tests.runtime.helpers import app_spec, http, probe
+from tests.runtime.test_sandboxes import HostListener, host_addresses
+
+
+@pytest.fixture
+def internet() -> Iterator[FakeInternet]:
+    with fake_internet() as made:
+        yield made
+
+
+@pytest.fixture
+def egress_driver(driver: BaseDriver) -> BaseDriver:
+    if not driver.capabilities.internet_egress:
+        pytest.skip(f"the {driver.name} driver gives sandboxes no network egress")
+    return driver
+
+
+def _uplink_objects(index: int) -> list[str]:
+    """What is left on the host of uplink slot `index`."""
+    found = []
+    if Path("/sys/class/net", uplinks.host_link(index)).exists():
+        found.append(f"link {uplinks.host_link(index)}")
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout.splitlines()
+    if f"table inet {uplinks.table_name(index)}" in tables:
+        found.append(f"table {uplinks.table_name(index)}")
+    if uplinks.lease_path(index).exists():
+        found.append(f"lease {uplinks.lease_path(index)}")
+    return found
+
+
+def _uplink_address(sandbox: Sandbox) -> str:
+    """The address of the sandbox's end of its uplink (in its peer namespace)."""
+    subnet = uplinks.uplink_subnet(record_of(sandbox).uplink)
+    return str(subnet.network_address + 2)
+
+
+async def _snapshot(driver: BaseDriver, rootfs: Path, snapshot_dir: Path) -> None:
+    sandbox = await driver.start("build-egress", app_spec(rootfs))
+    try:
+        await http(driver, sandbox)
+        await driver.snapshot(sandbox, snapshot_dir)
+    except BaseException:
+        await driver.destroy(sandbox)
+        raise
+
+
+async def _reaches(driver: BaseDriver, sandbox: Sandbox, target: str) -> bool:
+    return (await probe(driver, sandbox, [target]))[target] == "connected"
+
+
+def test_egress_reaches_the_internet_and_nothing_of_the_host(
+    egress_driver: BaseDriver, app_rootfs: Path, tmp_path: Path, internet: FakeInternet
+) -> None:
+    driver = egress_driver
+    outside = f"{internet.address}:{internet.silent_port()}"
+    loopback, everywhere = HostListener("127.0.0.1"), HostListener("0.0.0.0")
+
+    async def scenario() -> None:
+        await _snapshot(driver, app_rootfs, tmp_path / "snap")
+        open_box = await driver.restore("microvm-egress", tmp_path / "snap", egress=True)
+        boxes = [open_box]
+        try:
+            closed_box = await driver.restore("microvm-closed", tmp_path / "snap")
+            boxes.append(closed_box)
+            other = await driver.restore("microvm-other", tmp_path / "snap", egress=True)
+            boxes.append(other)
+            assert await _reaches(driver, open_box, outside)
+            # Refused at once, as if nothing listened (an app's DNS lookup must not wait for its
+            # timeout), not dropped.
+            closed = await probe(driver, closed_box, [outside])
+            assert closed[outside].startswith("ConnectionRefusedError"), closed
+            forbidden = [f"127.0.0.1:{loopback.port}", f"169.254.77.1:{everywhere.port}"]
+            forbidden += [f"{address}:{everywhere.port}" for address in host_addresses()]
+            forbidden += [f"{internet.host_address}:{everywhere.port}", "169.254.169.254:80"]
+            forbidden += [f"{_uplink_address(other)}:8080", f"{_uplink_address(other)}:{everywhere.port}"]
+            results = await probe(driver, open_box, forbidden)
+            assert all(result != "connected" for result in results.values()), results
+            # DNS: the host's reachable resolvers, as a build gets them.
+            _, servers = build_resolv_conf()
+            _, body = await http(driver, open_box, "/read?path=/etc/resolv.conf")
+            assert all(f"nameserver {server}" in body["text"] for server in servers), body
+            used = [record_of(box).uplink for box in (open_box, other)]
+            assert all(index >= 0 for index in used)
+        finally:
+            for box in boxes:
+                await driver.destroy(box)
+        assert loopback.accepted == 0 and everywhere.accepted == 0
+        for index in used:
+            assert not _uplink_objects(index)
+
+    try:
+        run(scenario())
+    finally:
+        loopback.close()
+        everywhere.close()
+
+
+def test_egress_survives_suspend_resume_and_the_warm_pool(
+    egress_driver: BaseDriver, app_rootfs: Path, tmp_path: Path, cache_dir: Path, internet: FakeInternet
+) -> None:
+    driver = egress_driver
+    outside = f"{internet.address}:{internet.silent_port()}"
+
+    async def scenario() -> None:
+        await _snapshot(driver, app_rootfs, tmp_path / "snap")
+        boxes: list[Sandbox] = []
+        try:
+            for name in ("microvm-e1", "microvm-e2"):  # the second restore makes the snapshot hot
+                boxes.append(await driver.restore(name, tmp_path / "snap", egress=name.endswith("1")))
+            warm_key = None
+            for _ in range(600):  # the pool fills in the background
+                warm = [path for path in driver.sandboxes_dir.iterdir() if path.name.startswith("pool-")]
+                if warm and (loaded := driver.load(warm[0].name)) and record_of(loaded).state == "warm":
+                    warm_key = record_of(loaded).key
+                    break
+                await asyncio.sleep(0.05)
+            assert warm_key is not None, "no warm sandbox appeared"
+            pooled = await driver.restore("microvm-e3", tmp_path / "snap", egress=True)
+            boxes.append(pooled)
+            assert record_of(pooled).key == warm_key
+            assert await _reaches(driver, pooled, outside)
+            assert not await _reaches(driver, boxes[1], outside)  # e2: no egress asked for
+            await driver.suspend(pooled)  # frozen in memory
+            await driver.resume(pooled)
+            assert await _reaches(driver, pooled, outside)
+            to_disk = make_driver(driver.name, driver.state_root, cache_dir, suspend_to_disk_after=0)
+            await to_disk.suspend(pooled)
+            assert record_of(pooled).suspended_in == "disk"
+            await to_disk.resume(pooled)
+            assert await _reaches(driver, pooled, outside)
+            assert await _reaches(driver, boxes[0], outside)  # e1: a cold restore with egress
+            await driver.close()  # the warm sandbox made after e3 goes with the pool
+        finally:
+            used = [record_of(box).uplink for box in boxes]
+            for box in boxes:
+                await driver.destroy(box)
+        for index in used:
+            if index >= 0:
+                assert not _uplink_objects(index)
+
+    run(scenario())
