@@ -21,6 +21,7 @@ from openmicrovm.builder.image_config import ImageConfig, read_image_config
 from openmicrovm.builder.rootfs_export import RootfsExport, export_rootfs
 from tests.builder.conftest import SAMPLE_APP, assert_store_clean
 from tests.builder.fake_internet import fake_internet
+from tests.support.host import processes_naming
 
 EVERY_INSTRUCTION = """\
 ARG BASE=public.ecr.aws/lambda/microvms:al2023-minimal
@@ -222,25 +223,10 @@ def test_a_run_step_that_never_ends_is_stopped_at_the_build_time_limit(
     assert "ran longer than the limit of 4 seconds" in caught.value.state_reason
     # The build's PID namespace is being torn down: give the kernel a moment to reap what was in it.
     deadline = time.monotonic() + 15
-    while _running(sleep) and time.monotonic() < deadline:
+    while processes_naming(sleep) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _running(sleep) == []
+    assert processes_naming(sleep) == {}
     assert_store_clean(store)
-
-
-def _running(fragment: str) -> list[str]:
-    """Command lines of live processes that contain fragment (a zombie's is empty)."""
-    found = []
-    for process in Path("/proc").iterdir():
-        if not process.name.isdigit():
-            continue
-        try:
-            cmdline = (process / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if fragment in cmdline:
-            found.append(cmdline)
-    return found
 
 
 def test_output_streams_while_the_build_runs(store: BuildahStore, tmp_path: Path) -> None:

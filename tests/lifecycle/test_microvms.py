@@ -4,7 +4,6 @@ hooks, timers, restart recovery (spec §2.14–2.19, §3.4, §5). Real builds, r
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import uuid
@@ -16,6 +15,7 @@ import pytest
 from tests.lifecycle.conftest import run
 from tests.support.clients import AwsCli, aws_error
 from tests.support.endpoint import app_state, auth_token, call
+from tests.support.host import processes_naming
 from tests.support.images import (
     ALL_HOOKS,
     REPO,
@@ -350,15 +350,7 @@ def test_app_output_and_lifecycle_events_reach_the_microvm_log(
 
 def _processes_of(microvm_id: str) -> list[int]:
     """The host processes running a MicroVM's sandbox (their command lines name its state dir)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as handle:
-                if microvm_id.encode() in handle.read():
-                    found.append(int(pid))
-        except OSError:
-            continue
-    return found
+    return list(processes_naming(microvm_id))
 
 
 def test_a_suspended_microvm_goes_to_disk_and_frees_its_memory(

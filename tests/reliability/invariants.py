@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.support.host import processes_naming
+
 IMAGE_STATES = {
     "CREATING",
     "CREATED",
@@ -314,18 +316,8 @@ class HostView:
 
     def processes(self) -> dict[int, str]:
         """pid -> command line of every process whose command line names this data dir."""
-        marker = str(self.data_dir.resolve())
-        found: dict[int, str] = {}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) in self.server_pids:
-                continue
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if marker in cmdline:
-                found[int(entry.name)] = cmdline.strip()
-        return found
+        found = processes_naming(str(self.data_dir.resolve()))
+        return {pid: cmdline for pid, cmdline in found.items() if pid not in self.server_pids}
 
 
 def sweep_cgroups(data_dir: Path) -> list[str]:

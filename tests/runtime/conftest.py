@@ -23,6 +23,7 @@ from openmicrovm.config import default_cache_dir
 from openmicrovm.runtime import cgroups, egress, make_driver, names, netns
 from openmicrovm.runtime.base import BaseDriver
 from openmicrovm.runtime.host import missing_for
+from tests.support.host import processes_naming
 
 T = TypeVar("T")
 
@@ -222,15 +223,7 @@ def leftovers(driver: BaseDriver) -> list[str]:
             if lease.read_text().startswith(names.netns_prefix(driver.scope)):
                 found.append(f"uplink lease {lease.name}")
     marker = str(driver.state_root)
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmdline:
-            found.append(f"process {entry.name}: {cmdline[:120]}")
+    found += [f"process {pid}: {cmdline[:120]}" for pid, cmdline in processes_naming(marker).items()]
     mountinfo = Path("/proc/self/mountinfo").read_text()
     found += [f"mount {line.split()[4]}" for line in mountinfo.splitlines() if marker in line]
     runsc_root = driver.state_root / "runsc"
