@@ -188,8 +188,31 @@ class EndpointConnection:
             if kept_port == port and not reader.at_eof() and not writer.is_closing():
                 return reader, writer, True
             writer.close()
-        reader, writer = await self.backend.connect(microvm_id, port)
+        reader, writer = await self._open_upstream(microvm_id, port)
         return reader, writer, False
+
+    async def _open_upstream(
+        self, microvm_id: str, port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A new connection to the app, or the Refusal the client gets instead."""
+        try:
+            return await self.backend.connect(microvm_id, port)
+        except TooManyConnections:
+            # The MicroVM takes no more connections at once: the client may try again (spec §5.3).
+            raise Refusal(
+                429, "Too Many Requests", b"Too many concurrent connections to this MicroVM"
+            ) from None
+        except (PortNotListening, Unreachable):
+            raise Refusal(502, "Bad Gateway") from None
+
+    def _counter(self, microvm_id: str) -> Callable[[bytes], None]:
+        """Counts the bytes relayed for a MicroVM; each piece is also activity for its idle timer."""
+
+        def count(piece: bytes) -> None:
+            self.backend.record_activity(microvm_id)
+            self.counters.on_bytes(microvm_id, len(piece))
+
+        return count
 
     async def _one(self, data: bytes) -> bool:
         """Proxy one request; True when the client connection can carry another."""
@@ -235,22 +258,10 @@ class EndpointConnection:
         client_keep_alive = _client_keeps_alive(head)
         upgrade = "upgrade" in head.connection_tokens()
         _strip_for_app(head, request_id)
-
-        def count(piece: bytes) -> None:
-            self.backend.record_activity(vm)
-            self.counters.on_bytes(vm, len(piece))
-
+        count = self._counter(vm)
         serialized = head.serialize()
         for attempt in (1, 2):
-            try:
-                up_reader, up_writer, reused = await self._upstream_for(vm, port)
-            except TooManyConnections:
-                # The MicroVM takes no more connections at once: the client may try again (spec §5.3).
-                raise Refusal(
-                    429, "Too Many Requests", b"Too many concurrent connections to this MicroVM"
-                ) from None
-            except (PortNotListening, Unreachable):
-                raise Refusal(502, "Bad Gateway") from None
+            up_reader, up_writer, reused = await self._upstream_for(vm, port)
             up_writer.write(serialized)
             count(serialized)
             sending = asyncio.ensure_future(relay_body(framing, self.reader, up_writer, count))
@@ -298,19 +309,8 @@ class EndpointConnection:
         vm = target.microvm_id
         authority = head.get("host") or self.hostname
         _strip_for_app(head, str(uuid.uuid4()))
-
-        def count(piece: bytes) -> None:
-            self.backend.record_activity(vm)
-            self.counters.on_bytes(vm, len(piece))
-
-        try:
-            up_reader, up_writer = await self.backend.connect(vm, port)
-        except TooManyConnections:
-            raise Refusal(
-                429, "Too Many Requests", b"Too many concurrent connections to this MicroVM"
-            ) from None
-        except (PortNotListening, Unreachable):
-            raise Refusal(502, "Bad Gateway") from None
+        count = self._counter(vm)
+        up_reader, up_writer = await self._open_upstream(vm, port)
         body = decoded_body(framing, self.reader) if framing.kind != "none" else None
         try:
             await H2Exchange(up_reader, up_writer).run(head, authority, body, self.writer, count)
