@@ -27,6 +27,16 @@ def service_model() -> ServiceModel:
         ) from error
 
 
+@functools.cache
+def version_config_members() -> tuple[str, ...]:
+    """The members of an image version's configuration: what UpdateMicrovmImage takes and
+    GetMicrovmImageVersion gives back, in the model's order (the order responses list them)."""
+    model = service_model()
+    returned = model.operation_model("GetMicrovmImageVersion").output_shape.members
+    taken = model.operation_model("UpdateMicrovmImage").input_shape.members
+    return tuple(name for name in taken if name in returned)
+
+
 def operations() -> list[OperationModel]:
     model = service_model()
     return [model.operation_model(name) for name in model.operation_names]

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from openmicrovm.api.model import version_config_members
 from openmicrovm.cli import config_flags
 from openmicrovm.cli.connection import CliError, Connection, ServerError, add_connection_arguments, connect
 from openmicrovm.cli.images import all_items, find_image
@@ -25,18 +26,10 @@ from openmicrovm.logs.store import split_line
 DEFAULT_BUILD_ROLE = "arn:aws:iam::000000000000:role/openmicrovm-build"
 BUILD_TIMEOUT_SECONDS = 1800.0
 POLL_SECONDS = 0.5
-CARRIED_OVER = (
-    "baseImageArn",
-    "buildRoleArn",
-    "description",
-    "logging",
-    "egressNetworkConnectors",
-    "cpuConfigurations",
-    "resources",
-    "additionalOsCapabilities",
-    "hooks",
-    "environmentVariables",
-    "kmsKeyIdentifier",
+# What a redeploy keeps of the image's latest version: all of its configuration but the code (the
+# new zip) and the base image's version (left for the service to resolve, as on a first deploy).
+CARRIED_OVER = tuple(
+    member for member in version_config_members() if member not in ("codeArtifact", "baseImageVersion")
 )
 FINISHED_VERSION_STATES = ("SUCCESSFUL", "FAILED")
 

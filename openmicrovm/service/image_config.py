@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from openmicrovm.api.model import version_config_members
 from openmicrovm.service.arns import EGRESS_CONNECTORS, managed_connector_arn, parse_connector
 from openmicrovm.service.context import RequestContext
 from openmicrovm.service.core import Params
@@ -24,22 +25,7 @@ READY_HOOK_REQUIRED = (
 _S3_URI = re.compile(r"s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])/(?P<key>.+)")
 _FILE_URI = re.compile(r"file:///.+")
 
-# The members of a version's configuration, in the order responses list them.
-CONFIG_MEMBERS = (
-    "baseImageArn",
-    "baseImageVersion",
-    "buildRoleArn",
-    "description",
-    "codeArtifact",
-    "logging",
-    "egressNetworkConnectors",
-    "cpuConfigurations",
-    "resources",
-    "additionalOsCapabilities",
-    "hooks",
-    "environmentVariables",
-    "kmsKeyIdentifier",
-)
+CONFIG_MEMBERS = version_config_members()
 
 
 def _check_code_artifact(artifact: dict[str, Any]) -> None:
