@@ -25,10 +25,8 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.conftest import image_request
-from tests.reliability.conftest import ALICE, BOB, client_for
+from tests.reliability.conftest import ALICE, BOB, seed_identifiers
 from tests.reliability.fuzzing import (
-    Identifiers,
     Verdict,
     raw_corpus,
     raw_requests,
@@ -68,15 +66,7 @@ def main() -> int:
     problems: list[str] = []
     started = time.monotonic()
     try:
-        alice, bob = client_for(server, ALICE), client_for(server, BOB)
-        own = [alice.create_microvm_image(**image_request(f"fuzz-{i}"))["imageArn"] for i in range(2)]
-        foreign = [bob.create_microvm_image(**image_request("fuzz-bob"))["imageArn"]]
-        builds = [
-            b["buildId"]
-            for arn in own
-            for b in alice.list_microvm_image_builds(imageIdentifier=arn, imageVersion="1.0")["items"]
-        ]
-        ids = Identifiers(tuple(own), tuple(foreign), (f"microvm-{uuid.uuid4()}",), tuple(builds))
+        ids = seed_identifiers(server)
 
         verdict = Verdict()
         options = settings(

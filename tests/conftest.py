@@ -8,11 +8,9 @@ from typing import Any
 
 import pytest
 
+from tests.support import images
 from tests.support.moto import MotoServer
 from tests.support.server import ServerProcess
-
-MANAGED_BASE = "arn:aws:lambda:us-east-1:aws:microvm-image:al2023-1"
-BUILD_ROLE = "arn:aws:iam::123456789012:role/microvm-build"
 
 
 @pytest.fixture(scope="session")
@@ -59,11 +57,4 @@ def client(server: ServerProcess) -> Any:
 
 def image_request(name: str, **overrides: Any) -> dict[str, Any]:
     """A CreateMicrovmImage request whose artifact is in a bucket that does not exist."""
-    request: dict[str, Any] = {
-        "name": name,
-        "baseImageArn": MANAGED_BASE,
-        "buildRoleArn": BUILD_ROLE,
-        "codeArtifact": {"uri": "s3://no-such-bucket-openmicrovm/app.zip"},
-    }
-    request.update(overrides)
-    return request
+    return images.image_request(name, "s3://no-such-bucket-openmicrovm/app.zip", **overrides)

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import MANAGED_BASE, image_request
+from tests.conftest import image_request
 from tests.support.clients import aws_error
-from tests.support.images import wait_image_settled
+from tests.support.images import MANAGED_BASE, wait_image_settled
 from tests.support.server import ServerProcess
 
 

@@ -67,6 +67,19 @@ def cli(
     )
 
 
+def deploy_sample(
+    endpoint_url: str, artifact_dir: Path, name: str, *more: str, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`openmicrovm deploy` of the sample app with every hook, plus the `more` arguments."""
+    return cli(
+        endpoint_url,
+        artifact_dir,
+        *("deploy", str(SAMPLE_APP), "--name", name, "--hooks", json.dumps(SAMPLE_HOOKS), *more),
+        extra_env=extra_env,
+        timeout=BUILD_TIMEOUT,
+    )
+
+
 def cli_json(endpoint_url: str, artifact_dir: Path, *args: str, **kwargs: Any) -> Any:
     result = cli(endpoint_url, artifact_dir, *args, "--output", "json", **kwargs)
     assert result.returncode == 0, f"{args}: {result.returncode}\n{result.stdout}\n{result.stderr}"

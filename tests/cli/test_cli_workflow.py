@@ -24,6 +24,7 @@ from tests.cli.helpers import (
     cli_environment,
     cli_json,
     command,
+    deploy_sample,
     terminate_all,
 )
 from tests.support.moto import MotoServer
@@ -235,19 +236,7 @@ def test_redeploy_from_s3_keeps_the_configuration(
 
 def test_a_failed_build_is_explained(server: ServerProcess, tmp_path: Path) -> None:
     name = f"failing-{uuid.uuid4().hex[:8]}"
-    result = cli(
-        server.url,
-        tmp_path,
-        "deploy",
-        str(SAMPLE_APP),
-        "--name",
-        name,
-        "--hooks",
-        json.dumps(SAMPLE_HOOKS),
-        "--env",
-        "READY_STATUS=500",
-        timeout=BUILD_TIMEOUT,
-    )
+    result = deploy_sample(server.url, tmp_path, name, "--env", "READY_STATUS=500")
     assert result.returncode == 1
     assert f"the build of {name} version 1.0 failed" in result.stderr
     assert "Ready hook check failed" in result.stderr

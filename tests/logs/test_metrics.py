@@ -4,7 +4,6 @@ the endpoint's Counters."""
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -13,7 +12,12 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.cli.helpers import BUILD_TIMEOUT, SAMPLE_APP, SAMPLE_HOOKS, cli, cli_json, terminate_all
+from tests.cli.helpers import (
+    cli,
+    cli_json,
+    deploy_sample,
+    terminate_all,
+)
 from tests.conftest import image_request
 from tests.logs import server_http
 from tests.support import endpoint
@@ -67,17 +71,7 @@ def test_store_figures_follow_the_api(server: ServerProcess) -> None:
 def sample_image(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     folder = tmp_path_factory.mktemp("metrics")
     name = f"metrics-{uuid.uuid4().hex[:8]}"
-    result = cli(
-        server.url,
-        folder,
-        "deploy",
-        str(SAMPLE_APP),
-        "--name",
-        name,
-        "--hooks",
-        json.dumps(SAMPLE_HOOKS),
-        timeout=BUILD_TIMEOUT,
-    )
+    result = deploy_sample(server.url, folder, name)
     assert result.returncode == 0, result.stderr
     yield name
 

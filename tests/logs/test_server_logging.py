@@ -13,7 +13,11 @@ from typing import Any
 
 import pytest
 
-from tests.cli.helpers import BUILD_TIMEOUT, SAMPLE_APP, SAMPLE_HOOKS, cli, cli_json, terminate_all
+from tests.cli.helpers import (
+    cli_json,
+    deploy_sample,
+    terminate_all,
+)
 from tests.logs import server_http
 from tests.logs.tcp_proxy import SwitchableProxy
 from tests.support.moto import MotoServer
@@ -23,19 +27,7 @@ from tests.support.server import ServerProcess, free_port
 def test_the_log_cap_holds_on_a_real_build(make_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
     server = make_server({"log_max_bytes": 1024, "log_keep_files": 2})
     name = f"capped-{uuid.uuid4().hex[:6]}"
-    result = cli(
-        server.url,
-        tmp_path,
-        "deploy",
-        str(SAMPLE_APP),
-        "--name",
-        name,
-        "--hooks",
-        json.dumps(SAMPLE_HOOKS),
-        "--output",
-        "json",
-        timeout=BUILD_TIMEOUT,
-    )
+    result = deploy_sample(server.url, tmp_path, name, "--output", "json")
     assert result.returncode == 0, result.stderr
     build_id = json.loads(result.stdout)["builds"][0]["buildId"]
     files = sorted((server.data_dir / "logs" / "builds").glob(f"{build_id}.log*"))
@@ -96,20 +88,14 @@ def test_logs_reach_cloudwatch_through_an_outage_exactly_once(
     cloudwatch = moto.client("logs")
     name = f"shipped-{uuid.uuid4().hex[:6]}"
     build_group = f"/e2e/builds/{name}"
-    deployed = cli(
+    deployed = deploy_sample(
         server.url,
         tmp_path,
-        "deploy",
-        str(SAMPLE_APP),
-        "--name",
         name,
-        "--hooks",
-        json.dumps(SAMPLE_HOOKS),
         "--logging",
         f"cloudwatch:{build_group}",
         "--output",
         "json",
-        timeout=BUILD_TIMEOUT,
     )
     assert deployed.returncode == 0, deployed.stderr
     build_id = json.loads(deployed.stdout)["builds"][0]["buildId"]

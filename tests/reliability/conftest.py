@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from tests.reliability.fuzzing import Identifiers
 from tests.reliability.invariants import sweep_cgroups
 from tests.support.images import image_request, upload, wait_image_settled, zip_dir
 from tests.support.moto import MotoServer
@@ -42,6 +43,23 @@ def tenant_request(moto: MotoServer, name: str) -> dict[str, Any]:
 
 def client_for(server: ServerProcess, who: dict[str, str], region: str = "us-east-1", **options: Any) -> Any:
     return server.client(region=region, key=who["access_key_id"], secret=who["secret_access_key"], **options)
+
+
+def seed_identifiers(server: ServerProcess) -> Identifiers:
+    """Give a server of ALICE's and BOB's keys something to fuzz against: two images (and their
+    builds) of ALICE's, one of BOB's, and a MicroVM id that exists nowhere."""
+    alice, bob = client_for(server, ALICE), client_for(server, BOB)
+    never_built = "s3://no-such-bucket-openmicrovm/app.zip"
+    own = [
+        alice.create_microvm_image(**image_request(f"fuzz-{i}", never_built))["imageArn"] for i in range(2)
+    ]
+    foreign = [bob.create_microvm_image(**image_request("fuzz-bob", never_built))["imageArn"]]
+    builds = [
+        b["buildId"]
+        for arn in own
+        for b in alice.list_microvm_image_builds(imageIdentifier=arn, imageVersion="1.0")["items"]
+    ]
+    return Identifiers(tuple(own), tuple(foreign), (f"microvm-{uuid.uuid4()}",), tuple(builds))
 
 
 @pytest.fixture(scope="package")

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import image_request
-from tests.reliability.conftest import ALICE, BOB, client_for
+from tests.reliability.conftest import ALICE, BOB, client_for, seed_identifiers
 from tests.reliability.fuzzing import (
     Identifiers,
     Verdict,
@@ -48,16 +48,7 @@ def fuzzed(
         tmp_path_factory.mktemp("fuzz"), {"access_keys": [ALICE, BOB]}, env=moto.environment()
     )
     server.start()
-    alice, bob = client_for(server, ALICE), client_for(server, BOB)
-    own = [alice.create_microvm_image(**image_request(f"fuzz-{i}"))["imageArn"] for i in range(2)]
-    foreign = [bob.create_microvm_image(**image_request("fuzz-bob"))["imageArn"]]
-    builds = [
-        b["buildId"]
-        for arn in own
-        for b in alice.list_microvm_image_builds(imageIdentifier=arn, imageVersion="1.0")["items"]
-    ]
-    ids = Identifiers(tuple(own), tuple(foreign), (f"microvm-{uuid.uuid4()}",), tuple(builds))
-    yield server, ids
+    yield server, seed_identifiers(server)
     server.stop()
 
 
