@@ -389,22 +389,24 @@ class BaseDriver(SandboxDriver):
             return
         raise DriverError(self.describe_app(sandbox, state or "?", int(status.get("status", "-1"))))
 
-    def describe_app(self, sandbox: Sandbox, state: str, status: int) -> str:
+    def describe_app(self, sandbox: Sandbox, state: str, status: int, oom: bool | None = None) -> str:
+        """Words for an app that is not running. oom: whether the memory limit struck, when the
+        caller has already read it."""
         output = proc.tail(self.log_path(sandbox), 1500) or "(no output)"
         if state == "failed":
             return f"the app could not be started ({os.strerror(status)}); log: {output}"
         how = f"status {status}"
         if status > 128:
             how += f" (killed by signal {status - 128})"
-        return f"the app exited with {how}{self._memory_limit_words(sandbox)}; last output: {output}"
+        return f"the app exited with {how}{self._memory_limit_words(sandbox, oom)}; last output: {output}"
 
-    def _memory_limit_words(self, sandbox: Sandbox) -> str:
-        if self.cgroup_of(sandbox).oom_kills() > 0:
-            return f" (it was killed at its memory limit of {sandbox.spec.memory_mib} MiB)"
-        return ""
+    def _memory_limit_words(self, sandbox: Sandbox, oom: bool | None) -> str:
+        if oom is None:
+            oom = self.cgroup_of(sandbox).oom_kills() > 0
+        return f" (it was killed at its memory limit of {sandbox.spec.memory_mib} MiB)" if oom else ""
 
-    def stopped_detail(self, sandbox: Sandbox) -> str:
-        words = "the sandbox is not running" + self._memory_limit_words(sandbox)
+    def stopped_detail(self, sandbox: Sandbox, oom: bool | None = None) -> str:
+        words = "the sandbox is not running" + self._memory_limit_words(sandbox, oom)
         output = proc.tail(self.log_path(sandbox), 1500)
         return words + (f"; log: {output}" if output else "")
 
@@ -419,6 +421,18 @@ class BaseDriver(SandboxDriver):
             raise DriverError(f"sandbox {sandbox.sandbox_id} is {record.state}; try again when it is done")
         return record
 
+    def _ended(
+        self, sandbox: Sandbox, state: str, code: int | None = None, oom: bool | None = None
+    ) -> AppStatus:
+        """The final AppStatus of an app that stopped ("exited", "failed") or of a sandbox that did
+        ("stopped"), its memory-limit kills read once (unless the caller has: oom)."""
+        if oom is None:
+            oom = self.cgroup_of(sandbox).oom_kills() > 0
+        if state == "stopped":
+            return AppStatus(state, None, oom, self.stopped_detail(sandbox, oom))
+        assert code is not None
+        return AppStatus(state, code, oom, self.describe_app(sandbox, state, code, oom))
+
     async def app_status(self, sandbox: Sandbox) -> AppStatus:
         record = record_of(sandbox)
         if record.state in ("suspended", "suspending", "resuming"):
@@ -426,16 +440,16 @@ class BaseDriver(SandboxDriver):
         oom = self.cgroup_of(sandbox).oom_kills() > 0
         # A dead gVisor sandbox does not even refuse connections; ask the host first.
         if not await self.runtime_alive(sandbox):
-            return AppStatus("stopped", None, oom, self.stopped_detail(sandbox))
+            return self._ended(sandbox, "stopped", oom=oom)
         try:
             status = await agent_client.control(self.agent_address(sandbox), "STATUS", timeout=5.0)
         except (OSError, TimeoutError, DriverError):
-            return AppStatus("stopped", None, oom, self.stopped_detail(sandbox))
+            return self._ended(sandbox, "stopped", oom=oom)
         state = status.get("app", "?")
         code = int(status.get("status", "-1"))
         if state == "running":
             return AppStatus("running", None, oom)
-        return AppStatus(state, code, oom, self.describe_app(sandbox, state, code))
+        return self._ended(sandbox, state, code, oom)
 
     def _watchable(self, sandbox: Sandbox) -> bool:
         """Meant to be running, and nothing (suspend, resume, destroy) under way."""
@@ -455,8 +469,7 @@ class BaseDriver(SandboxDriver):
                     return AppStatus("stopped", None, False, "the sandbox was destroyed")
                 quiet = self._watchable(sandbox)
                 if quiet and not await self.runtime_alive(sandbox) and self._watchable(sandbox):
-                    oom = self.cgroup_of(sandbox).oom_kills() > 0
-                    return AppStatus("stopped", None, oom, self.stopped_detail(sandbox))
+                    return self._ended(sandbox, "stopped")
                 if not quiet and watch is not None:
                     await watch.close()
                     watch = None
@@ -488,13 +501,11 @@ class BaseDriver(SandboxDriver):
                     continue
                 if not self._watchable(sandbox):
                     continue  # the exit stays; it is reported once the sandbox runs again
-                state = fields["app"]
                 try:
                     code = int(fields.get("status", "-1"))
                 except ValueError:
                     code = -1
-                oom = self.cgroup_of(sandbox).oom_kills() > 0
-                return AppStatus(state, code, oom, self.describe_app(sandbox, state, code))
+                return self._ended(sandbox, fields["app"], code)
         finally:
             if watch is not None:
                 await watch.close()
