@@ -16,9 +16,6 @@ from openmicrovm.builder.base_rootfs import ensure_base_rootfs
 from openmicrovm.builder.buildah import BuildahStore, list_containers, open_store, run_buildah
 from openmicrovm.config import default_cache_dir
 
-REPO = Path(__file__).resolve().parents[2]
-SAMPLE_APP = REPO / "examples" / "sample-app"
-
 
 @pytest.fixture(scope="session")
 def builder_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:

@@ -19,9 +19,10 @@ from openmicrovm.builder.container_build import build_image
 from openmicrovm.builder.errors import CONTAINER_BUILD_FAILED, BuildFailed
 from openmicrovm.builder.image_config import ImageConfig, read_image_config
 from openmicrovm.builder.rootfs_export import RootfsExport, export_rootfs
-from tests.builder.conftest import SAMPLE_APP, assert_store_clean
+from tests.builder.conftest import assert_store_clean
 from tests.builder.fake_internet import fake_internet
 from tests.support.host import processes_naming
+from tests.support.images import SAMPLE_APP
 
 EVERY_INSTRUCTION = """\
 ARG BASE=public.ecr.aws/lambda/microvms:al2023-minimal

@@ -25,8 +25,9 @@ from openmicrovm.builder.errors import (
 )
 from openmicrovm.builder.pipeline import STAGES, BuildRequest, BuildResult, run_build
 from openmicrovm.runtime.driver import SandboxDriver
-from tests.builder.conftest import SAMPLE_APP, assert_store_clean
+from tests.builder.conftest import assert_store_clean
 from tests.builder.zips import directory_zip, file, write_zip
+from tests.support.images import SAMPLE_APP
 
 runtime = pytest.importorskip("openmicrovm.runtime")
 if not hasattr(runtime, "make_driver"):

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.builder.conftest import SAMPLE_APP
+from tests.support.images import SAMPLE_APP
 from tests.support.server import free_port
 
 HOOK = "/aws/lambda-microvms/runtime/v1/"

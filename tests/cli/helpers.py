@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-SAMPLE_APP = REPO / "examples" / "sample-app"
+from tests.support.images import REPO, SAMPLE_APP
+
 SAMPLE_HOOKS = {
     "port": 8080,
     "microvmImageHooks": {

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.moto import MotoServer
+from tests.support.server import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 SAMPLE_APP = REPO / "examples" / "sample-app"
 MANAGED_BASE = "arn:aws:lambda:us-east-1:aws:microvm-image:al2023-1"
 BUILD_ROLE = "arn:aws:iam::123456789012:role/microvm-build"
