@@ -4,12 +4,14 @@ turning their failures into the stateReason texts the live service uses."""
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from openmicrovm.runtime.driver import DriverError, Sandbox, SandboxDriver
 from openmicrovm.runtime.hooks import HookConnectionRefused, HookMalformedReply, HookTimeout, call_hook
 
+log = logging.getLogger("openmicrovm.microvms")
 DEFAULT_TIMEOUT_SECONDS = {"run": 30, "resume": 30, "suspend": 30, "terminate": 10}
 _ADVICE = "Please check your hook endpoint and application logs for more details."
 
@@ -48,8 +50,10 @@ async def call_lifecycle_hook(
         return HookOutcome(False, f"{title} lifecycle hook connection was refused. {_ADVICE}")
     except HookTimeout:
         return HookOutcome(False, f"{title} lifecycle hook timed out")
-    except (HookMalformedReply, DriverError, OSError):
+    except (HookMalformedReply, DriverError, OSError) as error:
         # Anything else that keeps the hook from answering (the sandbox went away) is a failure too.
+        # The stateReason is AWS's fixed text; the cause goes to the server log.
+        log.warning("%s: the %s hook failed: %s", sandbox.sandbox_id, name, error)
         return HookOutcome(False, f"{title} lifecycle hook failed. {_ADVICE}")
     if result.status != 200:
         return HookOutcome(
