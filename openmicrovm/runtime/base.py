@@ -411,7 +411,9 @@ class BaseDriver(SandboxDriver):
         return words + (f"; log: {output}" if output else "")
 
     def is_suspended(self, sandbox: Sandbox) -> bool:
-        return record_of(sandbox).state == "suspended"
+        # "suspending" too: a suspended sandbox whose memory is being written to disk in the
+        # background (gvisor's disk tier) is still suspended to its callers, who must resume() it.
+        return record_of(sandbox).state in ("suspended", "suspending")
 
     def require_running(self, sandbox: Sandbox) -> SandboxRecord:
         record = record_of(sandbox)

@@ -289,6 +289,8 @@ def test_suspend_and_resume_keep_memory(
             if tier == "disk-later":
                 for _ in range(600):  # the disk tier runs in the background
                     record = tiered.refresh(sandbox)
+                    # Suspended all along, also while the memory is being written to disk.
+                    assert tiered.is_suspended(sandbox), record
                     if (record.state, record.suspended_in) == ("suspended", "disk"):
                         break
                     await asyncio.sleep(0.05)
