@@ -65,6 +65,7 @@ async def one_build(driver: Any, root: Path, cache: Path, artifact: Path) -> tup
         region="us-east-1",
         architecture="X86_64",
         code_uri=artifact.as_uri(),
+        artifact_file_roots=(artifact.parent,),
         work_dir=root / "work" / build_id,
         output_dir=root / "builds" / build_id,
         hooks=HOOKS,
@@ -96,8 +97,8 @@ def print_table(runs: list[tuple[str, float, BuildResult]]) -> None:
 async def network_cost(rounds: int = 5) -> float | None:
     """Median seconds to open and close one build network (None if builds are not contained)."""
     try:
+        from openmicrovm.builder.build_jail import JailSpec  # noqa: F401 (contained builds only)
         from openmicrovm.builder.build_network import open_build_network
-        from openmicrovm.builder.buildah import contained_command  # noqa: F401 (contained builds only)
     except ImportError:
         return None
     times = []

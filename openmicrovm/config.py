@@ -89,16 +89,51 @@ class Settings:
     max_dockerfile_build_seconds: float = 3600.0
     log_max_bytes: int = 10 * 1024 * 1024
     log_keep_files: int = 3
+    # Host names the API answers to besides localhost, 127.0.0.1, [::1] and `host` (any port).
+    # Every other Host is refused, so a web page cannot reach the API by DNS rebinding.
+    allowed_hosts: tuple[str, ...] = ()
+    # Origins (`scheme://host[:port]`) whose browser requests the API accepts; a request with any
+    # other Origin header is refused, so a web page cannot drive the API cross-site.
+    allowed_origins: tuple[str, ...] = ()
+    # Directories a `file://` code artifact may come from (empty: <data dir>/artifacts, where the
+    # CLI puts its zips). Env: colon-separated.
+    artifact_file_roots: tuple[Path, ...] = ()
+    # Networks (CIDR) that MicroVMs and builds may reach although they are private or shared
+    # address space (10/8, 172.16/12, 192.168/16, 100.64/10, fc00::/7 are denied by default).
+    egress_allow_networks: tuple[str, ...] = ()
 
     @property
     def signature_required(self) -> bool:
         return bool(self.access_keys)
 
+    @property
+    def file_artifact_roots(self) -> tuple[Path, ...]:
+        """Where file:// artifacts may come from: artifact_file_roots, else the CLI's artifact dir."""
+        return self.artifact_file_roots or (self.data_dir / "artifacts",)
+
 
 _SCALARS = {f.name: f for f in fields(Settings) if f.name not in ("access_keys", "quotas")}
+# List settings given as one environment string: how its items are separated (default ",").
+_LIST_SEPARATORS = {"artifact_file_roots": ":"}
+# The item type of each list setting.
+_LIST_ITEMS: dict[str, type] = {"artifact_file_roots": Path}
+
+
+def _coerce_list(name: str, value: Any) -> tuple[Any, ...]:
+    if isinstance(value, str):
+        items = [item.strip() for item in value.split(_LIST_SEPARATORS.get(name, ","))]
+    elif isinstance(value, (list, tuple)):
+        items = [str(item).strip() for item in value]
+    else:
+        raise ValueError(f"setting {name} must be a list of strings, got {value!r}")
+    if _LIST_ITEMS.get(name) is Path:
+        return tuple(Path(os.path.expanduser(item)) for item in items if item)
+    return tuple(item for item in items if item)
 
 
 def _coerce(name: str, value: Any, like: Any) -> Any:
+    if isinstance(like, tuple):
+        return _coerce_list(name, value)
     if isinstance(like, bool):
         if isinstance(value, str):
             return value.strip().lower() in ("1", "true", "yes", "on")

@@ -19,6 +19,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from openmicrovm.api.auth import AuthError, SignedRequest, identify
+from openmicrovm.api.protocol import error_response
+from openmicrovm.config import Settings
 from openmicrovm.logs.store import LogStore
 from openmicrovm.store.db import Database
 
@@ -240,10 +243,20 @@ class Metrics:
         return await asyncio.to_thread(generate_latest, self.registry)
 
 
-def metrics_handler(metrics: Metrics) -> Callable[[web.Request], Awaitable[web.Response]]:
-    """The aiohttp handler for `GET /metrics`."""
+def metrics_handler(metrics: Metrics, settings: Settings) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """The aiohttp handler for `GET /metrics`. Authenticated like the API: with access keys
+    configured a scrape must be SigV4-signed (service `lambda`, any region), since the figures
+    tell what runs on the host; without keys, anyone who may call the API may scrape."""
 
     async def handle(request: web.Request) -> web.Response:
+        try:
+            received = await request.read()
+            identify(
+                settings, SignedRequest(request.method, str(request.url), dict(request.headers), received)
+            )
+        except AuthError as error:
+            status, headers, payload = error_response(error.code, error.message)
+            return web.Response(status=status, headers=headers, body=payload)
         body = await metrics.exposition()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

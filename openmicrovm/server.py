@@ -13,6 +13,7 @@ from typing import IO
 from aiohttp import web
 
 from openmicrovm.api.app import ControlPlane
+from openmicrovm.api.guard import request_guard
 from openmicrovm.builder.build_network import cleanup_build_networks
 from openmicrovm.config import Settings
 from openmicrovm.endpoint.backend import EndpointBackend
@@ -28,11 +29,14 @@ from openmicrovm.logs.cloudwatch import CloudWatchShipper
 from openmicrovm.logs.route import LOGS_ROUTE, make_logs_handler
 from openmicrovm.logs.store import LogStore
 from openmicrovm.metrics import Metrics, metrics_handler
+from openmicrovm.private_files import private_dir
 from openmicrovm.runtime import make_driver
 from openmicrovm.service import Service
 from openmicrovm.store.db import Database
 
 log = logging.getLogger("openmicrovm.server")
+# The catch-all route: the API, and the shell WebSocket of MicroVM endpoint Hosts.
+_DISPATCH_ROUTE = "dispatch"
 
 
 def database_url(settings: Settings) -> str:
@@ -48,7 +52,7 @@ class DataDirLock:
         self._handle: IO[str] | None = None
 
     def acquire(self) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent, "data dir")  # `cleanup` may be the first to make it
         handle = open(self.path, "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -71,7 +75,9 @@ class DataDirBusy(Exception):
 class Server:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        # 0700: both hold what other users of the host must not read (keys, MicroVM memory, layers).
+        private_dir(settings.data_dir, "data dir")
+        private_dir(settings.cache_dir, "cache dir")
         self.lock = DataDirLock(settings.data_dir)
         if not self.lock.acquire():
             raise DataDirBusy(f"another openmicrovm server is using the data dir {settings.data_dir}")
@@ -86,6 +92,7 @@ class Server:
             suspend_to_disk_after=settings.suspend_to_disk_after_seconds,
             restore_pool_size=settings.restore_pool_size,
             runsc_platform=settings.gvisor_platform or None,
+            egress_allow_networks=settings.egress_allow_networks,
         )
         self.build_engine = BuildEngine(self.service, self.driver, self.logs)
         self.microvm_engine = MicrovmEngine(self.service, self.driver, self.logs)
@@ -103,12 +110,17 @@ class Server:
         self.endpoint_counters = Counters(
             on_bytes=self.metrics.endpoint_bytes_relayed, on_request=self.metrics.endpoint_request_served
         )
-        self.app = web.Application(client_max_size=settings.max_request_bytes)
+        # Every route below is behind the guard: Hosts that name this server only, and no
+        # request a web page could send cross-site (api/guard.py).
+        self.app = web.Application(
+            client_max_size=settings.max_request_bytes,
+            middlewares=[request_guard(settings, endpoint_hostname, endpoint_routes={_DISPATCH_ROUTE})],
+        )
         # Before the catch-all: aiohttp tries routes in the order they were added.
         self.app.router.add_get(LOGS_ROUTE, make_logs_handler(self.service, self.logs))
-        self.app.router.add_get("/metrics", metrics_handler(self.metrics))
+        self.app.router.add_get("/metrics", metrics_handler(self.metrics, settings))
         # [\s\S]: a path may hold an encoded line break, which '.' would not match.
-        self.app.router.add_route("*", r"/{tail:[\s\S]*}", self.dispatch)
+        self.app.router.add_route("*", r"/{tail:[\s\S]*}", self.dispatch, name=_DISPATCH_ROUTE)
         self._background: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None

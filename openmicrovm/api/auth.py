@@ -145,11 +145,28 @@ def _expected_signature(
     return signer.signature(signer.string_to_sign(aws_request, canonical), aws_request)
 
 
+def _check_keys_unique(pairs: list[tuple[str, str]]) -> None:
+    """A presigned URL names each query key once. With a key twice, which value counts would be
+    up to each reader (the signature check, the expiry check, the operation's input), so a URL
+    could be signed over one value and acted on with another."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise AuthError(
+                "IncompleteSignatureException",
+                f"The presigned URL repeats the query parameter {key!r}; each may appear only once.",
+            )
+        seen.add(key)
+
+
 def identify(settings: Settings, request: SignedRequest) -> Caller:
     headers = {name.lower(): value for name, value in request.headers.items()}
     authorization = headers.get("authorization")
-    query = dict(parse_qsl(request.url.partition("?")[2], keep_blank_values=True))
+    pairs = parse_qsl(request.url.partition("?")[2], keep_blank_values=True)
+    query = dict(pairs)
     presigned = authorization is None and "X-Amz-Credential" in query
+    if presigned:
+        _check_keys_unique(pairs)
     if authorization is not None:
         found = _AUTHORIZATION.match(authorization.strip())
         if found is None:

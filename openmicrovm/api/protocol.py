@@ -92,6 +92,8 @@ def serialize_output(operation: OperationModel, result: Mapping[str, Any]) -> by
 # Errors that are not in the model but that AWS front doors answer with.
 UNMODELED_STATUS = {
     "UnknownOperationException": 404,
+    # A Host that does not name this server (api/hosts.py): HTTP's "not meant for me".
+    "MisdirectedRequestException": 421,
     "RequestEntityTooLargeException": 413,
     "MissingAuthenticationTokenException": 403,
     "UnrecognizedClientException": 403,

@@ -3,15 +3,20 @@
 `s3://bucket/key` is read with boto3. The endpoint and credentials come from the standard AWS
 configuration (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, the credential chain), so the same server
 works against real S3, MinIO or moto; an explicit endpoint passed in wins. `file:///path.zip`
-is accepted for offline use. Every failure becomes a BuildFailed with the spec's reason code.
+is accepted for offline use, from the directories of the setting artifact_file_roots only (else
+any API caller could make the server read any file of the host). Every failure becomes a
+BuildFailed with the spec's reason code; a file the server may not read is S3_ACCESS_DENIED, as
+an object the build role may not read is on AWS.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import stat
 import threading
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -93,13 +98,15 @@ async def fetch_artifact(
     max_bytes: int,
     endpoint_url: str | None = None,
     require_bucket_region: bool = True,
+    file_roots: Sequence[Path] = (),
     log: Callable[[str], None] | None = None,
 ) -> int:
     """Download the artifact to `destination`; returns its size in bytes.
 
     `require_bucket_region`: fail with S3_CROSS_REGION_ACCESS_DENIED when S3 reports the bucket
     in another region than `region`, as AWS does. Where the store does not report a region the
-    check is skipped.
+    check is skipped. `file_roots`: the directories a file:// artifact may be read from (none:
+    file:// artifacts are refused).
     """
     try:
         location = parse_artifact_uri(uri)
@@ -110,7 +117,7 @@ async def fetch_artifact(
         thread_log = _from_thread(log) if log is not None else None
         if location.scheme == "file":
             return await in_thread(
-                lambda abort: _copy_local(Path(location.key), destination, max_bytes, abort)
+                lambda abort: _copy_local(location, file_roots, destination, max_bytes, abort)
             )
         return await in_thread(
             lambda abort: _download_s3(
@@ -168,17 +175,71 @@ def _copy_chunks(
     return total
 
 
-def _copy_local(source: Path, destination: Path, max_bytes: int, abort: threading.Event) -> int:
-    location = ArtifactLocation("file", "", str(source))
+def _not_allowed(location: ArtifactLocation, why: str) -> BuildFailed:
+    # The server's own directories are not named: the message goes to API callers.
+    return BuildFailed.because(
+        S3_ACCESS_DENIED,
+        f"The server may not read the code artifact {location}: {why}. file:// artifacts are read "
+        "only from the directories of the setting artifact_file_roots (environment "
+        "OPENMICROVM_ARTIFACT_FILE_ROOTS, colon-separated; default <data dir>/artifacts, where "
+        "`openmicrovm deploy` puts its zips). Add the zip's directory there, or use an s3:// URI.",
+    )
+
+
+def _within(path: str, roots: Sequence[str]) -> bool:
+    return any(path == root or path.startswith(root.rstrip("/") + "/") for root in roots)
+
+
+def _open_allowed(location: ArtifactLocation, roots: Sequence[Path]) -> int:
+    """Open a file:// artifact for reading, but only a regular file that really lies below one of
+    `roots` once every symlink and `..` is resolved. The check is made on what was opened (the
+    O_PATH descriptor's /proc path), so swapping a path component for a symlink between a check
+    and the open cannot redirect the read; O_PATH opens nothing (no device is touched) until the
+    check passed."""
+    real_roots = [os.path.realpath(root) for root in roots]
+    # Before touching the file system: a path outside every root is refused whether it exists or
+    # not, so the refusal does not tell callers which host files exist.
+    lexical = os.path.normpath(location.key)
+    if not _within(lexical, [*real_roots, *(os.path.normpath(root) for root in roots)]):
+        raise _not_allowed(location, "it is not below a directory this server reads artifacts from")
     try:
-        if not source.is_file():
+        # With O_NOFOLLOW, O_PATH opens a symlink itself rather than failing: fstat tells.
+        handle = os.open(location.key, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        raise BuildFailed.because(
+            S3_NO_SUCH_KEY, f"The code artifact {location} does not exist or is not a regular file."
+        ) from None
+    try:
+        mode = os.fstat(handle).st_mode
+        if stat.S_ISLNK(mode):
+            raise _not_allowed(location, "it is a symlink")
+        if not _within(os.readlink(f"/proc/self/fd/{handle}"), real_roots):
+            raise _not_allowed(
+                location, "a symlink or '..' in its path leads outside the allowed directories"
+            )
+        if not stat.S_ISREG(mode):
             raise BuildFailed.because(
                 S3_NO_SUCH_KEY, f"The code artifact {location} does not exist or is not a regular file."
             )
-        if source.stat().st_size > max_bytes:
-            raise _too_large(location, max_bytes)
-        with open(source, "rb") as src, open(destination, "wb") as dst:
-            _copy_chunks(src.read, dst, abort, lambda total: _check_size(total, location, max_bytes))
+        # Reopening the O_PATH descriptor through /proc opens the very file that was checked.
+        return os.open(f"/proc/self/fd/{handle}", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(handle)
+
+
+def _copy_local(
+    location: ArtifactLocation,
+    roots: Sequence[Path],
+    destination: Path,
+    max_bytes: int,
+    abort: threading.Event,
+) -> int:
+    try:
+        with open(_open_allowed(location, roots), "rb") as src:
+            if os.fstat(src.fileno()).st_size > max_bytes:
+                raise _too_large(location, max_bytes)
+            with open(destination, "wb") as dst:
+                _copy_chunks(src.read, dst, abort, lambda total: _check_size(total, location, max_bytes))
     except PermissionError:
         raise BuildFailed.because(
             S3_ACCESS_DENIED, f"The server may not read the code artifact {location}; check its permissions."

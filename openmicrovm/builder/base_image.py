@@ -17,8 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from openmicrovm.builder.base_rootfs import ROOTFS_NAME, ensure_base_rootfs_async
-from openmicrovm.builder.buildah import BuildahError, BuildahStore, remove_container, run_buildah
-from openmicrovm.builder.cleanup import run_to_completion
+from openmicrovm.builder.buildah import BuildahError, BuildahStore, run_buildah, run_in_jail
 
 PUBLIC_BASE_IMAGE = "public.ecr.aws/lambda/microvms:al2023-minimal"
 INTERNAL_BASE_IMAGE = "localhost/openmicrovm/base:debian-bookworm-python3"
@@ -58,42 +57,48 @@ async def _checked(store: BuildahStore, args: list[str], what: str) -> str:
     return result.text.strip()
 
 
+# Runs in the build jail, the base root filesystem arriving as a tar stream on stdin: unpacked there
+# by the jail's root, its files belong to the mapped ids like every layer a build makes. Device
+# nodes are left out (the jail cannot make them, and sandboxes get their own /dev).
+_IMPORT_SCRIPT = """\
+set -e
+buildah rm "$1" >/dev/null 2>&1 || true
+buildah from --name "$1" scratch >/dev/null
+trap 'buildah rm "$1" >/dev/null 2>&1 || true' EXIT
+mount_point=$(buildah mount "$1")
+tar -x -p --numeric-owner --xattrs --xattrs-include='*' -C "$mount_point" -f -
+buildah config --env "$2" --cmd /bin/bash --label "$3" "$1"
+buildah commit --format docker --quiet "$1" "$4"
+"""
+
+
 async def _import(store: BuildahStore, rootfs: Path, progress: Progress) -> None:
     name = f"openmicrovm-base-import-{os.getpid()}"
-    await remove_container(store, name)  # left over by a crash of this same pid number
-    await _checked(store, ["from", "--name", name, "scratch"], "creating the base image container")
+    progress(f"copying the base root filesystem ({rootfs}) into the build storage")
+    read_end, write_end = os.pipe()
     try:
-        mount_point = (
-            await _checked(store, ["mount", name], "mounting the base image container")
-        ).splitlines()[-1]
-        progress(f"copying the base root filesystem ({rootfs}) into the build storage")
-        copy = await asyncio.create_subprocess_exec(
-            "cp", "-a", "--reflink=auto", f"{rootfs}/.", f"{mount_point}/",
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        packer = await asyncio.create_subprocess_exec(
+            "tar", "-c", "-C", str(rootfs), "--numeric-owner", "--xattrs", "--xattrs-include=*",
+            "--no-wildcards-match-slash", "--exclude=./dev/*", "-f", "-", ".",
+            stdout=write_end, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
-        _, errors = await copy.communicate()
-        if copy.returncode != 0:
-            raise BuildahError(f"copying the base root filesystem failed: {errors.decode(errors='replace')}")
-        await _checked(
-            store,
-            [
-                "config",
-                "--env",
-                _DEFAULT_PATH,
-                "--cmd",
-                "/bin/bash",
-                "--label",
-                f"{BASE_LABEL}={ROOTFS_NAME}",
-                name,
-            ],
-            "configuring the base image",
-        )
-        progress("committing the base image")
-        await _checked(
-            store, ["commit", "--format", "docker", "--quiet", name, INTERNAL_BASE_IMAGE], "committing"
-        )
+        os.close(write_end)
+        write_end = -1
+        script = store.shell_command(_IMPORT_SCRIPT, name, _DEFAULT_PATH, f"{BASE_LABEL}={ROOTFS_NAME}",
+                                     INTERNAL_BASE_IMAGE)  # fmt: skip
+        result = await run_in_jail(script, stdin=read_end)
     finally:
-        await run_to_completion(remove_container(store, name))
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+    _, packer_errors = await packer.communicate()
+    # The jail's failure first: it also makes tar fail, with a mere broken pipe.
+    if result.returncode != 0:
+        raise BuildahError(f"importing the base image failed: {result.text}", result.tail)
+    if packer.returncode != 0:
+        raise BuildahError(
+            f"reading the base root filesystem failed: {packer_errors.decode(errors='replace')}"
+        )
 
 
 async def ensure_base_image(store: BuildahStore, cache_dir: Path, progress: Progress | None = None) -> None:

@@ -15,6 +15,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from openmicrovm.private_files import private_dir
+
 SUITE = "bookworm"
 PACKAGES = ("python3", "ca-certificates")
 ROOTFS_NAME = f"debian-{SUITE}-minbase-python3"
@@ -89,6 +91,8 @@ def ensure_base_rootfs(cache_dir: Path, progress: Progress | None = None) -> Pat
     final = rootfs_path(cache_dir)
     if is_ready(cache_dir):
         return final
+    # Without a server (tests, benches, the CLI) this may be the first to make the cache dir.
+    private_dir(cache_dir, "cache dir")
     final.parent.mkdir(parents=True, exist_ok=True)
     with open(final.parent / f"{ROOTFS_NAME}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

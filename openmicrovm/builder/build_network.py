@@ -12,11 +12,20 @@ and an nftables table `inet omvb_XXXX` of its own, which
   for any address of this machine: loopback, every interface, 0.0.0.0 listeners, the veth's own
   address), so the API, moto, a DNS stub or any other host service is out of reach;
 * refuses forwarded traffic the host DNATs (published container ports are the host's too), traffic
-  to link-local 169.254.0.0/16 (the sandboxes' addresses and cloud metadata services), loopback,
-  multicast and reserved ranges, whatever OPENMICROVM_BUILD_EGRESS_DENY lists (comma-separated
-  IPv4 networks), and traffic to other builds and to MicroVMs' uplinks (runtime/egress.py, which
-  gives MicroVMs with internet egress the same table, egress_ruleset); drops all IPv6 (the build
-  has none);
+  to link-local 169.254.0.0/16 and fe80::/10 (the sandboxes' addresses and cloud metadata
+  services), loopback, multicast and reserved ranges, traffic to other builds and to MicroVMs'
+  uplinks (runtime/egress.py, which gives MicroVMs with internet egress the same table,
+  egress_ruleset), and whatever OPENMICROVM_BUILD_EGRESS_DENY lists (comma-separated IPv4
+  networks);
+* refuses private and shared address space (10/8, 172.16/12, 192.168/16, 100.64/10, fc00::/7: the
+  operator's LAN, VPC, VPN, other containers), except the networks the settings allow
+  (egress_allow_networks) and DNS (port 53 only) to the resolvers the build is given. The rules
+  above come first, so neither exception ever re-opens the host, loopback, link-local addresses,
+  other builds or sandboxes, or an operator's explicit denial;
+* drops all other IPv6: builds and sandboxes have none today (no IPv6 address or route on their
+  links, see _create and runtime/egress.py; the input chain even refuses their neighbour
+  discovery), and there is no IPv6 NAT. The IPv6 rules above are still written out, so that
+  fc00::/7 stays refused should they ever get IPv6;
 * lets everything else out, masqueraded behind the host's address on the way out, and lets only
   replies back in.
 
@@ -28,6 +37,9 @@ DNS: the build gets the host's /etc/resolv.conf with its IPv4 resolvers (plus se
 A resolver on the host itself (127.0.0.53 of systemd-resolved, a local dnsmasq) cannot be reached
 from the build, so then the upstream resolvers systemd-resolved lists in
 /run/systemd/resolve/resolv.conf are used instead; without any, the build has no DNS (logged).
+The host's resolvers are often private (a VPC's 10.x.0.2, a home router's 192.168.1.1): exactly
+those addresses stay reachable on port 53 (UDP and TCP) and nothing else of theirs, since a build
+without DNS cannot install anything, and the host already trusts them with its own lookups.
 
 Addresses: one /30 per build from OPENMICROVM_BUILD_SUBNET (default 10.213.0.0/16, 16384 builds
 at once; the lowest free one is taken; a subnet overlapping a route of the host is refused). A /30
@@ -52,6 +64,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,9 +84,18 @@ TABLE_PREFIX = "omvb_"
 _IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 _HOST_RESOLV_CONF = Path("/etc/resolv.conf")
 _UPSTREAM_RESOLV_CONF = Path("/run/systemd/resolve/resolv.conf")  # systemd-resolved's upstreams
-# Never forwarded from a build: link-local (sandboxes, cloud metadata), loopback, "this network",
-# multicast and reserved space.
+# Never forwarded from a build, whatever the settings allow: link-local (sandboxes, cloud
+# metadata), loopback, "this network", multicast and reserved space; in IPv6 the same, plus
+# IPv4-mapped addresses (another spelling of IPv4 destinations).
 _BLOCKED_DESTINATIONS = "169.254.0.0/16, 127.0.0.0/8, 0.0.0.0/8, 224.0.0.0/4, 240.0.0.0/4"
+_BLOCKED_DESTINATIONS_V6 = "::/128, ::1/128, ::ffff:0:0/96, fe80::/10, ff00::/8"
+# Private and shared address space (RFC 1918, RFC 6598 carrier-grade NAT, RFC 4193 unique local):
+# the operator's LAN, VPC, VPN or other containers, refused unless the settings allow a network.
+PRIVATE_NETWORKS = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7")
+ALLOW_SETTING = "egress_allow_networks"
+DNS_PORT = 53
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _NETNS_NAME = re.compile(rf"^{NETNS_PREFIX}([0-9a-f]{{4}})$")
 _LINK_NAME = re.compile(rf"^{LINK_PREFIX}([0-9a-f]{{4}})h$")
@@ -83,6 +105,10 @@ _STATE_FILE = re.compile(r"^([0-9a-f]{4})\.(?:resolv\.conf|lock)$")
 
 class BuildNetworkError(Exception):
     """The build network could not be set up (the build must not run without it)."""
+
+
+class EgressSettingError(ValueError):
+    """The setting egress_allow_networks names something the firewall cannot open."""
 
 
 @dataclass(frozen=True)
@@ -164,6 +190,39 @@ def configured_denials(env: str = EGRESS_DENY_ENV) -> list[ipaddress.IPv4Network
         return [ipaddress.IPv4Network(item.strip()) for item in text.split(",") if item.strip()]
     except ValueError as error:
         raise BuildNetworkError(f"${env}={text!r}: {error}") from None
+
+
+def allowed_networks(entries: Iterable[str | IPNetwork]) -> tuple[IPNetwork, ...]:
+    """The setting egress_allow_networks as networks. Raises EgressSettingError for an entry that is
+    not a network, or that names only addresses builds and MicroVMs never reach (the firewall would
+    silently keep them closed, which an operator who listed them would not expect)."""
+    networks: list[IPNetwork] = []
+    for entry in entries:
+        text = str(entry).strip()
+        try:
+            network = ipaddress.ip_network(text)
+        except ValueError as error:
+            hint = ""
+            with contextlib.suppress(ValueError):
+                hint = f"; did you mean {ipaddress.ip_network(text, strict=False)}?"
+            raise EgressSettingError(
+                f"setting {ALLOW_SETTING}: {text!r} is not an IPv4 or IPv6 network in CIDR form "
+                f"(e.g. 192.168.1.0/24): {error}{hint}"
+            ) from None
+        kinds = {
+            "loopback": network.is_loopback,
+            "link-local (cloud metadata, sandbox addresses)": network.is_link_local,
+            "multicast": network.is_multicast,
+            "reserved": network.is_reserved or network.is_unspecified,
+        }
+        never = next((kind for kind, matches in kinds.items() if matches), None)
+        if never is not None:
+            raise EgressSettingError(
+                f"setting {ALLOW_SETTING}: {text} is {never} address space, which MicroVMs and "
+                "builds can never reach; remove it"
+            )
+        networks.append(network)
+    return tuple(networks)
 
 
 def _slot(subnet: ipaddress.IPv4Network, index: int) -> ipaddress.IPv4Network:
@@ -259,16 +318,55 @@ def build_resolv_conf(user: str = "an image build") -> tuple[str, tuple[str, ...
 ISOLATED_LINK_GLOBS = ("omvb*", "omvs*")
 
 
+_FAMILIES = {4: "ip", 6: "ip6"}  # nft's keyword for each IP version
+
+
+def _family(network: IPNetwork) -> str:
+    return _FAMILIES[network.version]
+
+
+def _interval_sets(networks: Iterable[IPNetwork]) -> list[tuple[str, str]]:
+    """(nft family keyword, set body) per address family, overlaps merged: overlapping networks in
+    one interval set are an nft error."""
+    listed = list(networks)
+    sets = []
+    for version, family in _FAMILIES.items():
+        merged = ipaddress.collapse_addresses(n for n in listed if n.version == version)
+        text = ", ".join(str(network) for network in merged)
+        if text:
+            sets.append((family, text))
+    return sets
+
+
 def egress_ruleset(
-    table: str, link: str, subnet: ipaddress.IPv4Network, denied: list[ipaddress.IPv4Network]
+    table: str,
+    link: str,
+    subnet: ipaddress.IPv4Network,
+    denied: Sequence[IPNetwork],
+    allowed: Sequence[IPNetwork] = (),
+    resolvers: Sequence[str] = (),
 ) -> str:
     """The host's nftables table for one contained link (see the module docstring): `subnet` is the
-    link's /30, whose traffic is masqueraded on its way out."""
+    link's /30, whose traffic is masqueraded on its way out; `allowed` the private networks it may
+    reach (egress_allow_networks); `resolvers` the nameservers it was given, reachable on port 53
+    even when private. Order matters: every refusal that nothing may re-open comes before the
+    accepts, and the default refusal of private space after them."""
     refuse = "reject with icmpx type admin-prohibited"
+    on_link = f'        iifname "{link}"'
     # One rule per operator denial: overlapping networks in one interval set are an nft error.
-    denials = "".join(f'        iifname "{link}" ip daddr {network} {refuse}\n' for network in denied)
-    isolation = "".join(
-        f'        iifname "{link}" oifname "{glob}" {refuse}\n' for glob in ISOLATED_LINK_GLOBS
+    denials = "".join(f"{on_link} {_family(network)} daddr {network} {refuse}\n" for network in denied)
+    isolation = "".join(f'{on_link} oifname "{glob}" {refuse}\n' for glob in ISOLATED_LINK_GLOBS)
+    dns = "".join(
+        f"{on_link} {_family(ipaddress.ip_network(server))} daddr {server} "
+        f"meta l4proto {{ tcp, udp }} th dport {DNS_PORT} accept\n"
+        for server in dict.fromkeys(resolvers)
+    )
+    openings = "".join(
+        f"{on_link} {family} daddr {{ {body} }} accept\n" for family, body in _interval_sets(allowed)
+    )
+    private = "".join(
+        f"{on_link} {family} daddr {{ {body} }} {refuse}\n"
+        for family, body in _interval_sets(ipaddress.ip_network(n) for n in PRIVATE_NETWORKS)
     )
     return f"""\
 table inet {table} {{
@@ -279,10 +377,11 @@ table inet {table} {{
     }}
     chain forward {{
         type filter hook forward priority filter - 5; policy accept;
-        iifname "{link}" meta nfproto != ipv4 drop
         iifname "{link}" ct status dnat {refuse}
         iifname "{link}" ip daddr {{ {_BLOCKED_DESTINATIONS} }} {refuse}
-{denials}{isolation}        oifname "{link}" ct state established,related accept
+        iifname "{link}" ip6 daddr {{ {_BLOCKED_DESTINATIONS_V6} }} {refuse}
+{isolation}{denials}{dns}{openings}{private}        iifname "{link}" meta nfproto ipv6 drop
+        oifname "{link}" ct state established,related accept
         oifname "{link}" drop
     }}
     chain postrouting {{
@@ -465,7 +564,13 @@ async def cleanup_build_networks() -> list[str]:
 # ----------------------------------------------------------------------------- setup
 
 
-async def _create(names: _Names, subnet: ipaddress.IPv4Network, denied: list[ipaddress.IPv4Network]) -> None:
+async def _create(
+    names: _Names,
+    subnet: ipaddress.IPv4Network,
+    denied: Sequence[IPNetwork],
+    allowed: Sequence[IPNetwork],
+    resolvers: Sequence[str],
+) -> None:
     host = f"{subnet.network_address + 1}/30"
     build = f"{subnet.network_address + 2}/30"
     await _ip_batch(
@@ -489,11 +594,14 @@ async def _create(names: _Names, subnet: ipaddress.IPv4Network, denied: list[ipa
             f"route add default via {subnet.network_address + 1}",
         ],
     )
-    await run_command(["nft", "-f", "-"], egress_ruleset(names.table, names.host_link, subnet, denied))
+    ruleset = egress_ruleset(names.table, names.host_link, subnet, denied, allowed, resolvers)
+    await run_command(["nft", "-f", "-"], ruleset)
 
 
-async def open_build_network() -> BuildNetwork:
-    """A fresh build network; close() it when the build is over (also on failure/cancellation)."""
+async def open_build_network(allowed: Sequence[IPNetwork] = ()) -> BuildNetwork:
+    """A fresh build network; close() it when the build is over (also on failure/cancellation).
+    allowed: the private networks the build may reach (the setting egress_allow_networks, see
+    allowed_networks); none by default."""
     if os.geteuid() != 0:
         raise BuildNetworkError("image builds run in a network namespace of their own, which needs root")
     for tool, package in (("ip", "iproute2"), ("nft", "nftables"), ("nsenter", "util-linux")):
@@ -516,7 +624,7 @@ async def open_build_network() -> BuildNetwork:
             await _remove_objects(names)  # a crash between lock and cleanup may have left some
             text, servers = build_resolv_conf()
             names.resolv_conf.write_text(text)
-            await _create(names, _slot(subnet, names.index), denied)
+            await _create(names, _slot(subnet, names.index), denied, allowed, servers)
         except BaseException:
             try:
                 await run_to_completion(_remove_objects(names))

@@ -9,10 +9,11 @@ filesystem for every layer) and 4x the disk.
 Every buildah process runs in its own process group, so RUN steps it left behind (daemons started
 in the background, a build cancelled half-way) are killed together with it.
 
-`buildah bud` runs the user's Dockerfile: it is run contained (`contained_command`), in namespaces
-of its own (PID, mount, IPC, UTS, and the build's network namespace, see build_network.py), with
-buildah as the PID namespace's init so that its end (or a SIGKILL) takes every RUN-step process
-with it, even those that left the process group.
+Every buildah command runs in the build jail (build_jail.py): a user namespace whose root is an
+unprivileged host id, in a root filesystem of our making, with PID, mount, IPC, UTS and network
+namespaces of its own (`bud` joins the build's network namespace, see build_network.py). buildah
+is the PID namespace's init, so its end (or a SIGKILL) takes every RUN-step process with it, even
+those that left the process group.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import signal
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from openmicrovm.builder import build_jail
 from openmicrovm.builder.build_network import BuildNetwork
 from openmicrovm.builder.cleanup import run_to_completion
 
@@ -36,6 +38,7 @@ LineSink = Callable[[str], None]
 _SYSTEM_REGISTRIES = Path("/etc/containers/registries.conf")
 # Docker resolves `FROM python:3.12` on Docker Hub; buildah only does so when told where to search.
 _REGISTRIES_CONF = 'unqualified-search-registries = ["docker.io"]\nshort-name-mode = "permissive"\n'
+_JAIL_REGISTRIES_CONF = "/etc/openmicrovm/registries.conf"
 _TERMINATE_GRACE_SECONDS = 5.0
 _TAIL_LINES = 40
 
@@ -50,25 +53,60 @@ class BuildahError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class BuildahStore:
-    root: Path  # graph root: layers and images
+    """A buildah storage on the host; every command on it runs in the build jail (build_jail.py),
+    where the paths below appear as build_jail.STORAGE, RUNROOT and TMPDIR."""
+
+    root: Path  # graph root: layers and images, owned by the jail's root
     runroot: Path  # volatile state (mount counts, locks); on tmpfs so a reboot resets it
+    tmpdir: Path  # buildah's temporary files (pulled blobs, RUN cache mounts)
     driver: str  # "overlay" or "vfs"
     registries_conf: Path | None
 
-    def command(self, *args: str) -> list[str]:
-        storage = ["--root", str(self.root), "--runroot", str(self.runroot), "--storage-driver", self.driver]
+    def buildah_argv(self, *args: str) -> list[str]:
+        """`buildah <args>` on this storage, as run inside the jail."""
+        storage = [
+            "--root",
+            build_jail.STORAGE,
+            "--runroot",
+            build_jail.RUNROOT,
+            "--storage-driver",
+            self.driver,
+        ]
         if self.driver == "overlay":
             # containers/storage normally bind-mounts <root>/overlay onto itself; link(2) refuses to
             # cross that mount, and the root filesystem export hard-links layer files (rootfs_export).
             storage += ["--storage-opt", "overlay.skip_mount_home=true"]
         return ["buildah", *storage, *args]
 
-    def environment(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env["BUILDAH_ISOLATION"] = "chroot"  # no daemon, no OCI runtime, works on cgroup v1 hosts
+    def jail(
+        self, network: BuildNetwork | None = None, binds: Sequence[build_jail.Bind] = ()
+    ) -> build_jail.JailSpec:
+        environment = {"BUILDAH_ISOLATION": "chroot"}  # no daemon, no OCI runtime, works on cgroup v1 hosts
+        all_binds = list(binds)
         if self.registries_conf is not None:
-            env["CONTAINERS_REGISTRIES_CONF"] = str(self.registries_conf)
-        return env
+            all_binds.append(build_jail.Bind(str(self.registries_conf), _JAIL_REGISTRIES_CONF))
+            environment["CONTAINERS_REGISTRIES_CONF"] = _JAIL_REGISTRIES_CONF
+        return build_jail.JailSpec(
+            storage=str(self.root),
+            runroot=str(self.runroot),
+            tmpdir=str(self.tmpdir),
+            netns=str(network.netns_path) if network is not None else None,
+            resolv_conf=str(network.resolv_conf) if network is not None else None,
+            binds=all_binds,
+            environment=environment,
+        )
+
+    def command(self, *args: str) -> list[str]:
+        """The host command line of `buildah <args>` in the jail, without network."""
+        return build_jail.command(self.jail(), self.buildah_argv(*args))
+
+    def shell_command(self, script: str, *arguments: str, binds: Sequence[build_jail.Bind] = ()) -> list[str]:
+        """A shell script in the jail, where `buildah` runs on this storage with its flags."""
+        flags = " ".join(self.buildah_argv()[1:])
+        prelude = f'buildah() {{ command buildah {flags} "$@"; }}\n'
+        return build_jail.command(
+            self.jail(binds=binds), ["/bin/sh", "-c", prelude + script, "sh", *arguments]
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,17 +148,17 @@ def _overlay_possible() -> bool:
 
 
 def _make_store(cache_dir: Path, driver: str) -> BuildahStore:
-    base = cache_dir / "buildah" / driver
-    root = base / "storage"
-    root.mkdir(parents=True, exist_ok=True)
+    # "userns-": layers written by the jail's mapped root, apart from any older root-owned storage.
+    base = cache_dir / "buildah" / f"userns-{driver}"
+    root = build_jail.prepare_owned_dir(base / "storage")
+    tmpdir = build_jail.prepare_owned_dir(base / "tmp")
     registries: Path | None = None
     if not _system_registries_search_set():
         registries = cache_dir / "buildah" / "registries.conf"
         if not registries.exists() or registries.read_text() != _REGISTRIES_CONF:
             registries.write_text(_REGISTRIES_CONF)
-    runroot = _runroot_for(root)
-    runroot.mkdir(parents=True, exist_ok=True)
-    return BuildahStore(root, runroot, driver, registries)
+    runroot = build_jail.prepare_owned_dir(_runroot_for(root))
+    return BuildahStore(root, runroot, tmpdir, driver, registries)
 
 
 async def open_store(cache_dir: Path) -> BuildahStore:
@@ -153,67 +191,22 @@ def _split_lines(buffer: bytearray) -> tuple[list[str], bytearray]:
     return [line.decode("utf-8", errors="replace") for line in complete], bytearray(rest)
 
 
-# Runs as init of the build's new PID namespace, in its fresh mount namespace, before it becomes
-# buildah. buildah's chroot isolation bind-mounts /dev, /dev/pts and /dev/shm into RUN steps: the
-# host's would give them its raw disks (root with CAP_DAC_OVERRIDE opens any block device; a
-# read-only mount does not stop writes to device nodes), its ptys and its shared memory. So /dev
-# is replaced by a minimal one as Docker has (null, zero, full, random, urandom, tty, a new devpts
-# instance, a 64 MiB shm and the IPC namespace's mqueue). Then the build's resolv.conf (see
-# build_network) replaces the host's, for buildah's own lookups (ADD <url>, pulls) and for RUN
-# steps, which get a copy of /etc/resolv.conf.
-_ENTER_BUILD_NAMESPACES = """\
-set -e
-mount -t tmpfs -o nosuid,noexec,mode=755,size=64k openmicrovm-dev /dev
-mknod -m 666 /dev/null c 1 3
-mknod -m 666 /dev/zero c 1 5
-mknod -m 666 /dev/full c 1 7
-mknod -m 666 /dev/random c 1 8
-mknod -m 666 /dev/urandom c 1 9
-mknod -m 666 /dev/tty c 5 0
-ln -s /proc/self/fd /dev/fd
-ln -s /proc/self/fd/0 /dev/stdin
-ln -s /proc/self/fd/1 /dev/stdout
-ln -s /proc/self/fd/2 /dev/stderr
-mkdir /dev/pts /dev/shm /dev/mqueue
-mount -t devpts -o newinstance,ptmxmode=0666,mode=0620,gid=5,nosuid,noexec openmicrovm-devpts /dev/pts
-ln -s pts/ptmx /dev/ptmx
-mount -t tmpfs -o nosuid,nodev,noexec,mode=1777,size=64m openmicrovm-shm /dev/shm
-mount -t mqueue -o nosuid,nodev,noexec openmicrovm-mqueue /dev/mqueue || rmdir /dev/mqueue
-if [ -e /etc/resolv.conf ]; then mount --bind "$1" /etc/resolv.conf; fi
-shift
-exec "$@"
-"""
-
-
-def contained_command(store: BuildahStore, args: Sequence[str], network: BuildNetwork) -> list[str]:
-    """`buildah <args>` in the build's network namespace and new PID, mount, IPC and UTS namespaces.
-
-    nsenter joins the network namespace and execs unshare, which forks buildah as PID 1 of the new
-    PID namespace (with a /proc of its own) and stays behind as its parent; --kill-child SIGKILLs
-    buildah, and with it the whole namespace, if unshare dies."""
-    return [
-        *("nsenter", f"--net={network.netns_path}", "--"),
-        *("unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "--ipc", "--uts", "--"),
-        *("/bin/sh", "-c", _ENTER_BUILD_NAMESPACES, "openmicrovm-build", str(network.resolv_conf)),
-        *store.command(*args),
-    ]
-
-
 class BuildahProcess:
-    """A running buildah, plain or contained (then `process` is the unshare in front of it)."""
+    """A running buildah (or jail script): `process` is the jail launcher in front of it."""
 
-    def __init__(self, process: asyncio.subprocess.Process, contained: bool) -> None:
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
         self.process = process
-        self.contained = contained
 
     @property
     def returncode(self) -> int | None:
         return self.process.returncode
 
+    def jail_init_pid(self) -> int | None:
+        """The host pid of the jail's init (buildah, or the script): the launcher's child."""
+        return self._buildah_pid()
+
     def _buildah_pid(self) -> int | None:
-        if not self.contained:
-            return self.process.pid
-        # unshare blocks SIGTERM while it waits for its child; buildah is that child.
+        # buildah is the launcher's child, the init of the jail's PID namespace.
         pid = self.process.pid
         try:
             children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
@@ -231,8 +224,8 @@ class BuildahProcess:
                 os.kill(pid, signal.SIGTERM)
 
     async def stop(self) -> None:
-        """terminate(), then SIGKILL whatever is left in the group (contained: the whole PID
-        namespace goes with its init)."""
+        """terminate(), then SIGKILL whatever is left in the group (the whole PID namespace goes
+        with its init)."""
         if self.process.returncode is None:
             self.terminate()
             try:
@@ -252,22 +245,34 @@ async def run_buildah(
     on_line: LineSink | None = None,
     watchdog: Callable[[BuildahProcess], asyncio.Future[None]] | None = None,
     network: BuildNetwork | None = None,
+    binds: Sequence[build_jail.Bind] = (),
 ) -> CommandResult:
-    """Run `buildah <args>` on `store`; each output line goes to `on_line` as it arrives. With a
-    `network`, buildah runs contained (see contained_command): for anything that runs user content.
+    """Run `buildah <args>` on `store` in the build jail; each output line goes to `on_line` as it
+    arrives. With a `network`, the jail joins that build network (for `bud`, whose RUN steps and
+    pulls may reach out); without, it has none.
 
     Cancelling the caller stops buildah and its children before the CancelledError propagates.
     """
-    argv = contained_command(store, args, network) if network is not None else store.command(*args)
+    argv = build_jail.command(store.jail(network, binds), store.buildah_argv(*args))
+    return await run_in_jail(argv, on_line=on_line, watchdog=watchdog)
+
+
+async def run_in_jail(
+    argv: Sequence[str],
+    *,
+    on_line: LineSink | None = None,
+    watchdog: Callable[[BuildahProcess], asyncio.Future[None]] | None = None,
+    stdin: int = asyncio.subprocess.DEVNULL,
+) -> CommandResult:
+    """Run a jail command line (BuildahStore.command / shell_command), streaming its output."""
     process = await asyncio.create_subprocess_exec(
         *argv,
-        stdin=asyncio.subprocess.DEVNULL,
+        stdin=stdin,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
-        env=store.environment(),
         start_new_session=True,
     )
-    handle = BuildahProcess(process, contained=network is not None)
+    handle = BuildahProcess(process)
     tail: list[str] = []
     watcher = watchdog(handle) if watchdog is not None else None
     try:
@@ -302,13 +307,12 @@ async def buildah_output(store: BuildahStore, args: Sequence[str]) -> str:
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=store.environment(),
         start_new_session=True,
     )
     try:
         stdout, stderr = await process.communicate()
     finally:
-        await run_to_completion(BuildahProcess(process, contained=False).stop())
+        await run_to_completion(BuildahProcess(process).stop())
     if process.returncode != 0:
         lines = stderr.decode(errors="replace").splitlines()
         raise BuildahError(f"buildah {' '.join(args)} failed: {' '.join(lines[-5:])}", lines[-_TAIL_LINES:])

@@ -4,26 +4,31 @@ Layers are cached (`--layers`), so a second version whose Dockerfile starts the 
 every step up to the first change. Output streams to the build log line by line as buildah
 prints it (`STEP 3/7: RUN ...`, then that step's own output).
 
-The Dockerfile is the user's code and runs as root, so the whole `buildah bud` is contained: its
-own PID, mount, IPC and UTS namespaces, and a network namespace of its own with egress to the
-outside world only (build_network.py: nothing on the host, loopback included, is reachable, so
-neither a RUN step nor `ADD http://127.0.0.1:...` reaches the control plane). RUN steps lose
-CAP_SYS_CHROOT, without which the classic escape from buildah's chroot (chroot into a subdir,
-`cd ..` past it, chroot again) is impossible, and get a minimal /dev of their own instead of the
-host's (no disks, ptys or shared memory of the host; see buildah.contained_command); they keep
-buildah's other default capabilities, its seccomp filter and its read-only /proc/sys and /sys.
+The Dockerfile is the user's code, so the whole `buildah bud` runs in the build jail
+(build_jail.py): a user namespace whose root is an unprivileged host id, a root filesystem of our
+making with a minimal /dev, its own PID, mount, IPC and UTS namespaces, and a network namespace with
+egress to the outside world only (build_network.py: nothing on the host, loopback included, is
+reachable, so neither a RUN step nor `ADD http://127.0.0.1:...` reaches the control plane).
+`RUN --mount` options that can name paths outside the build (dockerfile.unsafe_run_mount) are
+refused before buildah sees them. RUN steps also lose CAP_SYS_CHROOT, without which the classic
+escape from buildah's chroot (chroot into a subdir, `cd ..` past it, chroot again) is impossible;
+they keep buildah's other default capabilities, its seccomp filter and its read-only /proc/sys
+and /sys.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
 from pathlib import Path
 
-from openmicrovm.builder.build_network import BuildNetworkError, open_build_network
+from openmicrovm.builder import build_jail
+from openmicrovm.builder.build_network import BuildNetworkError, IPNetwork, open_build_network
 from openmicrovm.builder.buildah import BuildahProcess, BuildahStore, LineSink, run_buildah
 from openmicrovm.builder.cleanup import run_to_completion
+from openmicrovm.builder.dockerfile import unsafe_run_mount
 from openmicrovm.builder.errors import CONTAINER_BUILD_FAILED, INTERNAL_PLATFORM_ERROR, BuildFailed, disk_full
 
 # A registry that never answers must not hold a build for long (buildah's own timeouts are minutes).
@@ -32,6 +37,9 @@ DEFAULT_PULL_TIMEOUT_SECONDS = 30.0
 # few build slots for ever; AWS's own builds take minutes.
 DEFAULT_DOCKERFILE_TIMEOUT_SECONDS = 3600.0
 _REASON_TAIL_LINES = 20
+# Where the build context and the image id file appear in the build jail.
+_JAIL_CONTEXT = "/build/context"
+_JAIL_OUT = "/build/out"
 _REASON_LINE_CHARS = 400
 
 _TRYING_TO_PULL = re.compile(r"^Trying to pull (\S+?)\.\.\.$")
@@ -92,6 +100,16 @@ class _PullWatch:
                 return
 
 
+def give_to_jail(directory: Path) -> None:
+    """Hand the unpacked build context to the jail's root (host id ID_BASE): it is read there by an
+    unprivileged id. Symlinks are changed themselves, never followed."""
+    base = build_jail.ID_BASE
+    for parent, dirs, files in os.walk(directory):
+        for name in [*dirs, *files]:
+            os.lchown(os.path.join(parent, name), base, base)
+    os.lchown(directory, base, base)
+
+
 def _clip(line: str) -> str:
     return line if len(line) <= _REASON_LINE_CHARS else line[: _REASON_LINE_CHARS - 1] + "…"
 
@@ -133,15 +151,27 @@ async def build_image(
     *,
     pull_timeout: float = DEFAULT_PULL_TIMEOUT_SECONDS,
     build_timeout: float = DEFAULT_DOCKERFILE_TIMEOUT_SECONDS,
+    egress_allow: tuple[IPNetwork, ...] = (),
 ) -> str:
     """Build `context_dir/Dockerfile`; returns the image id. The image stays untagged: it is read
-    once to make the version's root filesystem, and its layers stay behind as the build cache."""
+    once to make the version's root filesystem, and its layers stay behind as the build cache.
+    egress_allow: the private networks the build may reach (build_network.open_build_network)."""
     watch = _PullWatch(pull_timeout, build_timeout)
 
     def on_line(line: str) -> None:
         watch.on_line(line)
         log(line)
 
+    problem = unsafe_run_mount(context_dir / "Dockerfile")
+    if problem is not None:
+        raise _container_build_failed(f" {problem}", [])
+    # The jail's root is an unprivileged host id: it reads the context and writes the image id
+    # only in dirs it owns.
+    await asyncio.to_thread(give_to_jail, context_dir)
+    out_dir = build_jail.prepare_owned_dir(iid_file.parent / "jail-out")
+    jail_iid_file = f"{_JAIL_OUT}/{iid_file.name}"
+    binds = [build_jail.Bind(str(context_dir), _JAIL_CONTEXT), build_jail.Bind(str(out_dir), _JAIL_OUT, True)]
+    (out_dir / iid_file.name).unlink(missing_ok=True)
     iid_file.unlink(missing_ok=True)
     arguments = [
         *("bud", "--isolation", "chroot", "--layers", "--force-rm"),
@@ -151,12 +181,12 @@ async def build_image(
         *("--format", "docker"),
         *("--retry", "1", "--retry-delay", "1s"),
         *(f"--cap-drop={capability}" for capability in DROPPED_CAPABILITIES),
-        *("--iidfile", str(iid_file)),
-        *("--file", str(context_dir / "Dockerfile")),
-        str(context_dir),
+        *("--iidfile", jail_iid_file),
+        *("--file", f"{_JAIL_CONTEXT}/Dockerfile"),
+        _JAIL_CONTEXT,
     ]
     try:
-        network = await open_build_network()
+        network = await open_build_network(egress_allow)
     except BuildNetworkError as error:
         raise BuildFailed.because(
             INTERNAL_PLATFORM_ERROR, f"The isolated build environment could not be set up: {error}"
@@ -170,12 +200,15 @@ async def build_image(
             on_line=on_line,
             watchdog=lambda process: asyncio.ensure_future(watch.watch(process)),
             network=network,
+            binds=binds,
         )
     finally:
         await run_to_completion(network.close())
     if result.returncode != 0 or watch.stalled is not None or watch.overran:
         raise _failure(result.tail, watch)
-    image_id = iid_file.read_text().strip() if iid_file.exists() else ""
+    written = out_dir / iid_file.name
+    image_id = written.read_text().strip() if written.is_file() and not written.is_symlink() else ""
+    iid_file.write_text(image_id)
     if not image_id:
         raise _container_build_failed(" buildah finished without naming the image it built.", result.tail)
     return image_id.removeprefix("sha256:")

@@ -24,6 +24,7 @@ from openmicrovm.builder.architecture import check_architecture
 from openmicrovm.builder.artifact import fetch_artifact
 from openmicrovm.builder.base_image import ensure_base_image
 from openmicrovm.builder.build_hooks import wait_for_hook, wait_for_port
+from openmicrovm.builder.build_network import IPNetwork
 from openmicrovm.builder.buildah import BuildahError, open_store
 from openmicrovm.builder.cleanup import run_to_completion
 from openmicrovm.builder.container_build import (
@@ -43,6 +44,7 @@ from openmicrovm.builder.outputs import IMAGE_CONFIG_FILE, ROOTFS_DIR, SNAPSHOT_
 from openmicrovm.builder.rootfs_export import RootfsExport, export_rootfs
 from openmicrovm.builder.unpack import UnpackLimits, unpack_artifact_async
 from openmicrovm.config import default_cache_dir
+from openmicrovm.idmap import ID_BASE
 from openmicrovm.runtime.driver import (
     DriverError,
     ProcessConfig,
@@ -84,9 +86,14 @@ class BuildRequest:
     # As AWS: an artifact bucket in another region than the image fails the build. A single-region
     # S3-compatible store (MinIO reports us-east-1) serving images of several regions needs False.
     require_bucket_region: bool = True
+    # Directories a file:// code_uri may be read from (Settings.file_artifact_roots); none: refused.
+    artifact_file_roots: tuple[Path, ...] = ()
     limits: UnpackLimits = field(default_factory=UnpackLimits)
     pull_timeout_seconds: float = DEFAULT_PULL_TIMEOUT_SECONDS
     dockerfile_timeout_seconds: float = DEFAULT_DOCKERFILE_TIMEOUT_SECONDS
+    # Private networks the Dockerfile's RUN steps and fetches may reach (the setting
+    # egress_allow_networks); all other private address space is refused (build_network.py).
+    egress_allow_networks: tuple[IPNetwork, ...] = ()
     # Without a ready hook: how long the app may take to accept connections.
     startup_timeout_seconds: float = DEFAULT_HOOK_TIMEOUT_SECONDS
 
@@ -180,6 +187,8 @@ def sandbox_spec(request: BuildRequest, config: ImageConfig, rootfs: Path) -> Sa
         process=process,
         memory_mib=request.memory_mib,
         all_capabilities=request.all_capabilities,
+        # The build jail made the root filesystem: its files belong to the mapped ids.
+        rootfs_id_base=ID_BASE,
     )
 
 
@@ -234,6 +243,7 @@ class _Build:
                 max_bytes=request.limits.max_total_bytes,
                 endpoint_url=request.s3_endpoint_url,
                 require_bucket_region=request.require_bucket_region,
+                file_roots=request.artifact_file_roots,
                 log=self.log,
             )
             self.log(f"fetched {request.code_uri} ({artifact_bytes} bytes)")
@@ -280,6 +290,7 @@ class _Build:
                 self.log,
                 pull_timeout=request.pull_timeout_seconds,
                 build_timeout=request.dockerfile_timeout_seconds,
+                egress_allow=request.egress_allow_networks,
             )
             config = await read_image_config(store, image_id, dockerfile_text)
         with self.stage("build.export", announce=False):

@@ -24,7 +24,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from openmicrovm.builder.buildah import BuildahError, BuildahStore, remove_container, run_buildah
+from openmicrovm.builder import build_jail
+from openmicrovm.builder.buildah import BuildahError, BuildahProcess, BuildahStore
 from openmicrovm.builder.cleanup import Aborted, in_thread, run_to_completion
 
 # Overlay's own bookkeeping and host-specific labels do not belong in an image.
@@ -53,12 +54,18 @@ def _unescape_mountinfo(field: str) -> str:
     return "".join(out)
 
 
-def overlay_layers(mount_point: Path, storage_root: Path) -> list[Path]:
-    """The upper and lower directories of the overlay mounted at `mount_point`, top first;
-    empty when it is not an overlay mount (vfs) or cannot be read."""
-    wanted = os.path.realpath(mount_point)
+def overlay_layers(
+    mount_point: Path,
+    storage_root: Path,
+    mountinfo: Path = Path("/proc/self/mountinfo"),
+    jail_storage: str = "",
+) -> list[Path]:
+    """The upper and lower directories of the overlay mounted at `mount_point`, top first, as host
+    paths; empty when it is not an overlay mount (vfs) or cannot be read. With `jail_storage`, the
+    mount is one seen in `mountinfo` of a build jail, where `storage_root` appears at that path."""
+    wanted = str(mount_point) if jail_storage else os.path.realpath(mount_point)
     try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+        lines = mountinfo.read_text().splitlines()
     except OSError:
         return []
     for line in reversed(lines):  # the latest mount on that point is the visible one
@@ -72,9 +79,17 @@ def overlay_layers(mount_point: Path, storage_root: Path) -> list[Path]:
         upper = [value.partition("=")[2] for value in options if value.startswith("upperdir=")]
         lower = [value.partition("=")[2] for value in options if value.startswith("lowerdir=")]
         entries = [*upper, *(lower[0].split(":") if lower else [])]
+        if jail_storage:
+            entries = [_host_path(entry, jail_storage, storage_root) for entry in entries]
         # containers/storage mounts with paths relative to <root>/overlay when they get long.
         return [Path(os.path.realpath(storage_root / "overlay" / entry)) for entry in entries if entry]
     return []
+
+
+def _host_path(entry: str, jail_storage: str, storage_root: Path) -> str:
+    if entry == jail_storage or entry.startswith(jail_storage + "/"):
+        return str(storage_root) + entry[len(jail_storage) :]
+    return entry
 
 
 @dataclass
@@ -217,22 +232,55 @@ def materialise_rootfs(
     return RootfsExport(destination, counts.size, counts.files, counts.linked, counts.copied)
 
 
+# Runs in the build jail: mounts the image and holds the mount (which lives in the jail's mount
+# namespace) until told to let go on stdin, while the host reads it through /proc/<pid>/root.
+_EXPORT_SCRIPT = """\
+set -e
+buildah rm "$1" >/dev/null 2>&1 || true
+buildah from --pull=false --name "$1" "$2" >/dev/null
+trap 'buildah rm "$1" >/dev/null 2>&1 || true' EXIT
+echo "mounted $(buildah mount "$1")"
+read -r _done || true
+"""
+_MOUNTED = "mounted "
+
+
+async def _held_mount(process: asyncio.subprocess.Process) -> str:
+    """The jail path of the image mount the export script printed; BuildahError if it failed."""
+    assert process.stdout is not None
+    lines: list[str] = []
+    while line := (await process.stdout.readline()).decode(errors="replace"):
+        if line.startswith(_MOUNTED):
+            return line[len(_MOUNTED) :].strip()
+        lines.append(line.rstrip("\n"))
+    await process.wait()
+    raise BuildahError(f"could not mount the built image: {' '.join(lines[-5:])}", lines)
+
+
 async def export_rootfs(
     store: BuildahStore, image_id: str, destination: Path, container_name: str
 ) -> RootfsExport:
-    """Write the root filesystem of `image_id` to `destination` (replaced if it exists)."""
+    """Write the root filesystem of `image_id` to `destination` (replaced if it exists). Files keep
+    their owners as the build jail made them (openmicrovm.idmap)."""
     partial = destination.with_name(destination.name + ".partial")
     await asyncio.to_thread(shutil.rmtree, partial, True)
-    await remove_container(store, container_name)
-    created = await run_buildah(store, ["from", "--pull=false", "--name", container_name, image_id])
-    if created.returncode != 0:
-        raise BuildahError(f"could not open the built image {image_id}: {created.text}", created.tail)
+    process = await asyncio.create_subprocess_exec(
+        *store.shell_command(_EXPORT_SCRIPT, container_name, image_id),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,
+    )
+    holder = BuildahProcess(process)
     try:
-        mounted = await run_buildah(store, ["mount", container_name])
-        if mounted.returncode != 0 or not mounted.tail:
-            raise BuildahError(f"could not mount the built image {image_id}: {mounted.text}", mounted.tail)
-        mount_point = Path(mounted.tail[-1].strip())
-        layers = overlay_layers(mount_point, store.root)
+        jail_mount = await _held_mount(process)
+        jail_pid = holder.jail_init_pid()
+        if jail_pid is None:
+            raise BuildahError(f"the build jail holding {image_id} ended early")
+        mount_point = Path(f"/proc/{jail_pid}/root{jail_mount}")
+        layers = overlay_layers(
+            Path(jail_mount), store.root, Path(f"/proc/{jail_pid}/mountinfo"), build_jail.STORAGE
+        )
         try:
             # in_thread lets a cancelled export finish its current directory before the image is
             # unmounted under it and its output removed.
@@ -240,8 +288,12 @@ async def export_rootfs(
         except BaseException:
             await run_to_completion(asyncio.to_thread(shutil.rmtree, partial, True))
             raise
+        assert process.stdin is not None
+        process.stdin.write(b"done\n")
+        await process.stdin.drain()
+        await process.wait()
     finally:
-        await run_to_completion(remove_container(store, container_name))
+        await run_to_completion(holder.stop())
     await asyncio.to_thread(shutil.rmtree, destination, True)
     partial.rename(destination)
     return RootfsExport(

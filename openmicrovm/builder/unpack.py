@@ -66,11 +66,64 @@ class _Entry:
     link_target: str = ""
 
 
+@dataclass(slots=True, eq=False)
+class _Node:
+    """One path of the context as a tree, so that planning follows links and `..` in O(1) steps
+    (paths as tuples cost O(depth) per step, which made deep or link-heavy zips take hours)."""
+
+    name: str
+    parent: _Node | None
+    children: dict[str, _Node] = field(default_factory=dict)
+    entry: _Entry | None = None  # None: a directory only implied by the entries below it
+    # The shallowest ancestor that is an entry other than a directory (nothing may lie below one);
+    # computed once per node.
+    blocker: _Node | None = None
+    blocker_known: bool = False
+    # For a symlink, memoised: where its target leads (a node plus how many components past it
+    # name paths the zip does not hold) and the longest chain of links that took, itself included.
+    # Without the memo, links naming links several times were resolved exponentially often.
+    target: tuple[_Node, int] | None = None
+    link_depth: int = 0
+    resolving: bool = False
+
+
 @dataclass
 class _Plan:
+    root: _Node = field(default_factory=lambda: _Node("", None))
     entries: dict[tuple[str, ...], _Entry] = field(default_factory=dict)
-    # Directories implied by entry paths, whether or not the zip lists them.
+    # Directories implied by entry paths, whether or not the zip lists them (filled at the end).
     directories: set[tuple[str, ...]] = field(default_factory=set)
+    # Every path an entry names or implies.
+    nodes: dict[tuple[str, ...], _Node] = field(default_factory=dict)
+    made_directories: int = 0
+
+    def directory(self, parts: tuple[str, ...], max_directories: int) -> _Node:
+        """The node of directory `parts`, made with any missing ancestors. Looked up by the whole
+        path first (entries share their directories), so an entry costs its path's length, not
+        the square of its depth."""
+        if not parts:
+            return self.root
+        node = self.nodes.get(parts)
+        if node is not None:
+            return node
+        known = len(parts) - 1
+        while known and parts[:known] not in self.nodes:
+            known -= 1
+        node = self.nodes[parts[:known]] if known else self.root
+        for depth in range(known + 1, len(parts) + 1):
+            if self.made_directories >= max_directories:
+                # Each entry name can imply ~1500 directories: bound them like files.
+                raise BuildFailed.because(
+                    ARCHIVE_INVALID,
+                    f"The code artifact zip implies more than {max_directories} directories; this "
+                    f"server accepts at most {max_directories}.",
+                )
+            child = _Node(parts[depth - 1], node)
+            node.children[child.name] = child
+            node = child
+            self.nodes[parts[:depth]] = node
+            self.made_directories += 1
+        return node
 
 
 def _printable(name: str) -> str:
@@ -95,10 +148,15 @@ def _normalise(info: zipfile.ZipInfo) -> tuple[str, ...]:
     posix = name.replace("\\", "/")
     if posix.startswith("/") or (len(posix) >= 2 and posix[1] == ":" and posix[0].isalpha()):
         raise _invalid(name, "has an absolute path")
-    parts = tuple(part for part in posix.split("/") if part not in ("", "."))
+    # filter() and `in` run in C: a path of many components costs no Python step per component.
+    parts = tuple(filter(None, posix.split("/")))
+    if "." in parts:
+        parts = tuple(part for part in parts if part != ".")
     if ".." in parts:
         raise _invalid(name, "has a '..' path component that points outside the build context")
-    for part in parts:
+    # A character is at most 4 bytes: only names that may pass the limit are encoded to check,
+    # so a deep path costs C-speed work, not a Python step per component.
+    for part in parts if parts and max(map(len, parts)) * 4 > _NAME_MAX else ():
         if len(os.fsencode(part)) > _NAME_MAX:
             raise _invalid(
                 name,
@@ -161,36 +219,93 @@ def _read_link_target(archive: zipfile.ZipFile, entry: _Entry) -> str:
     return raw.decode("utf-8", errors="surrogateescape")
 
 
-def _resolve(
-    plan: _Plan, start: tuple[str, ...], target: str, entry_name: str, hops: int = 0
-) -> tuple[str, ...]:
+def _check_abort(abort: threading.Event | None) -> None:
+    if abort is not None and abort.is_set():
+        raise Aborted("unpacking cancelled")
+
+
+def _path_of(node: _Node) -> tuple[str, ...]:
+    parts: list[str] = []
+    while node.parent is not None:
+        parts.append(node.name)
+        node = node.parent
+    return tuple(reversed(parts))
+
+
+def _follow(start: _Node, target: str, entry_name: str, level: int = 0) -> tuple[tuple[_Node, int], int]:
     """Where `target`, seen from directory `start`, ends up once every link in the archive is
-    followed. Raises ARCHIVE_INVALID when it leaves the context at any step."""
-    if hops > _MAX_LINK_HOPS:
-        raise _invalid(entry_name, "is part of a symlink loop")
+    followed, and how many levels of links that took. The place is a node plus the number of
+    components past it that the zip does not hold (those hold no links, so they need no nodes).
+    Raises ARCHIVE_INVALID when it leaves the context at any step."""
     if target.startswith("/"):
         raise _invalid(
             entry_name, f"links to the absolute path '{_printable(target)}', outside the build context"
         )
-    current = list(start)
-    components = [part for part in target.split("/") if part not in ("", ".")]
-    for part in components:
+    node, missing = start, 0
+    deepest = 0
+    for part in target.split("/"):
+        if part in ("", "."):
+            continue
         if part == "..":
-            if not current:
+            if missing:
+                missing -= 1
+            elif node.parent is None:
                 raise _invalid(
                     entry_name, f"links to '{_printable(target)}', which points outside the build context"
                 )
-            current.pop()
+            else:
+                node = node.parent
             continue
-        current.append(part)
-        linked = plan.entries.get(tuple(current))
-        if linked is not None and linked.kind == "symlink":
-            resolved = _resolve(plan, tuple(current[:-1]), linked.link_target, entry_name, hops + 1)
-            current = list(resolved)
-    return tuple(current)
+        child = node.children.get(part) if not missing else None
+        if child is None:
+            missing += 1
+        elif child.entry is not None and child.entry.kind == "symlink":
+            (node, missing), depth = _link_target(child, entry_name, level)
+            deepest = max(deepest, depth)
+        else:
+            node = child
+    return (node, missing), deepest
 
 
-def _plan(archive: zipfile.ZipFile, limits: UnpackLimits) -> _Plan:
+def _link_target(link: _Node, entry_name: str, level: int) -> tuple[tuple[_Node, int], int]:
+    """Follow a symlink met at nesting `level`; each link is resolved once (memoised)."""
+    assert link.entry is not None and link.parent is not None
+    if link.target is None:
+        if link.resolving or level >= _MAX_LINK_HOPS:
+            raise _invalid(entry_name, "is part of a symlink loop")
+        link.resolving = True
+        link.target, deepest = _follow(link.parent, link.entry.link_target, entry_name, level + 1)
+        link.resolving = False
+        link.link_depth = deepest + 1
+    # As the kernel: a lookup may not nest links deeper than its limit, memoised or not.
+    if level + link.link_depth > _MAX_LINK_HOPS:
+        raise _invalid(entry_name, "is part of a symlink loop")
+    return link.target, link.link_depth
+
+
+def _blocker(node: _Node) -> _Node | None:
+    """The shallowest ancestor of `node` that is an entry but not a directory, if any."""
+    pending: list[_Node] = []
+    current: _Node | None = node
+    # Iterative: a chain of ~1500 directories would pass Python's recursion limit.
+    while current is not None and not current.blocker_known:
+        pending.append(current)
+        current = current.parent
+    for item in reversed(pending):
+        parent = item.parent
+        if parent is None:
+            item.blocker = None
+        elif parent.blocker is not None:
+            item.blocker = parent.blocker
+        elif parent.entry is not None and parent.entry.kind != "dir":
+            item.blocker = parent
+        else:
+            item.blocker = None
+        item.blocker_known = True
+    return node.blocker
+
+
+def _plan(archive: zipfile.ZipFile, limits: UnpackLimits, abort: threading.Event | None = None) -> _Plan:
     infos = archive.infolist()
     if len(infos) > limits.max_files:
         raise BuildFailed.because(
@@ -199,7 +314,9 @@ def _plan(archive: zipfile.ZipFile, limits: UnpackLimits) -> _Plan:
             f"{limits.max_files}.",
         )
     plan = _Plan()
-    for info in infos:
+    for count, info in enumerate(infos):
+        if count % 1024 == 0:
+            _check_abort(abort)
         parts = _normalise(info)
         if not parts:
             continue  # an entry for the root directory itself
@@ -207,34 +324,46 @@ def _plan(archive: zipfile.ZipFile, limits: UnpackLimits) -> _Plan:
         if parts in plan.entries:
             raise _invalid(info.filename, "appears more than once")
         plan.entries[parts] = entry
-        for depth in range(1, len(parts)):
-            plan.directories.add(parts[:depth])
-    for parts, entry in plan.entries.items():
+        parent = plan.directory(parts[:-1], limits.max_files)
+        node = parent.children.get(parts[-1])
+        if node is None:
+            node = _Node(parts[-1], parent)
+            parent.children[node.name] = node
+            plan.nodes[parts] = node
+        node.entry = entry
+    plan.directories = {parts for parts, node in plan.nodes.items() if node.children}
+    for count, entry in enumerate(plan.entries.values()):
+        if count % 1024 == 0:
+            _check_abort(abort)
         # Never write through a link: an entry below a symlink entry could land anywhere.
-        for depth in range(1, len(parts)):
-            parent = plan.entries.get(parts[:depth])
-            if parent is not None and parent.kind != "dir":
-                raise _invalid(
-                    entry.info.filename,
-                    f"lies below '{_printable(parent.info.filename)}', which is not a directory",
-                )
-    for parts, entry in plan.entries.items():
+        blocker = _blocker(plan.nodes[entry.parts])
+        if blocker is not None:
+            assert blocker.entry is not None
+            raise _invalid(
+                entry.info.filename,
+                f"lies below '{_printable(blocker.entry.info.filename)}', which is not a directory",
+            )
+    for count, (parts, entry) in enumerate(plan.entries.items()):
+        if count % 1024 == 0:
+            _check_abort(abort)
         if entry.kind != "dir" and parts in plan.directories:
             raise _invalid(entry.info.filename, "is both a file and the directory of other entries")
         if entry.kind == "symlink":
             entry.link_target = _read_link_target(archive, entry)
-    for parts, entry in plan.entries.items():
+    for count, (parts, entry) in enumerate(plan.entries.items()):
+        if count % 1024 == 0:
+            _check_abort(abort)
         if entry.kind == "symlink":
-            _resolve(plan, parts[:-1], entry.link_target, entry.info.filename)
+            _link_target(plan.nodes[parts], entry.info.filename, 0)
         elif entry.kind == "hardlink":
-            target = _resolve(plan, (), entry.link_target.replace("\\", "/"), entry.info.filename)
-            linked = plan.entries.get(target)
+            (node, missing), _ = _follow(plan.root, entry.link_target.replace("\\", "/"), entry.info.filename)
+            linked = node.entry if not missing else None
             if linked is None or linked.kind != "file":
                 raise _invalid(
                     entry.info.filename,
                     f"is a hard link to '{_printable(entry.link_target)}', which is not a regular file in the archive",
                 )
-            entry.link_target = "/".join(target)
+            entry.link_target = "/".join(_path_of(node))
     return plan
 
 
@@ -243,8 +372,8 @@ def _check_dockerfile(plan: _Plan) -> None:
     if entry is not None and entry.kind in ("file", "hardlink"):
         return
     if entry is not None and entry.kind == "symlink":
-        target = plan.entries.get(_resolve(plan, (), entry.link_target, entry.info.filename))
-        if target is not None and target.kind in ("file", "hardlink"):
+        (node, missing), _ = _link_target(plan.nodes[(DOCKERFILE,)], entry.info.filename, 0)
+        if not missing and node.entry is not None and node.entry.kind in ("file", "hardlink"):
             return
     elsewhere = sorted(
         "/".join(parts) for parts in plan.entries if parts[-1] == DOCKERFILE and len(parts) > 1
@@ -274,8 +403,7 @@ class _ByteBudget:
         self.abort = abort
 
     def spend(self, amount: int, entry_name: str) -> None:
-        if self.abort is not None and self.abort.is_set():
-            raise Aborted("unpacking cancelled")
+        _check_abort(self.abort)
         self.used += amount
         if self.used > self.limit:
             raise BuildFailed.because(
@@ -314,14 +442,15 @@ def _write(
     budget = _ByteBudget(limits.max_total_bytes, abort)
     ordered = sorted(plan.entries.items(), key=lambda item: len(item[0]))
     for parts in sorted(plan.directories | {p for p, e in ordered if e.kind == "dir"}, key=len):
+        _check_abort(abort)
         (root.joinpath(*parts)).mkdir(mode=0o700, exist_ok=True)
     # Links last: while regular files are written every parent is a directory made above.
     for parts, entry in ordered:
-        if abort is not None and abort.is_set():
-            raise Aborted("unpacking cancelled")
+        _check_abort(abort)
         if entry.kind == "file":
             _extract_file(archive, entry, root.joinpath(*parts), budget)
     for parts, entry in ordered:
+        _check_abort(abort)
         if entry.kind == "hardlink":
             os.link(
                 root.joinpath(*entry.link_target.split("/")), root.joinpath(*parts), follow_symlinks=False
@@ -329,12 +458,14 @@ def _write(
         elif entry.kind == "symlink":
             os.symlink(entry.link_target, root.joinpath(*parts))
     for parts, entry in ordered:
+        _check_abort(abort)
         path = root.joinpath(*parts)
         if entry.kind in ("file", "hardlink"):
             os.chmod(path, entry.mode)
             os.utime(path, (_timestamp(entry.info),) * 2)
     # Directories last and deepest first, so that writing children does not bump their mtimes.
     for parts in sorted(plan.directories | {p for p, e in ordered if e.kind == "dir"}, key=len, reverse=True):
+        _check_abort(abort)
         entry = plan.entries.get(parts)
         path = root.joinpath(*parts)
         os.chmod(path, entry.mode if entry is not None else 0o755)
@@ -359,7 +490,7 @@ def unpack_artifact(
         ) from None
     with archive:
         try:
-            plan = _plan(archive, limits)
+            plan = _plan(archive, limits, abort)
             _check_dockerfile(plan)
             context_dir.mkdir(mode=0o700, parents=False, exist_ok=False)
             total = _write(archive, plan, context_dir, limits, abort)

@@ -165,3 +165,36 @@ def privilege_check() -> Check:
     if os.geteuid() == 0:
         return Check("privileges", OK, "root")
     return Check("privileges", WARN, "not root: the server needs root for namespaces, cgroups and mounts")
+
+
+def build_jail_check() -> Check:
+    """Start the build jail (builder/build_jail.py) for real and run `true` in it: it needs root,
+    user namespaces and a few mounts, all of which a host can deny."""
+    if os.geteuid() != 0:
+        return Check("build jail", WARN, "not root: builds cannot be jailed")
+    import subprocess
+    import tempfile
+
+    from openmicrovm.builder import build_jail
+
+    with tempfile.TemporaryDirectory(prefix="openmicrovm-doctor-") as scratch:
+        dirs = [build_jail.prepare_owned_dir(Path(scratch) / name) for name in ("storage", "run", "tmp")]
+        spec = build_jail.JailSpec(storage=str(dirs[0]), runroot=str(dirs[1]), tmpdir=str(dirs[2]))
+        try:
+            result = subprocess.run(
+                build_jail.command(spec, ["true"]), capture_output=True, text=True, timeout=60
+            )
+        except (OSError, subprocess.TimeoutExpired) as error:
+            return Check("build jail", FAIL, f"could not start it: {error}")
+    if result.returncode != 0:
+        reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        return Check(
+            "build jail",
+            FAIL,
+            f"{reason}: builds need user namespaces (sysctl user.max_user_namespaces > 0) and mounts",
+        )
+    return Check(
+        "build jail",
+        OK,
+        f"Dockerfiles run in a user namespace as host ids {build_jail.ID_BASE}..{build_jail.ID_BASE + 65535}",
+    )

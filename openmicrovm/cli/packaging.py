@@ -2,7 +2,8 @@
 
 The zip is reproducible (sorted entries, fixed dates), so deploying an unchanged folder stores
 the same bytes under the same content-addressed name. It goes to S3 when a bucket is given,
-else to a local folder whose file:// URI the server, running on the same machine, can read.
+else to a local folder whose file:// URI the server, running on the same machine, may read: one
+of its setting artifact_file_roots (by default <data dir>/artifacts).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from openmicrovm.cli.connection import CliError
-from openmicrovm.config import default_data_dir
+from openmicrovm.config import load_settings
 
 _SKIPPED_DIRECTORIES = {".git", ".hg", ".svn"}
 _FIXED_DATE = (1980, 1, 1, 0, 0, 0)
@@ -70,16 +71,30 @@ def _digest(path: Path) -> str:
 
 
 def artifact_dir(explicit: Path | None) -> Path:
-    """--artifact-dir, $OPENMICROVM_ARTIFACT_DIR, <data dir>/artifacts when the data dir exists
-    (the server made it), else a folder in the system temp dir."""
+    """--artifact-dir, $OPENMICROVM_ARTIFACT_DIR, else the first directory the server reads file://
+    artifacts from: the setting artifact_file_roots, by default <data dir>/artifacts (read the same
+    way the server reads them: $OPENMICROVM_CONFIG, <data dir>/settings.toml, the environment)."""
     if explicit is not None:
         return explicit
     if os.environ.get("OPENMICROVM_ARTIFACT_DIR"):
         return Path(os.environ["OPENMICROVM_ARTIFACT_DIR"])
-    data_dir = Path(os.environ.get("OPENMICROVM_DATA_DIR") or default_data_dir())
+    try:
+        settings = load_settings()
+    except ValueError as error:
+        raise CliError(f"cannot read the server's settings to find its artifact dir: {error}", 2) from None
+    if settings.artifact_file_roots:
+        return settings.artifact_file_roots[0]  # configured on purpose: deploy may create it
+    data_dir = settings.data_dir
     if data_dir.is_dir() and os.access(data_dir, os.W_OK):
         return data_dir / "artifacts"
-    return Path(tempfile.gettempdir()) / "openmicrovm-artifacts"
+    # No temp-dir fallback: the server would refuse a zip from there (and /tmp is shared).
+    raise CliError(
+        f"no server data dir at {data_dir}, so there is no artifact dir the server reads zips from. "
+        "Start `openmicrovm serve` first (or set OPENMICROVM_DATA_DIR to its data dir), or pass "
+        "--artifact-dir DIR and add DIR to the server's setting artifact_file_roots "
+        "(OPENMICROVM_ARTIFACT_FILE_ROOTS), or deploy through S3 with --bucket.",
+        2,
+    )
 
 
 def package(folder: Path, name: str, bucket: str | None, s3: Any | None, local_dir: Path | None) -> str:
@@ -107,6 +122,7 @@ def package(folder: Path, name: str, bucket: str | None, s3: Any | None, local_d
             target.chmod(0o644)  # the server may run as another user
         except OSError as error:
             raise CliError(
-                f"cannot store the artifact in {target_dir}: {error}; try --artifact-dir"
+                f"cannot store the artifact in {target_dir}: {error}; try --artifact-dir with a "
+                "directory listed in the server's setting artifact_file_roots"
             ) from None
         return f"file://{target.resolve()}"

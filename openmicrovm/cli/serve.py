@@ -21,6 +21,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"openmicrovm: {error}", file=sys.stderr)
         return 2
+    from openmicrovm.builder.build_network import EgressSettingError
     from openmicrovm.server import DataDirBusy
 
     try:
@@ -28,6 +29,9 @@ def _serve(args: argparse.Namespace) -> int:
     except DataDirBusy as error:
         print(f"openmicrovm: {error}; stop it, or give this one another --data-dir", file=sys.stderr)
         return 1
+    except EgressSettingError as error:  # raised while the server is made, before it listens
+        print(f"openmicrovm: {error}", file=sys.stderr)
+        return 2
     except OSError as error:
         print(f"openmicrovm: cannot serve on {settings.host}:{settings.port}: {error}", file=sys.stderr)
         return 1

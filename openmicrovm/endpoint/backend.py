@@ -15,6 +15,10 @@ from openmicrovm.service.core import Service
 HOLD_SECONDS = 30.0
 # Idle accounting writes the store at most this often per MicroVM.
 ACTIVITY_WRITE_INTERVAL = 1.0
+# Ingress is an allow-list (issue 11): the connectors that open each way in. NO_INGRESS, or any
+# set without one of these, opens nothing.
+HTTP_INGRESS_KINDS = frozenset({"HTTP_INGRESS", "ALL_INGRESS"})
+SHELL_INGRESS_KINDS = frozenset({"SHELL_INGRESS", "ALL_INGRESS"})
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,16 @@ class Target:
     state: str
     auto_resume: bool
     ingress: frozenset[str]  # managed connector kinds: HTTP_INGRESS, SHELL_INGRESS, ...
+
+    @property
+    def http_ingress(self) -> bool:
+        """Whether endpoint requests (HTTP, WebSocket, h2c) may reach the app."""
+        return bool(self.ingress & HTTP_INGRESS_KINDS) and "NO_INGRESS" not in self.ingress
+
+    @property
+    def shell_ingress(self) -> bool:
+        """Whether the `/shell` WebSocket may open a terminal."""
+        return bool(self.ingress & SHELL_INGRESS_KINDS) and "NO_INGRESS" not in self.ingress
 
 
 class Unreachable(Exception):

@@ -4,6 +4,13 @@ The first request head of each connection decides who owns the connection: a Hos
 MicroVM endpoint (`<uuid>.lambda-microvm.<region>.localhost[:port]`) goes to the proxy, which
 relays bytes without re-encoding them; everything else (the API, `/metrics`, the shell
 WebSocket) is handed, with the bytes already read, to the aiohttp server.
+
+Connections that have not yet proven themselves are capped: a flood of idle sockets must not hold
+the server's file descriptors and memory. A connection is unproven until its first request head
+is complete (API, shell) or, on an endpoint, until a request passes its token check. Beyond
+MAX_UNAUTHENTICATED, each new connection closes the oldest unproven one: the flood ages out
+within a moment, while a real client (which sends its head at once) gets through and is served.
+Refusing new connections instead would let the flood lock every new client out.
 """
 
 from __future__ import annotations
@@ -15,8 +22,20 @@ from collections.abc import Callable
 from aiohttp import web
 
 from openmicrovm.endpoint.backend import EndpointBackend
-from openmicrovm.endpoint.http1 import MAX_HEAD_BYTES, ProtocolError, read_head, simple_response
+from openmicrovm.endpoint.http1 import (
+    BODY_PROGRESS_BYTES,
+    BODY_TIMEOUT,
+    MAX_HEAD_BYTES,
+    ProtocolError,
+    read_head,
+    simple_response,
+)
 from openmicrovm.endpoint.proxy import HEAD_TIMEOUT, Counters, EndpointConnection
+
+# Connections at once that have not completed a first head / passed a token check. Real clients
+# spend microseconds in that state, so this bounds a flood with room for bursts of new clients
+# (asyncio accepts up to 100 connections per turn of the loop).
+MAX_UNAUTHENTICATED = 512
 
 ENDPOINT_HOST = re.compile(
     r"(?P<host>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\.lambda-microvm\.[a-z0-9-]+\.localhost)"
@@ -25,6 +44,8 @@ ENDPOINT_HOST = re.compile(
 )
 _HOST_LINE = re.compile(rb"\r\nhost:[ \t]*([^\r\n]*)", re.IGNORECASE)
 _SHELL_TARGET = re.compile(rb"^GET /shell(?:\?[^ ]*)? HTTP/1\.1\r\n")
+# A CR or LF that is not part of a CRLF: parsers disagree on where such a line ends (smuggling).
+_BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
 
 def endpoint_hostname(host_header: str | None) -> str | None:
@@ -62,10 +83,12 @@ class _FirstHead(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self.timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, transport.close)  # slowloris
+        self.door.admit(self, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:
             self.timer.cancel()
+        self.door.proven(self)
 
     def data_received(self, data: bytes) -> None:
         assert self.transport is not None
@@ -83,20 +106,30 @@ class _FirstHead(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
         head = bytes(self.buffer[: end + 4])
+        if _BARE_CR_OR_LF.search(head):
+            # Before routing: the Host this head seems to name depends on where its lines end.
+            self.transport.write(
+                simple_response(400, "Bad Request", b"bare CR or LF in the request head", close=True)
+            )
+            self.transport.close()
+            return
         hosts = _HOST_LINE.findall(head)
         hostname = endpoint_hostname(hosts[0].decode("latin-1")) if len(hosts) == 1 else None
         if hostname is not None and not _is_shell(head):
-            self.door.serve_endpoint(self.transport, hostname, bytes(self.buffer))
+            self.door.serve_endpoint(self, self.transport, hostname, bytes(self.buffer))
         else:
+            self.door.proven(self)
             self.door.hand_to_app(self.transport, bytes(self.buffer))
 
 
 class _ApiConnection(asyncio.Protocol):
-    """The API's connections, served by aiohttp, which has no deadline for a request head: a
-    client trickling a byte a second would hold a connection (and a file descriptor) forever.
-    This wrapper follows where each request head starts and ends (Content-Length bodies; a chunked
-    body or an upgrade ends the watch for that connection) and closes a connection whose head
-    takes longer than HEAD_TIMEOUT. Everything is passed on to aiohttp unchanged."""
+    """The API's connections, served by aiohttp, which has no deadline for a request head or
+    body: a client trickling a byte a second would hold a connection (and a file descriptor)
+    forever. This wrapper follows where each request head starts and ends (Content-Length bodies;
+    a chunked body or an upgrade ends the watch for that connection), closes a connection whose
+    head takes longer than HEAD_TIMEOUT or whose body brings less than BODY_PROGRESS_BYTES in
+    BODY_TIMEOUT, and one whose head has a bare CR or LF. Everything else is passed on to
+    aiohttp unchanged."""
 
     def __init__(self, inner: asyncio.Protocol) -> None:
         self.inner = inner
@@ -104,6 +137,7 @@ class _ApiConnection(asyncio.Protocol):
         self.state = "head"  # "head", "body" or "off"
         self.head = bytearray()
         self.body_left = 0
+        self.body_progress = 0  # body bytes since the body timer was last armed
         self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -125,7 +159,10 @@ class _ApiConnection(asyncio.Protocol):
         self.inner.resume_writing()
 
     def data_received(self, data: bytes) -> None:
-        self._watch(data)
+        if not self._watch(data):
+            assert self.transport is not None
+            self.transport.abort()  # aiohttp may be answering an earlier request: no 400 of ours
+            return
         self.inner.data_received(data)
 
     def _stop_timer(self) -> None:
@@ -133,15 +170,26 @@ class _ApiConnection(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
 
-    def _watch(self, data: bytes) -> None:
+    def _arm_body_timer(self) -> None:
+        self._stop_timer()
+        self.body_progress = 0
+        if self.transport is not None:
+            self.timer = asyncio.get_running_loop().call_later(BODY_TIMEOUT, self.transport.abort)
+
+    def _watch(self, data: bytes) -> bool:
+        """Follow the request heads and bodies in data; False for a head that must not reach aiohttp."""
         view = memoryview(data)
         while view and self.state != "off":
             if self.state == "body":
                 taken = min(self.body_left, len(view))
                 self.body_left -= taken
+                self.body_progress += taken
                 view = view[taken:]
                 if not self.body_left:
+                    self._stop_timer()
                     self.state = "head"
+                elif self.body_progress >= BODY_PROGRESS_BYTES:
+                    self._arm_body_timer()  # progress: a new window
                 continue
             start = len(self.head)
             self.head += view
@@ -152,16 +200,21 @@ class _ApiConnection(asyncio.Protocol):
                 elif self.timer is None and self.transport is not None:
                     # Armed only for a head that did not come whole: most do, and pay no timer.
                     self.timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, self.transport.close)
-                return
+                return True
             self._stop_timer()
             head, rest = bytes(self.head[: end + 4]).lower(), view[end + 4 - start :]
             self.head = bytearray()
+            if _BARE_CR_OR_LF.search(head.lstrip(b"\r\n")):
+                return False
             length = re.search(rb"\r\ncontent-length:[ \t]*([0-9]+)", head)
             if b"\r\ntransfer-encoding:" in head or b"\r\nupgrade:" in head:
                 self.state = "off"
             elif length is not None and int(length.group(1)):
                 self.state, self.body_left = "body", int(length.group(1))
+                # Armed for every body, unlike the head timer: a body is where a slow client waits.
+                self._arm_body_timer()
             view = rest
+        return True
 
 
 class FrontDoor:
@@ -172,9 +225,27 @@ class FrontDoor:
         self.backend = backend
         self.counters = counters
         self._connections: set[asyncio.Task[None]] = set()
+        # Unproven connections, oldest first (a dict keeps insertion order).
+        self._unproven: dict[object, asyncio.Transport] = {}
 
     def protocol(self) -> asyncio.Protocol:
         return _FirstHead(self)
+
+    def admit(self, key: object, transport: asyncio.Transport) -> None:
+        """A new, unproven connection: room is made by closing the oldest unproven ones."""
+        while len(self._unproven) >= MAX_UNAUTHENTICATED:
+            oldest = next(iter(self._unproven))
+            # abort, not close: no TLS goodbye or buffered bytes keep the descriptor open.
+            self._unproven.pop(oldest).abort()
+        self._unproven[key] = transport
+
+    def proven(self, key: object) -> None:
+        """The connection completed a head (API, shell), passed a token check, or ended."""
+        self._unproven.pop(key, None)
+
+    @property
+    def unproven_count(self) -> int:
+        return len(self._unproven)
 
     def hand_to_app(self, transport: asyncio.Transport, received: bytes) -> None:
         protocol = _ApiConnection(self.app_server())
@@ -182,7 +253,9 @@ class FrontDoor:
         protocol.connection_made(transport)
         protocol.data_received(received)
 
-    def serve_endpoint(self, transport: asyncio.Transport, hostname: str, received: bytes) -> None:
+    def serve_endpoint(
+        self, key: object, transport: asyncio.Transport, hostname: str, received: bytes
+    ) -> None:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=MAX_HEAD_BYTES, loop=loop)
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
@@ -190,11 +263,14 @@ class FrontDoor:
         protocol.connection_made(transport)
         protocol.data_received(received)
         writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-        task = loop.create_task(
-            self._serve(EndpointConnection(self.backend, hostname, reader, writer, self.counters))
+        connection = EndpointConnection(
+            self.backend, hostname, reader, writer, self.counters, authenticated=lambda: self.proven(key)
         )
+        task = loop.create_task(self._serve(connection))
         self._connections.add(task)
         task.add_done_callback(self._connections.discard)
+        # The connection stays unproven until a token passes; it leaves the count when it ends.
+        task.add_done_callback(lambda _task: self.proven(key))
 
     async def _serve(self, connection: EndpointConnection) -> None:
         try:

@@ -13,7 +13,16 @@ import h2.connection
 import h2.events
 import h2.exceptions
 
-from openmicrovm.endpoint.http1 import CHUNK_SIZE, RELAY_CHUNK, Framing, Head, ProtocolError, exactly
+from openmicrovm.endpoint.http1 import (
+    RELAY_CHUNK,
+    BodyProgress,
+    BodyTimeout,
+    Framing,
+    Head,
+    ProtocolError,
+    chunked_pieces,
+    exactly,
+)
 
 # Headers that mean something only to one HTTP/1.1 hop, and that HTTP/2 forbids.
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "host", "te"}
@@ -32,24 +41,18 @@ class UpstreamNotH2(Exception):
     """The app did not answer in HTTP/2."""
 
 
-async def decoded_body(framing: Framing, reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
-    """The request body's bytes, without HTTP/1.1 chunked framing."""
+async def decoded_body(
+    framing: Framing, reader: asyncio.StreamReader, progress: BodyProgress | None = None
+) -> AsyncIterator[bytes]:
+    """The request body's bytes, without HTTP/1.1 chunked framing (checked as strictly as a
+    relayed one: the same parser)."""
     if framing.kind == "length":
-        async for data in exactly(reader, framing.length, "a body (before its Content-Length)"):
+        async for data in exactly(reader, framing.length, "a body (before its Content-Length)", progress):
             yield data
     elif framing.kind == "chunked":
-        while True:
-            line = await reader.readuntil(b"\r\n")
-            match = CHUNK_SIZE.fullmatch(line[:-2])
-            if match is None:
-                raise ProtocolError(f"malformed chunk size line {line[:40]!r}")
-            size = int(match.group(1), 16)
-            if size == 0:
-                while await reader.readuntil(b"\r\n") != b"\r\n":
-                    pass
-                return
-            yield await reader.readexactly(size)
-            await reader.readexactly(2)
+        async for piece, is_data in chunked_pieces(reader, progress):
+            if is_data:
+                yield piece
 
 
 class H2Exchange:
@@ -63,6 +66,10 @@ class H2Exchange:
         )
         self.window_opened = asyncio.Event()
         self.events: asyncio.Queue[h2.events.Event | None] = asyncio.Queue()
+        # Why the client's body could not be read, if it could not: the exchange ends with it
+        # rather than waiting for an app that waits for the rest of the body.
+        self.body_error: ProtocolError | BodyTimeout | None = None
+        self.responded = False  # whether the client has been sent a response head
 
     def _flush(self) -> None:
         data = self.connection.data_to_send()
@@ -90,7 +97,20 @@ class H2Exchange:
         finally:
             self.events.put_nowait(None)
 
+    async def _next_event(self) -> h2.events.Event | None:
+        event = await self.events.get()
+        if self.body_error is not None:
+            raise self.body_error
+        return event
+
     async def _send_body(self, body: AsyncIterator[bytes]) -> None:
+        try:
+            await self._send_all(body)
+        except (ProtocolError, BodyTimeout) as error:
+            self.body_error = error
+            self.events.put_nowait(None)
+
+    async def _send_all(self, body: AsyncIterator[bytes]) -> None:
         async for piece in body:
             view = memoryview(piece)
             while view:
@@ -126,21 +146,33 @@ class H2Exchange:
         receiving = asyncio.ensure_future(self._receive())
         sending = asyncio.ensure_future(self._send_body(body)) if body is not None else None
         try:
-            first = await self.events.get()
+            first = await self._next_event()
             if not isinstance(first, h2.events.ResponseReceived):
                 raise UpstreamNotH2("the app did not answer with HTTP/2 response headers")
             status = "200"
-            lines = []
             for name, value in first.headers:
                 if name == ":status":
                     status = value
-                elif not name.startswith(":") and name not in _HOP_BY_HOP:
-                    lines.append(f"{name}: {value}")
-            lines.append("transfer-encoding: chunked")
+            # No body follows a HEAD, 204 or 304: no framing either (a chunked terminator
+            # would be read as the start of the next response).
+            bodyless = method == "HEAD" or status in ("204", "304")
+            lines = []
+            for name, value in first.headers:
+                # The body is re-framed as chunked: the app's Content-Length must not go with it
+                # (a client is never sent both, RFC 9112 §6.3).
+                if name.startswith(":") or name in _HOP_BY_HOP or (name == "content-length" and not bodyless):
+                    continue
+                lines.append(f"{name}: {value}")
+            if not bodyless:
+                lines.append("transfer-encoding: chunked")
             response = f"HTTP/1.1 {status} {_reason(status)}\r\n" + "\r\n".join(lines) + "\r\n\r\n"
             client.write(response.encode("latin-1"))
             count(response.encode("latin-1"))
-            while (event := await self.events.get()) is not None:
+            self.responded = True
+            if bodyless:
+                await client.drain()
+                return
+            while (event := await self._next_event()) is not None:
                 if isinstance(event, h2.events.DataReceived) and event.data:
                     framed = b"%x\r\n%s\r\n" % (len(event.data), event.data)
                     client.write(framed)

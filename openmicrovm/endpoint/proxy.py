@@ -2,10 +2,12 @@
 (spec §5.3, appendix B).
 
 Per request: check the token (header or WebSocket subprotocol), choose the port (X-aws-proxy-port,
-then the lambda-microvms.port.N subprotocol, then 8080), make sure the MicroVM is running
+then the lambda-microvms.port.N subprotocol, then 8080), check that the MicroVM's ingress
+connectors let HTTP in (HTTP_INGRESS or ALL_INGRESS), make sure the MicroVM is running
 (holding the request through PENDING or an auto-resume), strip every X-aws-proxy-* header and our
 subprotocols, and relay the request and the response as bytes, unbuffered. An upgrade (WebSocket,
-h2c) becomes a raw tunnel. Every relayed byte counts as activity for the idle timer.
+h2c) becomes a raw tunnel, which ends when the token that opened it expires. Every relayed byte
+counts as activity for the idle timer.
 """
 
 from __future__ import annotations
@@ -14,15 +16,19 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from openmicrovm.endpoint.backend import EndpointBackend, Target, Unreachable
 from openmicrovm.endpoint.h2c import H2Exchange, UpstreamNotH2, decoded_body
 from openmicrovm.endpoint.http1 import (
+    BodyProgress,
+    BodyTimeout,
     Framing,
     Head,
     ProtocolError,
+    drop_conflicting_length,
     parse_head,
     pipe,
     read_head,
@@ -31,6 +37,7 @@ from openmicrovm.endpoint.http1 import (
     response_framing,
     simple_response,
 )
+from openmicrovm.endpoint.websocket import POLICY_VIOLATION, TOKEN_EXPIRED, FrameBoundaries, close_frame
 from openmicrovm.runtime.driver import PortNotListening, TooManyConnections
 from openmicrovm.service.token_seal import TokenClaims, TokenError
 
@@ -44,6 +51,11 @@ PORT_HEADER = "x-aws-proxy-port"
 SUBPROTOCOL_PREFIX = "lambda-microvms"
 MISSING_AUTH = b"Request missing authentication"
 AUTH_FAILED = b"Token authentication failed"
+# AWS records no text for these; a 403 that says which connector is missing.
+NO_HTTP_INGRESS = b"This MicroVM was run without HTTP_INGRESS or ALL_INGRESS: its endpoint takes no requests"
+NO_SHELL_INGRESS = b"This MicroVM was run without SHELL_INGRESS or ALL_INGRESS: it has no shell"
+
+_T = TypeVar("_T")
 
 
 class Refusal(Exception):
@@ -145,12 +157,16 @@ class EndpointConnection:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         counters: Counters,
+        authenticated: Callable[[], None] = lambda: None,
     ) -> None:
         self.backend = backend
         self.hostname = hostname
         self.reader = reader
         self.writer = writer
         self.counters = counters
+        # Called when a request on this connection first passes its token check (the front door
+        # caps connections that have not).
+        self.authenticated = authenticated
         # An idle upstream connection kept for the next request: (port, reader, writer).
         self._upstream: tuple[int, asyncio.StreamReader, asyncio.StreamWriter] | None = None
 
@@ -228,19 +244,24 @@ class EndpointConnection:
                 raise Refusal(400, "Bad Request", b"exactly one Host header is required", close=True)
             framing = request_framing(head)
             port = choose_port(head)
-            authorize(self.backend, target, head, "endpoint", port)
+            claims = authorize(self.backend, target, head, "endpoint", port)
             assert target is not None
-            if "NO_INGRESS" in target.ingress:
-                raise Refusal(403, "Forbidden", AUTH_FAILED)
+            # An allow-list: NO_INGRESS, SHELL_INGRESS alone, or no connector at all lets no HTTP in.
+            if not target.http_ingress:
+                raise Refusal(403, "Forbidden", NO_HTTP_INGRESS)
+            self.authenticated()
             try:
                 await self.backend.ready(target)
             except Unreachable:
                 raise Refusal(502, "Bad Gateway", close=True) from None
             if (head.get(FORCE_H2_HEADER) or "").strip().lower() == "true":
                 return await self._proxy_h2(target, head, framing, port)
-            return await self._proxy(target, head, framing, port)
+            return await self._proxy(target, head, framing, port, claims.expires_at)
         except ProtocolError as error:
             self.writer.write(simple_response(400, "Bad Request", str(error).encode(), close=True))
+            return False
+        except BodyTimeout as error:
+            self.writer.write(simple_response(408, "Request Timeout", str(error).encode(), close=True))
             return False
         except Refusal as refusal:
             # A refused request's body is not read: the connection ends instead.
@@ -251,7 +272,9 @@ class EndpointConnection:
                 self.counters.on_request(target.microvm_id, refusal.status)
             return not close
 
-    async def _proxy(self, target: Target, head: Head, framing: Framing, port: int) -> bool:
+    async def _proxy(
+        self, target: Target, head: Head, framing: Framing, port: int, expires_at: float
+    ) -> bool:
         vm = target.microvm_id
         request_id = str(uuid.uuid4())
         method = head.start[0]
@@ -264,9 +287,13 @@ class EndpointConnection:
             up_reader, up_writer, reused = await self._upstream_for(vm, port)
             up_writer.write(serialized)
             count(serialized)
-            sending = asyncio.ensure_future(relay_body(framing, self.reader, up_writer, count))
+            sending = asyncio.ensure_future(
+                relay_body(framing, self.reader, up_writer, count, BodyProgress())
+            )
             try:
-                raw, response, status = await self._response_head(up_reader, count)
+                raw, response, status = await _unless_body_fails(
+                    self._response_head(up_reader, count), sending
+                )
             except (ConnectionError, OSError):
                 # The app's side broke before it answered (reset, the sandbox died): a 502, never silence.
                 sending.cancel()
@@ -284,20 +311,32 @@ class EndpointConnection:
             if not (reused and attempt == 1 and framing.kind == "none"):
                 raise Refusal(502, "Bad Gateway", close=True)
         assert raw is not None and response is not None
+        # Both framings from the app: its Transfer-Encoding frames the body and its
+        # Content-Length is dropped (RFC 9112 §6.3) rather than the response refused, since the
+        # message is well defined; but what the app sends after it on this connection is not,
+        # so the connection to the app is not kept.
+        conflicting = drop_conflicting_length(response)
+        if conflicting:
+            raw = response.serialize()
         self.counters.on_request(vm, status)
         self.writer.write(raw)
         count(raw)
         if status == 101 and upgrade:
-            await self._tunnel(up_reader, up_writer, count, sending)
+            websocket = (response.get("upgrade") or "").strip().lower() == "websocket"
+            await self._tunnel(up_reader, up_writer, count, sending, expires_at, websocket)
             return False
         body = response_framing(response, method)
-        await relay_body(body, up_reader, self.writer, count)
         try:
+            await _unless_body_fails(relay_body(body, up_reader, self.writer, count), sending)
             await asyncio.wait_for(sending, HEAD_TIMEOUT)
-        except (TimeoutError, ProtocolError):
+        except (TimeoutError, ProtocolError, BodyTimeout):
+            # The response has begun: no status can be sent any more, the connection ends.
+            sending.cancel()
             up_writer.close()
             return False
-        upstream_reusable = body.kind != "close" and "close" not in response.connection_tokens()
+        upstream_reusable = (
+            body.kind != "close" and "close" not in response.connection_tokens() and not conflicting
+        )
         if upstream_reusable:
             self._upstream = (port, up_reader, up_writer)
         else:
@@ -311,11 +350,16 @@ class EndpointConnection:
         _strip_for_app(head, str(uuid.uuid4()))
         count = self._counter(vm)
         up_reader, up_writer = await self._open_upstream(vm, port)
-        body = decoded_body(framing, self.reader) if framing.kind != "none" else None
+        body = decoded_body(framing, self.reader, BodyProgress()) if framing.kind != "none" else None
+        exchange = H2Exchange(up_reader, up_writer)
         try:
-            await H2Exchange(up_reader, up_writer).run(head, authority, body, self.writer, count)
+            await exchange.run(head, authority, body, self.writer, count)
         except UpstreamNotH2:
             raise Refusal(502, "Bad Gateway", close=True) from None
+        except (ProtocolError, BodyTimeout):
+            if exchange.responded:  # too late for a status: the connection ends
+                return False
+            raise
         self.counters.on_request(vm, 200)
         return _client_keeps_alive(head)
 
@@ -334,6 +378,8 @@ class EndpointConnection:
             response = parse_head(raw, request=False)
             status = int(response.start[1])
             if 100 <= status < 200 and status != 101:
+                if drop_conflicting_length(response):  # never both to a client, even here
+                    raw = response.serialize()
                 self.writer.write(raw)
                 count(raw)
                 continue
@@ -345,11 +391,52 @@ class EndpointConnection:
         up_writer: asyncio.StreamWriter,
         count: Callable[[bytes], None],
         sending: asyncio.Future[None],
+        expires_at: float,
+        websocket: bool,
     ) -> None:
+        """Relay both ways until either side ends, or until the token that opened the tunnel
+        expires: a tunnel is not re-checked like a request, so its token's lifetime bounds it
+        (issue 11; AWS lets such streams run on). A WebSocket client then gets a close frame
+        (1008, "token expired") when the app is between frames, so it knows to get a new token."""
         sending.cancel()
+        boundaries = FrameBoundaries()
+
+        def to_client(piece: bytes) -> None:
+            boundaries.feed(piece)
+            count(piece)
+
         # Bytes the client sent after its upgrade request may already be buffered in our reader.
-        await asyncio.gather(pipe(self.reader, up_writer, count), pipe(up_reader, self.writer, count))
-        up_writer.close()
+        relaying = asyncio.gather(
+            pipe(self.reader, up_writer, count), pipe(up_reader, self.writer, to_client)
+        )
+        try:
+            async with asyncio.timeout(max(expires_at - self.backend.service.clock(), 0.0)):
+                await relaying
+        except TimeoutError:
+            if websocket and boundaries.at_boundary and not self.writer.is_closing():
+                self.writer.write(close_frame(POLICY_VIOLATION, TOKEN_EXPIRED))
+                with contextlib.suppress(ConnectionError, OSError):
+                    await asyncio.wait_for(self.writer.drain(), 5)
+        finally:
+            up_writer.close()
+
+
+async def _unless_body_fails(awaitable: Awaitable[_T], sending: asyncio.Future[None]) -> _T:
+    """The awaitable's result, unless the client's request body proves malformed or too slow
+    first (its ProtocolError or BodyTimeout is raised then): an app still waiting for the rest
+    of that body would never answer, and the client would wait as long."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        while not task.done():
+            waited: set[asyncio.Future[Any]] = {task} if sending.done() else {task, sending}
+            await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
+            if sending.done() and not sending.cancelled():
+                error = sending.exception()
+                if isinstance(error, ProtocolError | BodyTimeout):
+                    raise error
+        return task.result()
+    finally:
+        task.cancel()
 
 
 def _client_keeps_alive(head: Head) -> bool:

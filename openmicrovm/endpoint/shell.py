@@ -2,7 +2,8 @@
 
 Authentication is a shell token (CreateMicrovmShellAuthToken) in X-aws-proxy-auth or in the
 `lambda-microvms.authentication.<token>` subprotocol; the MicroVM must have been run with the
-SHELL_INGRESS connector. Frames:
+SHELL_INGRESS (or ALL_INGRESS) connector. The session ends when the token expires: the socket is
+closed with code 1008 and the reason "token expired". Frames:
 - server → client: first a text frame {"type": "session_init", "microvmId", "sessionId"}; then
   binary frames of terminal output; last a text frame {"type": "exit", "status": n} before close.
 - client → server: binary (or text) frames are keystrokes; a text frame
@@ -21,7 +22,8 @@ from aiohttp import WSMsgType, web
 from openmicrovm.endpoint.backend import EndpointBackend, Unreachable
 from openmicrovm.endpoint.front_door import endpoint_hostname
 from openmicrovm.endpoint.http1 import Head
-from openmicrovm.endpoint.proxy import AUTH_FAILED, Refusal, authorize
+from openmicrovm.endpoint.proxy import NO_SHELL_INGRESS, Refusal, authorize
+from openmicrovm.endpoint.websocket import POLICY_VIOLATION, TOKEN_EXPIRED
 from openmicrovm.service.tokens import SHELL_PORT
 
 
@@ -35,10 +37,10 @@ async def shell_handler(backend: EndpointBackend, request: web.Request) -> web.S
     target = backend.lookup(hostname) if hostname else None
     head = Head(("GET", request.path_qs, "HTTP/1.1"), list(request.headers.items()))
     try:
-        authorize(backend, target, head, "shell", SHELL_PORT)
+        claims = authorize(backend, target, head, "shell", SHELL_PORT)
         assert target is not None
-        if "SHELL_INGRESS" not in target.ingress:
-            raise Refusal(403, "Forbidden", AUTH_FAILED)
+        if not target.shell_ingress:
+            raise Refusal(403, "Forbidden", NO_SHELL_INGRESS)
         try:
             await backend.ready(target)
         except Unreachable:
@@ -67,7 +69,13 @@ async def shell_handler(backend: EndpointBackend, request: web.Request) -> web.S
         await socket.send_str(json.dumps({"type": "exit", "status": status}))
         await socket.close()  # ends the input loop below
 
+    async def expire() -> None:
+        # A terminal outlives no token: the session ends when the token that opened it expires.
+        await asyncio.sleep(max(claims.expires_at - backend.service.clock(), 0.0))
+        await socket.close(code=POLICY_VIOLATION, message=TOKEN_EXPIRED.encode())
+
     pumping = asyncio.ensure_future(output())
+    expiring = asyncio.ensure_future(expire())
     try:
         async for message in socket:
             if message.type == WSMsgType.BINARY:
@@ -80,10 +88,11 @@ async def shell_handler(backend: EndpointBackend, request: web.Request) -> web.S
                     await session.resize(int(control.get("rows", 24)), int(control.get("cols", 80)))
             backend.record_activity(target.microvm_id)
     finally:
-        if not pumping.done():
-            pumping.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
-            await pumping
+        for task in (pumping, expiring):
+            if not task.done():
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                await task
         await session.close()
         await socket.close()
     return socket

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from openmicrovm.builder.build_network import allowed_networks
 from openmicrovm.builder.errors import INTERNAL_PLATFORM_ERROR, BuildFailed
 from openmicrovm.builder.outputs import delete_build_outputs_async
 from openmicrovm.builder.pipeline import BuildRequest, run_build
@@ -35,6 +36,9 @@ class BuildEngine:
         self.builds_dir = service.settings.data_dir / "builds"
         self.work_dir = service.settings.data_dir / "work"
         self._slots = asyncio.Semaphore(max(service.settings.quotas.concurrent_builds, 1))
+        # Parsed once, here, so that an invalid entry stops the server at start (EgressSettingError)
+        # rather than failing every build.
+        self.egress_allow = allowed_networks(service.settings.egress_allow_networks)
         self._tasks: set[asyncio.Task[None]] = set()
         self._running: dict[str, asyncio.Task[None]] = {}
 
@@ -116,11 +120,13 @@ class BuildEngine:
             work_dir=work,
             output_dir=output,
             cache_dir=self.service.settings.cache_dir,
+            artifact_file_roots=self.service.settings.file_artifact_roots,
             limits=UnpackLimits(
                 max_total_bytes=self.service.settings.max_artifact_bytes,
                 max_files=self.service.settings.max_artifact_files,
             ),
             dockerfile_timeout_seconds=self.service.settings.max_dockerfile_build_seconds,
+            egress_allow_networks=self.egress_allow,
         )
         write(f"build {build_id} of {job.image_arn} version {job.version} ({job.architecture}) started")
         try:

@@ -4,7 +4,8 @@
 
 "auto" picks gvisor when runsc is installed and usable here, else process. Drivers accept
 keyword options (memory_reserve_mib, start_timeout, exit_grace, suspend_to_disk_after,
-restore_pool_size; see base.BaseDriver; gvisor also runsc and runsc_platform, see gvisor.py).
+restore_pool_size; see base.BaseDriver; gvisor also runsc, runsc_platform and
+egress_allow_networks, see gvisor.py).
 Call `await driver.close()` when the server stops.
 
 Modules: driver (the interface), gvisor / process (the drivers), base (what they share), pool (warm
@@ -40,7 +41,18 @@ from .host import HostReport, describe_host, missing_for
 log = logging.getLogger("openmicrovm.runtime")
 
 DRIVER_NAMES = ("gvisor", "process")
-GVISOR_ONLY_OPTIONS = ("runsc", "runsc_platform")
+# egress_allow_networks: the process driver gives sandboxes no outbound network to open.
+GVISOR_ONLY_OPTIONS = ("runsc", "runsc_platform", "egress_allow_networks")
+# What an operator loses with the process driver: said with the fallback to it (a WARNING).
+PROCESS_DRIVER_LIMITS = (
+    "isolates less than gVisor: apps run on the host's kernel behind Linux namespaces, a user "
+    "namespace, a seccomp filter and a reduced capability set, instead of on gVisor's own kernel, "
+    "so a bug in the host kernel's system calls is a way out; has no memory snapshots (every "
+    "restore cold-starts the app on its files, losing what it held in memory, and suspend keeps "
+    "the memory resident); gives MicroVMs no internet egress; and refuses "
+    "additionalOsCapabilities ALL. Install runsc (apt-get install runsc, or `openmicrovm doctor`) "
+    "for the gvisor driver"
+)
 
 __all__ = [
     "DRIVER_NAMES",
@@ -72,7 +84,11 @@ def make_driver(name: str, state_root: Path, cache_dir: Path, **options: object)
         if not problems:
             name = "gvisor"
         else:
-            log.info("gvisor driver unavailable (%s); using the process driver", "; ".join(problems))
+            log.warning(
+                "gvisor driver unavailable (%s); falling back to the process driver, which %s",
+                "; ".join(problems),
+                PROCESS_DRIVER_LIMITS,
+            )
             name = "process"
     if name not in DRIVER_NAMES:
         raise DriverError(f"unknown sandbox driver {name!r}; choose auto, {', '.join(DRIVER_NAMES)}")

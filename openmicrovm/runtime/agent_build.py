@@ -1,6 +1,8 @@
-"""Building the small C helpers: the guest agent (agent/agent.c) and the host shim (agent/shim.c).
+"""Building the small C helpers: the guest agent (agent/agent.c), the host shim (agent/shim.c) and
+the idmapped-mount tool (agent/idmap.c, which mounts image root filesystems with their owners
+shifted; Debian 12's mount(8) cannot).
 
-Both are static binaries, so the agent runs in any image whatever its libc. Each is cached under
+All are static binaries, so the agent runs in any image whatever its libc. Each is cached under
 <cache_dir>/<name>/<hash of source and flags>/<binary>, so a changed source gets a new path and
 snapshots made with an older agent keep theirs.
 """
@@ -22,7 +24,8 @@ from .driver import DriverError
 COMPILER_FLAGS = ("-static", "-O2", "-Wall", "-Wextra", "-Werror")
 AGENT = "agent"
 SHIM = "shim"
-_BINARY_NAMES = {AGENT: "omv-agent", SHIM: "omv-shim"}
+IDMAP = "idmap"
+_BINARY_NAMES = {AGENT: "omv-agent", SHIM: "omv-shim", IDMAP: "omv-idmap"}
 
 
 def source(name: str = AGENT) -> bytes:
@@ -44,6 +47,10 @@ async def ensure_agent(cache_dir: Path) -> Path:
 
 async def ensure_shim(cache_dir: Path) -> Path:
     return await ensure_binary(cache_dir, SHIM)
+
+
+async def ensure_idmap(cache_dir: Path) -> Path:
+    return await ensure_binary(cache_dir, IDMAP)
 
 
 async def ensure_binary(cache_dir: Path, name: str) -> Path:

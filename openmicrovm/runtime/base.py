@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from openmicrovm.private_files import write_private_file
+
 from . import agent_client, cgroups, names, netns, proc, rootfs
 from .agent_client import AgentAddress
 from .driver import (
@@ -114,12 +116,9 @@ class SnapshotMeta:
 
 
 def write_private(path: Path, text: str) -> None:
-    """Atomic write readable by root only (records hold the agent secret)."""
-    temp = path.with_name(path.name + ".tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(temp, path)
+    """Atomic, durable write readable by root only (records hold the agent secret): a crash leaves
+    the old record or the new one, never a truncated one (about 1 ms of fsync here)."""
+    write_private_file(path, text.encode())
 
 
 def read_snapshot_meta(snapshot_dir: Path, driver: str) -> SnapshotMeta:

@@ -342,6 +342,23 @@ def all_hierarchies() -> list[Path]:
     return points
 
 
+def v1_controller_mount(controller: str) -> Path | None:
+    """The mount point of a cgroup v1 controller's hierarchy (e.g. `devices`, which the limits above
+    do not use), or None where it is not mounted (cgroup v2 has no such controller)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            left, _, right = line.partition(" - ")
+            fields, rest = left.split(), right.split()
+            if (
+                len(fields) >= 5
+                and len(rest) >= 3
+                and rest[0] == "cgroup"
+                and controller in rest[2].split(",")
+            ):
+                return Path(fields[4])
+    return None
+
+
 def leftover_dirs(parent: str) -> list[Path]:
     return [mount / parent for mount in all_hierarchies() if (mount / parent).is_dir()]
 

@@ -60,6 +60,10 @@ class SandboxSpec:
     # host, link-local, other sandboxes or operator-denied networks. Drivers without
     # DriverCapabilities.internet_egress run the sandbox without egress.
     egress: bool = False
+    # How the rootfs is owned on the host: container id N is host id rootfs_id_base + N
+    # (openmicrovm.idmap). 0: owned by the container's own ids (versions built before builds ran in
+    # a user namespace). Drivers show the files to the app with container ids either way.
+    rootfs_id_base: int = 0
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,14 @@ the host treats it exactly as a build's (builder/build_network.egress_ruleset): 
 the host itself (loopback services, any host address) is accepted, link-local 169.254.0.0/16
 (cloud metadata), loopback, multicast and reserved space, other sandboxes' uplinks, builds and
 the networks of $OPENMICROVM_MICROVM_EGRESS_DENY and $OPENMICROVM_BUILD_EGRESS_DENY are refused,
-and the rest is masqueraded behind the host's address.
+so is private and shared address space (10/8, 172.16/12, 192.168/16, 100.64/10, fc00::/7) except
+the networks the driver is told to allow (the setting egress_allow_networks) and port 53 of the
+resolvers the sandbox is given (the host's, read when the uplink is made, as the sandbox's
+resolv.conf is), and the rest is masqueraded behind the host's address. Sandboxes have no IPv6:
+no address on either veth, and the peer namespace forwards IPv4 only.
+
+Sandboxes outlive the server, and their tables with them: refresh() rewrites an adopted sandbox's
+table, so that a restarted server's allowed networks (and these rules) hold for it too.
 
 The switch is the peer namespace's default route through the uplink: an uplink is made without it
 (a warm pool sandbox gets its uplink while it waits, before anyone knows whether its MicroVM wants
@@ -36,11 +43,11 @@ import ipaddress
 import logging
 import os
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 from openmicrovm.builder import build_network as shared
-from openmicrovm.builder.build_network import BuildNetworkError
+from openmicrovm.builder.build_network import BuildNetworkError, IPNetwork
 
 from . import netns
 from .driver import DriverError
@@ -176,7 +183,25 @@ async def enable(peer_netns: str, index: int) -> None:
         raise DriverError(f"cannot switch the egress of {peer_netns} on: {error}") from None
 
 
-async def _wire(index: int, peer_netns: str) -> None:
+async def _install_table(index: int, allowed: Sequence[IPNetwork]) -> None:
+    """Write (or atomically replace: one nft transaction adds, deletes and remakes it) the host's
+    table of uplink `index`."""
+    table = table_name(index)
+    _, resolvers = shared.build_resolv_conf("a MicroVM")
+    ruleset = shared.egress_ruleset(
+        table, host_link(index), uplink_subnet(index), _denials(), allowed, resolvers
+    )
+    await _command(["nft", "-f", "-"], f"table inet {table}\ndelete table inet {table}\n{ruleset}")
+
+
+async def refresh(index: int, allowed: Sequence[IPNetwork]) -> None:
+    """Apply the current rules and `allowed` networks to the uplink of an adopted sandbox, whose
+    table an earlier server made."""
+    if Path("/sys/class/net", host_link(index)).exists():
+        await _install_table(index, allowed)
+
+
+async def _wire(index: int, peer_netns: str, allowed: Sequence[IPNetwork]) -> None:
     slot = uplink_subnet(index)
     host_cidr, peer_cidr = f"{slot.network_address + 1}/30", f"{slot.network_address + 2}/30"
     link = host_link(index)
@@ -195,8 +220,7 @@ async def _wire(index: int, peer_netns: str) -> None:
     except OSError as error:
         raise DriverError(f"cannot enable forwarding in {peer_netns}: {error}") from None
     await _command(["ip", "netns", "exec", peer_netns, "nft", "-f", "-"], _peer_ruleset())
-    ruleset = shared.egress_ruleset(table_name(index), link, slot, _denials())
-    await _command(["nft", "-f", "-"], ruleset)
+    await _install_table(index, allowed)
 
 
 _host_prepared = False
@@ -217,16 +241,17 @@ async def _prepare_host() -> None:
     _host_prepared = True
 
 
-async def attach(peer_netns: str, on_lease: Callable[[int], None]) -> int:
+async def attach(peer_netns: str, on_lease: Callable[[int], None], allowed: Sequence[IPNetwork] = ()) -> int:
     """Give peer_netns (which must exist) an uplink, switched off (see enable()); returns its slot.
     on_lease(slot) runs once the slot is leased, before anything is made, so that the caller can
-    record it and remove() finds everything even after a failure half way."""
+    record it and remove() finds everything even after a failure half way. allowed: the private
+    networks the sandbox may reach (build_network.allowed_networks); none by default."""
     await _prepare_host()
     async with _host_lock():
         index = _take_lease(peer_netns)
     on_lease(index)
     try:
-        await _wire(index, peer_netns)
+        await _wire(index, peer_netns, allowed)
     except BaseException:
         await remove(index)
         raise

@@ -72,9 +72,11 @@ import json
 import os
 import shutil
 import socket
+from collections.abc import Iterable
 from pathlib import Path
 
-from openmicrovm.builder.build_network import build_resolv_conf
+from openmicrovm.builder.build_network import allowed_networks, build_resolv_conf
+from openmicrovm.idmap import ID_COUNT
 
 from . import agent_build, agent_client, egress, names, netns, oci, proc, rootfs
 from . import runsc as runsc_binaries
@@ -128,12 +130,18 @@ CHECKPOINT_DONE = "checkpoint.done"
 RESTORE_DONE = "restore.done"
 # How long adopt() waits for a checkpoint or restore that a killed server left running.
 HELPER_WAIT_SECONDS = 300.0
+MAX_ID = 2**32 - 2  # the highest uid/gid: (uid_t)-1 is no id
 
 # Runs every runsc command: hides /proc/sys/net (see the module docstring) and, for run/restore,
 # first joins the sandbox's cgroups and mounts its root (see _root_options), with the host's
 # resolvers in its /etc/resolv.conf when the host has reachable ones ($OMV_RESOLV, written to the
 # root's throwaway upper layer, never to the image; the link is removed first so that a symlink
-# in the image cannot point the write at a host file). The mounts live in the
+# in the image cannot point the write at a host file). With $OMV_IDMAP set (an image owned by
+# shifted host ids, SandboxSpec.rootfs_id_base) the overlay's lower layer is an idmapped mount of
+# the image that shows those files with container ids (omv-idmap, agent/idmap.c); the overlay is
+# then nosuid and nodev too, since through it an image's setuid file now looks owned by host root,
+# and the host kernel would honour it (gVisor applies setuid bits itself, from the mode bits, and
+# runs no host binary from the image). The mounts live in the
 # launcher's private mount namespace, which runsc's processes inherit, so the host never sees them
 # and they vanish with the sandbox. With $OMV_DONE set it stays to write its pid to $OMV_DONE.pid
 # first and the marker $OMV_DONE once the command succeeded (crash safety, see above).
@@ -141,7 +149,11 @@ _LAUNCHER = (
     'if [ -n "$OMV_ROOT" ]; then '
     'for f in $OMV_JOIN; do echo $$ > "$f" || exit 125; done; '
     'mount -t tmpfs -o size=1m,mode=0755 omv-stub "$OMV_STUB" && mkdir "$OMV_STUB/u" "$OMV_STUB/w" && '
-    'mount -t overlay omv-root -o "lowerdir=$OMV_IMAGE,upperdir=$OMV_STUB/u,workdir=$OMV_STUB/w" "$OMV_ROOT" '
+    "lower=$OMV_IMAGE && flags= && "
+    'if [ -n "$OMV_IDMAP" ]; then mkdir "$OMV_STUB/image" && '
+    '"$OMV_IDMAP" "$OMV_IMAGE" "$OMV_STUB/image" "$OMV_ID_BASE" 0 "$OMV_ID_COUNT" && '
+    "lower=$OMV_STUB/image && flags=nosuid,nodev,; fi && "
+    'mount -t overlay omv-root -o "${flags}lowerdir=$lower,upperdir=$OMV_STUB/u,workdir=$OMV_STUB/w" "$OMV_ROOT" '
     "|| exit 125; fi; "
     'if [ -n "$OMV_RESOLV" ] && [ -d "$OMV_ROOT/etc" ] && [ ! -L "$OMV_ROOT/etc" ]; then '
     '{ rm -f "$OMV_ROOT/etc/resolv.conf" && cat "$OMV_RESOLV" > "$OMV_ROOT/etc/resolv.conf"; } 2>/dev/null; fi; '
@@ -173,11 +185,15 @@ class GVisorDriver(BaseDriver):
         *,
         runsc: str | None = None,
         runsc_platform: str | None = None,
+        egress_allow_networks: Iterable[str] = (),
         **options: object,
     ) -> None:
         """runsc: the runsc binary for new sandboxes (default: $OPENMICROVM_RUNSC, else the newest
         that works here); runsc_platform: its platform (default: $OPENMICROVM_RUNSC_PLATFORM, else
-        ptrace; systrap is the other one that works on these hosts)."""
+        ptrace; systrap is the other one that works on these hosts); egress_allow_networks: the
+        private networks sandboxes with egress may reach (the setting of that name; an invalid
+        entry raises EgressSettingError here, at server start)."""
+        self.egress_allow = allowed_networks(egress_allow_networks)
         super().__init__(state_root, cache_dir, **options)  # type: ignore[arg-type]
         try:
             self.runsc = runsc_binaries.choose(runsc, [cache_dir])
@@ -270,14 +286,15 @@ class GVisorDriver(BaseDriver):
         *,
         binary: tuple[Runsc, str] | None = None,
         launcher: bool = False,
-        root_for: Sandbox | None = None,
+        root: dict[str, str] | None = None,
         log_file: Path | None = None,
         shim: Path | None = None,
         done: Path | None = None,
         timeout: float = 120.0,
     ) -> proc.Completed:
-        """Every runsc command goes through here, with a timeout. done (launcher only): the marker
-        to write when the command succeeds (see _LAUNCHER)."""
+        """Every runsc command goes through here, with a timeout. root (launcher only): the
+        sandbox root to mount (_root_options); done (launcher only): the marker to write when the
+        command succeeds (see _LAUNCHER)."""
         argv = self._runsc_argv(binary or self.default_binary, args)
         env = {"PATH": os.environ.get("PATH", rootfs.DEFAULT_PATH)}
         if done is not None:
@@ -294,8 +311,8 @@ class GVisorDriver(BaseDriver):
                 "omv-runsc",
                 *argv,
             ]
-        if root_for is not None:
-            env.update(self._root_options(root_for))
+        if root is not None:
+            env.update(root)
         if shim is not None:
             argv = [str(shim), "--wait", "--", *argv]
         return await proc.run(argv, check=False, timeout=timeout, env=env, stdout_path=log_file)
@@ -319,17 +336,28 @@ class GVisorDriver(BaseDriver):
         a checkpoint and every restore of it see the same root path."""
         return self.state_root / "mnt" / "root"
 
-    def _root_options(self, sandbox: Sandbox) -> dict[str, str]:
+    async def _root_options(self, sandbox: Sandbox) -> dict[str, str]:
         """The sandbox root: a kernel overlay of the image under a throwaway tmpfs. runsc creates
         mount points (/.omv/agent, and /proc, /dev, /sys where an image lacks them) in the root it
-        is given, before its own in-memory overlay applies; this keeps those writes off the image."""
-        return {
+        is given, before its own in-memory overlay applies; this keeps those writes off the image.
+
+        An image owned by shifted host ids (rootfs_id_base) is shown through an idmapped mount with
+        container ids, at every run and every restore alike: a checkpoint records the files' ids
+        as the app saw them, so a restore must see the same ones."""
+        options = {
             "OMV_JOIN": " ".join(str(path) for path in self.cgroup_of(sandbox).procs_files()),
             "OMV_STUB": str(self.state_root / "mnt" / "stub"),
             "OMV_IMAGE": overlay_safe(sandbox.spec.rootfs.resolve()),
             "OMV_ROOT": str(self.root_mount),
             "OMV_RESOLV": self._resolver_file(),
         }
+        id_base = sandbox.spec.rootfs_id_base
+        if id_base:
+            if not 0 < id_base <= MAX_ID + 1 - ID_COUNT:
+                raise DriverError(f"rootfs_id_base {id_base} does not start a range of {ID_COUNT} host ids")
+            tool = await agent_build.ensure_idmap(self.cache_dir)
+            options.update(OMV_IDMAP=str(tool), OMV_ID_BASE=str(id_base), OMV_ID_COUNT=str(ID_COUNT))
+        return options
 
     def _resolver_file(self) -> str:
         """A resolv.conf with the host's resolvers that a sandbox with egress can reach (as a
@@ -350,7 +378,7 @@ class GVisorDriver(BaseDriver):
             args,
             binary=self.binary_of(sandbox),
             launcher=True,
-            root_for=sandbox,
+            root=await self._root_options(sandbox),
             log_file=self.log_path(sandbox),
             shim=await agent_build.ensure_shim(self.cache_dir),
             done=done,
@@ -589,7 +617,7 @@ class GVisorDriver(BaseDriver):
             self.save(sandbox)
 
         peer = self.names_of(sandbox).peer_netns
-        index = await egress.attach(peer, leased)
+        index = await egress.attach(peer, leased, self.egress_allow)
         if sandbox.spec.egress:
             await egress.enable(peer, index)
 
@@ -893,14 +921,32 @@ class GVisorDriver(BaseDriver):
                 await self._settle_resume(sandbox)
             cgroup = self.cgroup_of(sandbox)
             if record.state == "suspended" and record.suspended_in == "disk":
-                return sandbox if (sandbox.state_dir / SUSPEND_IMAGE / "checkpoint.img").is_file() else None
+                if not (sandbox.state_dir / SUSPEND_IMAGE / "checkpoint.img").is_file():
+                    return None
+                return await self._with_current_egress_rules(sandbox)
             if record.state == "suspended" and cgroup.pids() and cgroup.is_frozen():
                 self._schedule_disk_tier(sandbox)
-                return sandbox
+                return await self._with_current_egress_rules(sandbox)
             if record.state == "running" and cgroup.pids() and not cgroup.is_frozen():
                 await self._drop_suspend_image(sandbox)  # left by a crash right after a resume
-                return sandbox
+                return await self._with_current_egress_rules(sandbox)
             return None
+
+    async def _with_current_egress_rules(self, sandbox: Sandbox) -> Sandbox:
+        """An adopted sandbox's uplink keeps the table an earlier server wrote: rewrite it, so that
+        this server's allowed networks (and firewall rules) hold for it as for new sandboxes."""
+        record = record_of(sandbox)
+        if record.uplink < 0:
+            return sandbox
+        try:
+            await egress.refresh(record.uplink, self.egress_allow)
+        except DriverError as error:
+            # Fail closed: a sandbox whose rules cannot be brought up to date keeps no egress.
+            log.error("sandbox %s: %s; its egress is cut", sandbox.sandbox_id, error)
+            await egress.remove(record.uplink)
+            record.uplink = -1
+            self.save(sandbox)
+        return sandbox
 
     # ------------------------------------------------------------------ teardown and recovery
 

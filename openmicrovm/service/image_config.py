@@ -83,6 +83,24 @@ def _check_architectures(configurations: list[dict[str, Any]] | None) -> None:
         raise ValidationError("cpuConfigurations lists the same architecture more than once.")
 
 
+def _check_os_capabilities(capabilities: list[str] | None, sandbox_driver: str | None) -> None:
+    """ALL means every Linux capability (CAP_SYS_ADMIN, CAP_SYS_MODULE, CAP_MKNOD, ...). gVisor's
+    kernel contains such an app; the process driver runs apps on the host's kernel, where those
+    capabilities load modules and make device nodes, so it cannot (runtime/process.py)."""
+    if sandbox_driver == "process" and "ALL" in (capabilities or []):
+        raise ValidationError(
+            "additionalOsCapabilities ALL cannot be granted on this server: its sandbox driver is "
+            "'process', which runs apps on the host's kernel and cannot contain an app with every "
+            "capability (CAP_SYS_ADMIN, CAP_SYS_MODULE, CAP_MKNOD, ...). Use a server with the gvisor "
+            "driver (install runsc), or leave additionalOsCapabilities out."
+        )
+
+
+def sandbox_driver_name(builds: object) -> str | None:
+    """The name of the sandbox driver behind a build engine (None for a service without one)."""
+    return getattr(getattr(builds, "driver", None), "name", None)
+
+
 def build_targets(config: dict[str, Any]) -> list[str]:
     """One build per architecture asked for; this host's when none is."""
     configurations = config.get("cpuConfigurations")
@@ -91,13 +109,17 @@ def build_targets(config: dict[str, Any]) -> list[str]:
     return [item["architecture"] for item in configurations]
 
 
-def version_config(context: RequestContext, params: Params) -> dict[str, Any]:
-    """Check a Create/Update request and return the version configuration with defaults applied."""
+def version_config(
+    context: RequestContext, params: Params, sandbox_driver: str | None = None
+) -> dict[str, Any]:
+    """Check a Create/Update request and return the version configuration with defaults applied.
+    sandbox_driver: the server's driver, for what only some drivers can run."""
     resolved_base = resolve_base_image(context, params["baseImageArn"], params.get("baseImageVersion"))
     _check_code_artifact(params["codeArtifact"])
     resources = _memory(params.get("resources"), params["baseImageArn"])
     _check_hooks(params.get("hooks"))
     _check_architectures(params.get("cpuConfigurations"))
+    _check_os_capabilities(params.get("additionalOsCapabilities"), sandbox_driver)
     config = {member: params.get(member) for member in CONFIG_MEMBERS}
     config["baseImageVersion"] = resolved_base
     config["resources"] = resources

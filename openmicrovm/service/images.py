@@ -11,7 +11,7 @@ from openmicrovm.service.context import RequestContext
 from openmicrovm.service.core import Params, Result, Service, operation
 from openmicrovm.service.errors import ConflictError, QuotaExceededError, ValidationError
 from openmicrovm.service.idempotency import idempotent
-from openmicrovm.service.image_config import build_targets, version_config
+from openmicrovm.service.image_config import build_targets, sandbox_driver_name, version_config
 from openmicrovm.service.managed import CHIPSETS
 from openmicrovm.service.pagination import paginate
 from openmicrovm.service.records import (
@@ -61,7 +61,7 @@ def add_version(service: Service, db: Database, arn: str, number: int, config: d
 @operation("CreateMicrovmImage")
 def create_image(service: Service, context: RequestContext, params: Params) -> Result:
     def perform() -> Result:
-        config = version_config(context, params)
+        config = version_config(context, params, sandbox_driver_name(service.builds))
         arn = image_arn(context, params["name"])
         db = service.db
         if find_image(db, arn) is not None:
@@ -143,7 +143,7 @@ def update_image(service: Service, context: RequestContext, params: Params) -> R
         image = load_image(service, context, params["imageIdentifier"])
         if image["state"] in BUSY_STATES:
             raise busy_conflict(image)
-        config = version_config(context, params)
+        config = version_config(context, params, sandbox_driver_name(service.builds))
         db = service.db
         quota = service.settings.quotas.versions_per_image
         count = db.scalar("SELECT COUNT(*) FROM versions WHERE image_arn = ?", (image["arn"],))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import secrets
 import uuid
 from dataclasses import dataclass
@@ -18,6 +17,8 @@ from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from openmicrovm.private_files import private_dir, write_private_file
 
 
 class TokenError(Exception):
@@ -68,12 +69,10 @@ class KeyRing:
             self.rotate()
 
     def _save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        scratch = self.path.with_suffix(".tmp")
-        fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump({"current": self._current, "keys": {k: v.hex() for k, v in self._keys.items()}}, handle)
-        scratch.replace(self.path)
+        private_dir(self.path.parent, "token keys dir")
+        stored = {"current": self._current, "keys": {k: v.hex() for k, v in self._keys.items()}}
+        # A crash mid-write must not leave a truncated key file: every token would stop opening.
+        write_private_file(self.path, json.dumps(stored).encode())
 
     def rotate(self) -> str:
         """A new key seals new tokens; the previous key still opens the tokens it sealed (a token lives

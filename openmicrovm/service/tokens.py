@@ -53,7 +53,8 @@ def _issue(
         )
     config = json.loads(row["config"])
     connectors = [arn.rsplit(":", 1)[-1] for arn in config["ingressNetworkConnectors"]]
-    if kind == "shell" and "SHELL_INGRESS" not in connectors:
+    # ALL_INGRESS opens the shell too (the endpoint's allow-list, endpoint/backend.py).
+    if kind == "shell" and not {"SHELL_INGRESS", "ALL_INGRESS"} & set(connectors):
         raise ValidationError(
             "Shell access requires SHELL_INGRESS network connector to be configured on the MicroVM."
         )

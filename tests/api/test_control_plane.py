@@ -272,6 +272,7 @@ def test_idle_policy_members_are_all_required(server: ServerProcess) -> None:
                 "idlePolicy": {"maxIdleDurationSeconds": 60, "suspendedDurationSeconds": 0},
             }
         ),
+        {"Content-Type": "application/json"},
     )
     assert response.json()["message"] == (
         "1 validation error detected: Value null at 'idlePolicy.autoResumeEnabled' failed to satisfy constraint: "

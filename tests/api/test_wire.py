@@ -13,6 +13,8 @@ from tests.support.http import raw_request
 from tests.support.server import ServerProcess
 
 IMAGES = "/2025-09-09/microvm-images"
+# As every AWS SDK labels a body (a body labelled otherwise is refused: tests/api/test_cross_site.py).
+JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 def _unique(prefix: str) -> str:
@@ -32,7 +34,11 @@ def test_model_has_24_operations_and_each_is_routed(server: ServerProcess) -> No
         for label in ("imageIdentifier", "microvmIdentifier", "imageVersion", "buildId", "Resource"):
             path = path.replace("{" + label + "}", "x")
         response = raw_request(
-            server.port, http["method"], path, "{}" if http["method"] in ("POST", "PUT", "PATCH") else None
+            server.port,
+            http["method"],
+            path,
+            "{}" if http["method"] in ("POST", "PUT", "PATCH") else None,
+            JSON_HEADERS,
         )
         assert response.error_type != "UnknownOperationException", (name, response.body)
         assert response.status < 500, (name, response.status, response.body)
@@ -68,7 +74,7 @@ def test_create_answers_201_and_errors_use_the_aws_form(server: ServerProcess) -
     # Unset optional members are explicit nulls, as the live service sends them.
     assert "description" in document and document["description"] is None
 
-    again = raw_request(server.port, "POST", IMAGES, _create_body(name))
+    again = raw_request(server.port, "POST", IMAGES, _create_body(name), JSON_HEADERS)
     assert again.status == 400
     assert again.error_type == "ValidationException"
     body = again.json()
@@ -90,7 +96,7 @@ def test_create_answers_201_and_errors_use_the_aws_form(server: ServerProcess) -
 
 def test_arns_in_the_path_may_be_raw_or_percent_encoded(server: ServerProcess) -> None:
     name = _unique("enc")
-    raw_request(server.port, "POST", IMAGES, _create_body(name))
+    raw_request(server.port, "POST", IMAGES, _create_body(name), JSON_HEADERS)
     arn = f"arn:aws:lambda:us-east-1:000000000000:microvm-image:{name}"
     plain = raw_request(server.port, "GET", f"{IMAGES}/{arn}")
     encoded = raw_request(server.port, "GET", f"{IMAGES}/{arn.replace(':', '%3A')}")
@@ -100,9 +106,11 @@ def test_arns_in_the_path_may_be_raw_or_percent_encoded(server: ServerProcess) -
 
 def test_tag_and_untag_answer_204_with_no_body(server: ServerProcess) -> None:
     name = _unique("tags")
-    raw_request(server.port, "POST", IMAGES, _create_body(name))
+    raw_request(server.port, "POST", IMAGES, _create_body(name), JSON_HEADERS)
     arn = f"arn:aws:lambda:us-east-1:000000000000:microvm-image:{name}"
-    tagged = raw_request(server.port, "POST", f"/2017-03-31/tags/{arn}", json.dumps({"Tags": {"team": "x"}}))
+    tagged = raw_request(
+        server.port, "POST", f"/2017-03-31/tags/{arn}", json.dumps({"Tags": {"team": "x"}}), JSON_HEADERS
+    )
     assert tagged.status == 204 and tagged.body == b""
     listed = raw_request(server.port, "GET", f"/2017-03-31/tags/{arn}")
     assert listed.json() == {"Tags": {"team": "x"}}
@@ -121,14 +129,14 @@ def test_tag_and_untag_answer_204_with_no_body(server: ServerProcess) -> None:
     ],
 )
 def test_malformed_bodies_are_validation_errors(server: ServerProcess, body: str, fragment: str) -> None:
-    response = raw_request(server.port, "POST", IMAGES, body.encode("latin-1"))
+    response = raw_request(server.port, "POST", IMAGES, body.encode("latin-1"), JSON_HEADERS)
     assert response.status == 400
     assert response.error_type == "ValidationException"
     assert fragment in response.json()["message"]
 
 
 def test_missing_members_are_reported_together_in_model_order(server: ServerProcess) -> None:
-    response = raw_request(server.port, "POST", IMAGES, json.dumps({"name": _unique("m")}))
+    response = raw_request(server.port, "POST", IMAGES, json.dumps({"name": _unique("m")}), JSON_HEADERS)
     assert response.status == 400
     assert response.json()["message"] == (
         "3 validation errors detected: "
@@ -224,7 +232,7 @@ def test_each_shape_rule_is_a_validation_error_naming_the_field(
 ) -> None:
     request = image_request(_unique("v"))
     request.update(change)
-    response = raw_request(server.port, "POST", IMAGES, json.dumps(request))
+    response = raw_request(server.port, "POST", IMAGES, json.dumps(request), JSON_HEADERS)
     assert response.status == 400, response.body
     assert response.error_type == "ValidationException"
     assert message in response.json()["message"]
@@ -261,6 +269,7 @@ def test_path_members_may_not_be_repeated_in_the_body(server: ServerProcess) -> 
         json.dumps(
             {"microvmIdentifier": "other", "expirationInMinutes": 5, "allowedPorts": [{"port": 8080}]}
         ),
+        JSON_HEADERS,
     )
     assert response.status == 400
     assert "'microvmIdentifier' belongs in the request URI" in response.json()["message"]
@@ -268,7 +277,7 @@ def test_path_members_may_not_be_repeated_in_the_body(server: ServerProcess) -> 
 
 def test_oversized_bodies_are_413(server: ServerProcess) -> None:
     body = json.dumps({**image_request(_unique("big")), "description": "x" * (2 * 1024 * 1024)})
-    response = raw_request(server.port, "POST", IMAGES, body)
+    response = raw_request(server.port, "POST", IMAGES, body, JSON_HEADERS)
     assert response.status == 413
     assert response.error_type == "RequestEntityTooLargeException"
 
@@ -295,14 +304,14 @@ def test_server_survives_a_stream_of_garbage(server: ServerProcess) -> None:
         '{"hooks": {"microvmHooks": {"run": 1}}}',
     ]
     for body in bodies:
-        response = raw_request(server.port, "POST", IMAGES, body)
+        response = raw_request(server.port, "POST", IMAGES, body, JSON_HEADERS)
         assert 400 <= response.status < 500, (body, response.status, response.body)
     assert raw_request(server.port, "GET", IMAGES).status == 200
 
 
 def test_version_and_build_paths_validate_identifiers(server: ServerProcess) -> None:
     name = _unique("ids")
-    raw_request(server.port, "POST", IMAGES, _create_body(name))
+    raw_request(server.port, "POST", IMAGES, _create_body(name), JSON_HEADERS)
     arn = f"arn:aws:lambda:us-east-1:000000000000:microvm-image:{name}"
     unknown_version = raw_request(server.port, "GET", f"{IMAGES}/{arn}/versions/9.0")
     assert unknown_version.status == 404

@@ -5,6 +5,10 @@ outside address (forwarded and masqueraded by the host), without needing the rea
 
 The host end of the veth (`host_address`) is an address of the host itself, so it also serves to
 check that a build cannot reach the host on a non-loopback address.
+
+fake_internet(within=...) makes the same on a /30 of another range, e.g. a private one (a stand-in
+for the operator's LAN): the /30 is one that no route of the host overlaps, so the namespace's
+connected route is the only way there and nothing leaves the machine.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import http.server
 import ipaddress
+import json
 import os
 import secrets
 import socket
@@ -78,7 +83,13 @@ class FakeInternet:
     netns: str
     host_address: str  # the host's end: an address of the host itself
     address: str  # the "internet" side
+    accepted: int = 0  # connections the silent ports accepted
     _closers: list[Callable[[], None]] = field(default_factory=list)
+
+    @property
+    def network(self) -> ipaddress.IPv4Network:
+        """The /30 joining the namespace to the host (both ends' addresses)."""
+        return ipaddress.IPv4Network(f"{self.address}/30", strict=False)
 
     def serve_files(self, files: dict[str, bytes]) -> int:
         """An HTTP server inside the namespace serving `files` (path -> body); returns its port."""
@@ -95,10 +106,11 @@ class FakeInternet:
         self._closers.append(close)
         return int(server.server_address[1])
 
-    def silent_port(self) -> int:
-        """A port inside the namespace that accepts connections and never answers."""
+    def silent_port(self, port: int = 0) -> int:
+        """A port inside the namespace (`port`, or a free one) that accepts connections and never
+        answers."""
         listener = in_netns(self.netns, socket.socket)
-        listener.bind((self.address, 0))
+        listener.bind((self.address, port))
         listener.listen(16)
         accepted: list[socket.socket] = []
         stop = threading.Event()
@@ -110,6 +122,7 @@ class FakeInternet:
                     accepted.append(listener.accept()[0])
                 except OSError:
                     continue
+                self.accepted += 1
 
         thread = threading.Thread(target=accept, daemon=True)
         thread.start()
@@ -130,11 +143,35 @@ class FakeInternet:
         self._closers.clear()
 
 
+def _host_routes() -> list[ipaddress.IPv4Network]:
+    """Every IPv4 network the host routes somewhere, its own addresses included, but the default."""
+    listed = subprocess.run(
+        ["ip", "-j", "-4", "route", "show", "table", "all"], capture_output=True, text=True, check=True
+    ).stdout
+    routes = []
+    for route in json.loads(listed or "[]"):
+        dst = str(route.get("dst", ""))
+        if dst and dst != "default":
+            routes.append(ipaddress.IPv4Network(dst if "/" in dst else f"{dst}/32", strict=False))
+    return routes
+
+
+def _free_block(within: ipaddress.IPv4Network) -> ipaddress.IPv4Network:
+    """A random /30 of `within` that no route of the host overlaps."""
+    routes = _host_routes()
+    for _ in range(100):
+        offset = 4 * secrets.randbelow(within.num_addresses // 4)
+        block = ipaddress.IPv4Network((int(within.network_address) + offset, 30))
+        if not any(route.prefixlen > 0 and route.overlaps(block) for route in routes):
+            return block
+    raise RuntimeError(f"no /30 of {within} is free of the host's routes")
+
+
 @contextmanager
-def fake_internet() -> Iterator[FakeInternet]:
+def fake_internet(within: str = str(_BENCHMARK_NET)) -> Iterator[FakeInternet]:
     tag = secrets.token_hex(3)
     netns, host_link = f"omvt-{tag}", f"omvt{tag}h"
-    block = ipaddress.IPv4Network((int(_BENCHMARK_NET.network_address) + 4 * secrets.randbelow(2**15), 30))
+    block = _free_block(ipaddress.IPv4Network(within))
     host_address, address = str(block.network_address + 1), str(block.network_address + 2)
     _ip("netns", "add", netns)
     try:

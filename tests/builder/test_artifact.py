@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from pathlib import Path
 
@@ -144,15 +145,75 @@ def test_unreachable_endpoint_is_a_platform_error(aws_env: pytest.MonkeyPatch, t
     assert "127.0.0.1:9" in error.state_reason
 
 
-def test_file_uri(tmp_path: Path) -> None:
-    source = tmp_path / "my app.zip"
+@pytest.fixture
+def allowed(tmp_path: Path) -> Path:
+    """The directory the server reads file:// artifacts from (artifact_file_roots)."""
+    root = tmp_path / "allowed"
+    root.mkdir()
+    return root
+
+
+def test_file_uri(tmp_path: Path, allowed: Path) -> None:
+    source = allowed / "my app.zip"
     source.write_bytes(ZIP_BYTES)
-    size, path = fetch(source.as_uri(), tmp_path)
+    size, path = fetch(source.as_uri(), tmp_path, file_roots=[allowed])
     assert size == len(ZIP_BYTES) and path.read_bytes() == ZIP_BYTES
 
 
-def test_missing_file_uri(tmp_path: Path) -> None:
-    assert failure(f"file://{tmp_path}/absent.zip", tmp_path).code == S3_NO_SUCH_KEY
+def test_missing_file_uri(tmp_path: Path, allowed: Path) -> None:
+    assert failure(f"file://{allowed}/absent.zip", tmp_path, file_roots=[allowed]).code == S3_NO_SUCH_KEY
+
+
+def _refused(uri: str, tmp_path: Path, roots: list[Path]) -> str:
+    error = failure(uri, tmp_path, file_roots=roots)
+    assert error.code == S3_ACCESS_DENIED, error.state_reason
+    assert (
+        "artifact_file_roots" in error.state_reason
+        and "OPENMICROVM_ARTIFACT_FILE_ROOTS" in error.state_reason
+    )
+    return error.state_reason
+
+
+def test_a_file_outside_the_allowed_directories_is_refused(tmp_path: Path, allowed: Path) -> None:
+    outside = tmp_path / "outside.zip"
+    outside.write_bytes(ZIP_BYTES)
+    reason = _refused(outside.as_uri(), tmp_path, [allowed])
+    assert str(allowed) not in reason  # the server's own directories stay private
+    # Any host file, and whether it exists or not: the answer is the same.
+    assert "not below a directory" in _refused("file:///etc/shadow", tmp_path, [allowed])
+    assert "not below a directory" in _refused("file:///no/such/file.zip", tmp_path, [allowed])
+    # `..` is resolved before the check.
+    _refused(f"file://{allowed}/../outside.zip", tmp_path, [allowed])
+    # No roots at all (a BuildRequest that names none): no file:// artifact.
+    _refused(outside.as_uri(), tmp_path, [])
+
+
+def test_a_symlink_inside_an_allowed_directory_cannot_lead_out(tmp_path: Path, allowed: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "key.zip").write_bytes(ZIP_BYTES)
+    (allowed / "link.zip").symlink_to(secret / "key.zip")
+    assert "symlink" in _refused((allowed / "link.zip").as_uri(), tmp_path, [allowed])
+    # A directory symlink passes a check of the path as written: only the opened file tells.
+    (allowed / "dir").symlink_to(secret, target_is_directory=True)
+    reason = _refused((allowed / "dir" / "key.zip").as_uri(), tmp_path, [allowed])
+    assert "leads outside" in reason
+
+
+def test_an_allowed_directory_reached_through_a_symlink_works(tmp_path: Path, allowed: Path) -> None:
+    # A root given through a symlink (as /tmp or /home often are) is resolved like the file.
+    alias = tmp_path / "alias"
+    alias.symlink_to(allowed, target_is_directory=True)
+    (allowed / "app.zip").write_bytes(ZIP_BYTES)
+    assert fetch((alias / "app.zip").as_uri(), tmp_path, file_roots=[alias])[0] == len(ZIP_BYTES)
+    assert fetch((allowed / "app.zip").as_uri(), tmp_path, file_roots=[alias])[0] == len(ZIP_BYTES)
+
+
+def test_a_fifo_in_an_allowed_directory_is_not_read(tmp_path: Path, allowed: Path) -> None:
+    # Opening a FIFO for reading would hang the build until a writer came: it is never opened.
+    os.mkfifo(allowed / "pipe.zip")
+    error = failure((allowed / "pipe.zip").as_uri(), tmp_path, file_roots=[allowed])
+    assert error.code == S3_NO_SUCH_KEY
 
 
 @pytest.mark.parametrize(

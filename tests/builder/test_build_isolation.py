@@ -5,16 +5,18 @@ escape the chroot, and everything the containment creates is gone after every bu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import os
+import secrets
 import socket
 import subprocess
 import tempfile
 import textwrap
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ from openmicrovm.builder import build_network, container_build
 from openmicrovm.builder.build_network import (
     BuildNetwork,
     BuildNetworkError,
+    IPNetwork,
     _Names,
     build_resolv_conf,
     cleanup_build_networks,
@@ -32,7 +35,7 @@ from openmicrovm.builder.buildah import BuildahStore
 from openmicrovm.builder.container_build import build_image
 from openmicrovm.builder.errors import CONTAINER_BUILD_FAILED, BuildFailed
 from tests.builder.conftest import assert_store_clean
-from tests.builder.fake_internet import FakeInternet, fake_internet
+from tests.builder.fake_internet import FakeInternet, fake_internet, in_netns
 from tests.builder.test_container_build import build, make_context
 
 BASE = "FROM public.ecr.aws/lambda/microvms:al2023-minimal\n"
@@ -65,7 +68,12 @@ PROBE_PRELUDE = textwrap.dedent(
 
 
 def run_probe(
-    store: BuildahStore, root: Path, script: str, extra: str = "", files: dict[str, str] | None = None
+    store: BuildahStore,
+    root: Path,
+    script: str,
+    extra: str = "",
+    files: dict[str, str] | None = None,
+    egress_allow: tuple[IPNetwork, ...] = (),
 ) -> tuple[dict[str, dict[str, object]], list[str]]:
     """Build a Dockerfile whose RUN step runs PROBE_PRELUDE + `script`; returns the results."""
     dockerfile = BASE + extra + "COPY probe.py /probe.py\nRUN python3 /probe.py\n"
@@ -74,7 +82,7 @@ def run_probe(
         {"Dockerfile": dockerfile, "probe.py": PROBE_PRELUDE + textwrap.dedent(script), **(files or {})},
     )
     log: list[str] = []
-    build(store, context, log)
+    asyncio.run(build_image(store, context, context.parent / "iid", log.append, egress_allow=egress_allow))
     results = {}
     for line in log:
         if line.startswith("PROBE "):
@@ -118,8 +126,8 @@ def networks(monkeypatch: pytest.MonkeyPatch) -> list[BuildNetwork]:
     opened: list[BuildNetwork] = []
     real = container_build.open_build_network
 
-    async def recording() -> BuildNetwork:
-        network = await real()
+    async def recording(allowed: Sequence[IPNetwork] = ()) -> BuildNetwork:
+        network = await real(allowed)
         opened.append(network)
         return network
 
@@ -235,6 +243,271 @@ def test_destinations_the_operator_denies_are_refused(
     assert results["denied"]["ok"] is False, results
 
 
+# Stand-ins for the operator's LAN: namespaces of the test's own on /30s of private ranges that no
+# route of this host overlaps (fake_internet picks them), so nothing leaves the machine. Not 10/8,
+# which holds the builds' and sandboxes' own subnets (a route there makes builds refuse to start);
+# _RulesBench covers it.
+PRIVATE_RANGES = ("172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10")
+
+# Connects and hangs up at once (the LANs' silent ports never answer a request).
+REACH = """
+def reach(host, port):
+    socket.create_connection((host, port), timeout=5).close()
+    return "connected"
+"""
+
+
+@pytest.fixture
+def lans() -> Iterator[list[FakeInternet]]:
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(fake_internet(within)) for within in PRIVATE_RANGES]
+
+
+def _reach_all(targets: dict[str, tuple[str, int]]) -> str:
+    return REACH + "".join(
+        f'attempt("{name}", lambda: reach("{host}", {port}))\n' for name, (host, port) in targets.items()
+    )
+
+
+def test_a_run_step_cannot_reach_private_networks(
+    store: BuildahStore, tmp_path: Path, internet: FakeInternet, lans: list[FakeInternet]
+) -> None:
+    targets = {lan.address: (lan.address, lan.silent_port()) for lan in lans}
+    targets["internet"] = (internet.address, internet.silent_port())
+    results, _ = run_probe(store, tmp_path, _reach_all(targets))
+    assert results["internet"]["ok"] is True, results  # a public-looking address, as before
+    for lan in lans:
+        # Refused at once by the host (ICMP admin-prohibited), rather than left to time out.
+        assert results[lan.address]["ok"] is False, results
+        assert "No route to host" in str(results[lan.address]["detail"]), results
+        assert lan.accepted == 0
+
+
+def test_egress_allow_networks_opens_exactly_the_named_network(
+    store: BuildahStore, tmp_path: Path, internet: FakeInternet, lans: list[FakeInternet]
+) -> None:
+    allowed, *others = lans
+    # The host's own end of the allowed /30: allowing a network never opens the host itself.
+    host_end = _Listener(allowed.host_address)
+    targets = {lan.address: (lan.address, lan.silent_port()) for lan in lans}
+    targets["internet"] = (internet.address, internet.silent_port())
+    targets["host end"] = (host_end.address, host_end.port)
+    try:
+        results, _ = run_probe(store, tmp_path, _reach_all(targets), egress_allow=(allowed.network,))
+    finally:
+        reached_host = host_end.connected()
+        host_end.close()
+    assert results[allowed.address]["ok"] is True, results
+    assert results["internet"]["ok"] is True, results
+    for other in others:
+        assert results[other.address]["ok"] is False and other.accepted == 0, results
+    assert results["host end"]["ok"] is False and not reached_host, results
+
+
+def test_a_private_resolver_is_reachable_on_port_53_only(
+    store: BuildahStore, tmp_path: Path, lans: list[FakeInternet], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The host's resolver is often private (a VPC's, a home router's): the build gets it in its
+    resolv.conf and may reach it for DNS, and for nothing else."""
+    resolver, other = lans[0], lans[1]
+    (tmp_path / "host-resolv.conf").write_text(f"nameserver {resolver.address}\n")
+    monkeypatch.setattr(build_network, "_HOST_RESOLV_CONF", tmp_path / "host-resolv.conf")
+    targets = {
+        "dns": (resolver.address, resolver.silent_port(53)),
+        "resolver's other port": (resolver.address, resolver.silent_port()),
+        "port 53 of another private host": (other.address, other.silent_port(53)),
+    }
+    script = _reach_all(targets) + 'attempt("resolv.conf", lambda: open("/etc/resolv.conf").read())\n'
+    results, _ = run_probe(store, tmp_path / "build", script)
+    assert f"nameserver {resolver.address}" in str(results["resolv.conf"]["detail"]), results
+    assert results["dns"]["ok"] is True, results
+    assert results["resolver's other port"]["ok"] is False, results
+    assert results["port 53 of another private host"]["ok"] is False, results
+    assert other.accepted == 0
+
+
+class _RulesBench:
+    """egress_ruleset on a bench of three namespaces of the test's own, none joined to the host:
+    `inner` (a build or sandbox) routed through `router` (holding the table, as the host does) to
+    `outer` (its addresses stand for private and public destinations). Builds and sandboxes have
+    no IPv6 today, so this is where the IPv6 rules are shown to hold; 10/8 too, which a stand-in
+    LAN on the host would clash with."""
+
+    INNER, ROUTER_IN, SUBNET = "10.213.255.254/30", "10.213.255.253/30", "10.213.255.252/30"
+    INNER6, ROUTER_IN6 = "2001:db8:1::2/64", "2001:db8:1::1/64"
+    # (router end, outer end) of each destination network.
+    OUTER = {
+        "10.99.0.0/24": ("10.99.0.1/24", "10.99.0.2"),
+        "fd42:4242::/64": ("fd42:4242::1/64", "fd42:4242::2"),
+        "fd99:9999::/64": ("fd99:9999::1/64", "fd99:9999::2"),
+        "2001:db8:2::/64": ("2001:db8:2::1/64", "2001:db8:2::2"),
+    }
+
+    def __init__(self) -> None:
+        tag = secrets.token_hex(3)
+        self.inner, self.router, self.outer = (f"omvt-{tag}-{part}" for part in "iro")
+        self._listeners: list[socket.socket] = []
+
+    def __enter__(self) -> _RulesBench:
+        try:
+            self._make()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _make(self) -> None:
+        def ip(*args: str) -> None:
+            subprocess.run(["ip", *args], check=True, capture_output=True)
+
+        for name in (self.inner, self.router, self.outer):
+            ip("netns", "add", name)
+            ip("-n", name, "link", "set", "lo", "up")
+            # No duplicate address detection on the links made next: until it ends, their IPv6
+            # link-local addresses are tentative, and the first packets are lost to neighbour
+            # discovery.
+            self._sysctl(name, "net.ipv6.conf.default.accept_dad=0", "net.ipv6.conf.all.accept_dad=0")
+        ip(
+            "-n",
+            self.router,
+            "link",
+            "add",
+            "in0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            self.inner,
+        )
+        ip(
+            "-n",
+            self.router,
+            "link",
+            "add",
+            "out0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            self.outer,
+        )
+        ip("-n", self.inner, "addr", "add", self.INNER, "dev", "eth0")
+        ip("-n", self.inner, "addr", "add", self.INNER6, "dev", "eth0", "nodad")
+        ip("-n", self.router, "addr", "add", self.ROUTER_IN, "dev", "in0")
+        ip("-n", self.router, "addr", "add", self.ROUTER_IN6, "dev", "in0", "nodad")
+        for router_end, outer_address in self.OUTER.values():
+            network = ipaddress.ip_network(router_end, strict=False)
+            flags = ["nodad"] if network.version == 6 else []
+            ip("-n", self.router, "addr", "add", router_end, "dev", "out0", *flags)
+            ip("-n", self.outer, "addr", "add", f"{outer_address}/{network.prefixlen}", "dev", "eth0", *flags)
+        for name, link in (
+            (self.inner, "eth0"),
+            (self.router, "in0"),
+            (self.router, "out0"),
+            (self.outer, "eth0"),
+        ):
+            ip("-n", name, "link", "set", link, "up")
+        # Static IPv6 neighbours across the contained link: the table's input chain refuses all the
+        # link sends to the router, neighbour solicitations included (a real contained link has
+        # no IPv6 at all, so nothing there needs them).
+        for here, link, there, there_link, address in (
+            (self.inner, "eth0", self.router, "in0", self.ROUTER_IN6),
+            (self.router, "in0", self.inner, "eth0", self.INNER6),
+        ):
+            shown = subprocess.run(
+                ["ip", "-n", there, "-j", "link", "show", "dev", there_link], capture_output=True, text=True
+            )
+            mac = json.loads(shown.stdout)[0]["address"]
+            ip(
+                "-n",
+                here,
+                "neigh",
+                "add",
+                address.split("/")[0],
+                "lladdr",
+                mac,
+                "dev",
+                link,
+                "nud",
+                "permanent",
+            )
+        ip("-n", self.inner, "route", "add", "default", "via", self.ROUTER_IN.split("/")[0])
+        ip("-n", self.inner, "-6", "route", "add", "default", "via", self.ROUTER_IN6.split("/")[0])
+        ip("-n", self.outer, "-6", "route", "add", "default", "via", "2001:db8:2::1")
+        self._sysctl(self.router, "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+
+    @staticmethod
+    def _sysctl(netns: str, *settings: str) -> None:
+        """Settings of one of the bench's namespaces (/proc/sys/net is per namespace)."""
+        subprocess.run(
+            ["ip", "netns", "exec", netns, "sysctl", "-qw", *settings], check=True, capture_output=True
+        )
+
+    def apply(self, allowed: Sequence[IPNetwork], resolvers: Sequence[str] = ()) -> None:
+        subnet = ipaddress.IPv4Network(self.SUBNET)
+        ruleset = build_network.egress_ruleset("omvt_rules", "in0", subnet, [], allowed, resolvers)
+        script = f"table inet omvt_rules\ndelete table inet omvt_rules\n{ruleset}"
+        subprocess.run(
+            ["ip", "netns", "exec", self.router, "nft", "-f", "-"], input=script, text=True, check=True
+        )
+
+    def listen(self, address: str, port: int = 0) -> int:
+        def make() -> socket.socket:
+            listener = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET)
+            listener.bind((address, port))
+            listener.listen(8)
+            return listener
+
+        listener = in_netns(self.outer, make)
+        self._listeners.append(listener)
+        return int(listener.getsockname()[1])
+
+    def connect(self, address: str, port: int) -> str:
+        """From `inner`: "connected", or the error's type."""
+
+        def attempt() -> str:
+            try:
+                socket.create_connection((address, port), timeout=3).close()
+                return "connected"
+            except OSError as error:
+                return type(error).__name__
+
+        return in_netns(self.inner, attempt)
+
+    def __exit__(self, *_: object) -> None:
+        for listener in self._listeners:
+            listener.close()
+        for name in (self.inner, self.router, self.outer):  # their veths go with them
+            subprocess.run(["ip", "netns", "delete", name], capture_output=True)
+
+
+def test_the_rules_refuse_private_ipv4_and_ipv6_unless_allowed() -> None:
+    private4, ula, other_ula, public6 = (outer for _, outer in _RulesBench.OUTER.values())
+    with _RulesBench() as bench:
+        ports = {address: bench.listen(address) for address in (private4, ula, other_ula, public6)}
+        bench.apply(allowed=())
+        # Refused by the private-space rules (a reject: the error comes back at once), not by the
+        # catch-all IPv6 drop after them, which would end in a timeout.
+        assert bench.connect(private4, ports[private4]) == "OSError"  # EHOSTUNREACH
+        assert bench.connect(ula, ports[ula]) == "PermissionError"  # EACCES: ICMPv6 admin-prohibited
+        assert bench.connect(other_ula, ports[other_ula]) == "PermissionError"
+        # No IPv6 egress otherwise: builds and sandboxes have no IPv6 NAT.
+        assert bench.connect(public6, ports[public6]) != "connected"
+        bench.apply(allowed=build_network.allowed_networks(["10.99.0.0/24", "fd42:4242::/64"]))
+        assert bench.connect(private4, ports[private4]) == "connected"
+        assert bench.connect(ula, ports[ula]) == "connected"
+        assert bench.connect(other_ula, ports[other_ula]) == "PermissionError"  # exactly the named one
+        # A private resolver: its port 53 only.
+        bench.listen(private4, 53)
+        bench.apply(allowed=(), resolvers=[private4])
+        assert bench.connect(private4, 53) == "connected"
+        assert bench.connect(private4, ports[private4]) == "OSError"
+
+
 def test_the_gateway_of_the_build_is_refused_like_any_host_address(
     store: BuildahStore, tmp_path: Path
 ) -> None:
@@ -242,8 +515,8 @@ def test_the_gateway_of_the_build_is_refused_like_any_host_address(
     listeners: list[_Listener] = []
     real = container_build.open_build_network
 
-    async def with_listener() -> BuildNetwork:
-        network = await real()
+    async def with_listener(allowed: Sequence[IPNetwork] = ()) -> BuildNetwork:
+        network = await real(allowed)
         listeners.append(_Listener(network.host_address))
         Path(tmp_path / "context" / "port").write_text(str(listeners[0].port))
         return network

@@ -19,6 +19,7 @@ from openmicrovm.builder.container_build import build_image
 from openmicrovm.builder.errors import CONTAINER_BUILD_FAILED, BuildFailed
 from openmicrovm.builder.image_config import ImageConfig, read_image_config
 from openmicrovm.builder.rootfs_export import RootfsExport, export_rootfs
+from openmicrovm.idmap import ID_BASE
 from tests.builder.conftest import assert_store_clean
 from tests.builder.fake_internet import fake_internet
 from tests.support.host import processes_naming
@@ -114,7 +115,8 @@ def test_every_instruction_builds_and_the_config_reads_back(store: BuildahStore,
     assert (rootfs / "srv/app/unpacked/inner.txt").read_text() == "from the tar"  # ADD extracts tars
     assert (rootfs / "srv/notes.txt").read_text() == "notes"
     assert (rootfs / "srv/app/shell.txt").read_text() == "shell=/bin/bash mode=test\n"  # SHELL for RUN
-    assert (rootfs / "srv/app/app.py").stat().st_uid == 1234
+    # Built in the jail's user namespace: container uid 1234 is stored as ID_BASE + 1234.
+    assert (rootfs / "srv/app/app.py").stat().st_uid == ID_BASE + 1234
     assert "appuser" in (rootfs / "etc/passwd").read_text()
     assert (rootfs / "usr/bin/python3").exists()
     # Unchanged base files are shared with the build cache, not copied.

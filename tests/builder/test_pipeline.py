@@ -98,6 +98,10 @@ def make_request(tmp_path: Path, cache: Path, uri: str, **overrides: Any) -> Bui
         "hooks": BOTH_HOOKS,
         "memory_mib": 512,
         "cache_dir": cache,
+        # As a server configured to read zips from the directory the test wrote this one to.
+        "artifact_file_roots": (Path(uri.removeprefix("file://")).parent,)
+        if uri.startswith("file://")
+        else (),
     }
     options.update(overrides)
     return BuildRequest(**options)

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 import subprocess
+import threading
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from openmicrovm.builder import unpack as unpack_module
+from openmicrovm.builder.cleanup import Aborted
 from openmicrovm.builder.errors import (
     ARCHIVE_DOCKERFILE_NOT_FOUND,
     ARCHIVE_INVALID,
     DISK_STORAGE_FULL,
     BuildFailed,
 )
-from openmicrovm.builder.unpack import UnpackLimits, unpack_artifact
+from openmicrovm.builder.unpack import UnpackLimits, unpack_artifact, unpack_artifact_async
 from tests.builder.zips import Entry, directory, file, hardlink, special, symlink, write_zip
 
 DOCKERFILE = file("Dockerfile", "FROM public.ecr.aws/lambda/microvms:al2023-minimal\n")
@@ -249,3 +254,127 @@ def test_names_at_the_limits_unpack(tmp_path: Path) -> None:
     longest = "n" * 255
     context = unpack(tmp_path, [DOCKERFILE, file(f"{longest}/{longest}", "x"), symlink("far", "x/" * 2047)])
     assert (context / longest / longest).read_text() == "x"
+
+
+def test_links_through_links_within_the_hop_limit_unpack(tmp_path: Path) -> None:
+    # A chain of 40 links is what the kernel follows; the 41st link deeper is a loop to it.
+    chain = [symlink("l0", "data.txt")] + [symlink(f"l{i}", f"l{i - 1}") for i in range(1, 40)]
+    context = unpack(tmp_path, [DOCKERFILE, file("data.txt", "end"), *chain])
+    assert (context / "l39").read_text() == "end"
+    deeper = tmp_path / "deeper"
+    deeper.mkdir()
+    failure = refused(deeper, [DOCKERFILE, file("data.txt", "end"), *chain, symlink("l40", "l39")])
+    assert "entry 'l40' is part of a symlink loop" in failure.state_reason
+
+
+def _stored_zip(path: Path, entries: list[Entry]) -> Path:
+    """write_zip without compression: 100,000 entries are written in seconds."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+        for entry in entries:
+            info = zipfile.ZipInfo(entry.name, date_time=(2024, 1, 2, 3, 4, 6))
+            info.create_system = 3
+            info.external_attr = (entry.mode & 0xFFFF) << 16
+            archive.writestr(info, entry.data)
+    return path
+
+
+def _hundred_thousand_entries() -> tuple[list[Entry], int]:
+    """100,000 entries in the shapes that made planning slow: deep paths, long link targets through
+    deep directories, and links that name other links many times (each level doubles the work of
+    a planner that does not remember a resolved link: 2**30 steps). Returns them and the links."""
+    deep = "/".join(["d"] * 200)
+    levels = 30
+    fan = [symlink("f0", "data.txt")]
+    fan += [symlink(f"f{k}", f"f{k - 1}/../f{k - 1}/../f{k - 1}") for k in range(1, levels)]
+    entries = [DOCKERFILE, file("data.txt", "x"), *fan]
+    count = (100_000 - len(entries)) // 2
+    entries += [file(f"{deep}/file{i}") for i in range(count)]
+    entries += [symlink(f"link{i}", f"{deep}/{'../' * 200}{deep}/file{i}") for i in range(count)]
+    entries += [symlink(f"top{i}", f"f{levels - 1}") for i in range(100_000 - len(entries))]
+    return entries, len(entries) - count - 2
+
+
+def test_a_100000_entry_zip_plans_each_link_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    entries, links = _hundred_thousand_entries()
+    assert len(entries) == 100_000
+    archive = _stored_zip(tmp_path / "big.zip", entries)
+    follows = 0
+    follow = unpack_module._follow
+
+    def counted(*args: object, **kwargs: object) -> object:
+        nonlocal follows
+        follows += 1
+        return follow(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(unpack_module, "_follow", counted)
+    abort = threading.Event()
+    outcome: list[object] = []
+
+    def plan() -> None:
+        with zipfile.ZipFile(archive) as opened:
+            try:
+                outcome.append(unpack_module._plan(opened, UnpackLimits(), abort))
+            except BaseException as error:  # reported by the assertion below
+                outcome.append(error)
+
+    # A watchdog, not a timing: the old planner needed hours here (2**30 steps for one link).
+    worker = threading.Thread(target=plan, daemon=True)
+    worker.start()
+    worker.join(timeout=300)
+    abort.set()  # a planner still running stops at its next check
+    assert outcome, "planning 100,000 entries did not finish within the 300 s watchdog"
+    assert isinstance(outcome[0], unpack_module._Plan), outcome[0]
+    # Linear: each link's target is followed exactly once, however often other links name it.
+    assert follows == links
+
+
+def test_a_cancelled_unpack_stops_planning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    entries = [DOCKERFILE, *(file(f"f{i}") for i in range(20_000))]
+    archive = _stored_zip(tmp_path / "big.zip", entries)
+    context = tmp_path / "context"
+    planning = threading.Event()
+    release = threading.Event()
+    classified = 0
+    classify = unpack_module._classify
+
+    def paused(*args: object) -> object:
+        nonlocal classified
+        classified += 1
+        if classified == 100:  # planning is under way: hold it until the build is cancelled
+            planning.set()
+            release.wait()
+        return classify(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(unpack_module, "_classify", paused)
+
+    async def cancel_while_planning() -> None:
+        task = asyncio.create_task(unpack_artifact_async(archive, context))
+        await asyncio.to_thread(planning.wait)
+        task.cancel()
+        # Let the task see its cancellation (in_thread sets the abort flag) before planning resumes.
+        for _ in range(5):
+            await asyncio.sleep(0)
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancel_while_planning())
+    assert classified < len(entries) // 2, "planning went on after the build was cancelled"
+    assert not context.exists()
+
+
+def test_an_aborted_unpack_writes_nothing(tmp_path: Path) -> None:
+    archive = write_zip(tmp_path / "artifact.zip", [DOCKERFILE, file("a.txt", "x")])
+    aborted = threading.Event()
+    aborted.set()
+    with pytest.raises(Aborted):
+        unpack_artifact(archive, tmp_path / "context", None, aborted)
+    assert not (tmp_path / "context").exists()
+
+
+def test_implied_directories_count_against_the_file_limit(tmp_path: Path) -> None:
+    # One 3000-byte name implies ~1500 directories: without a bound, 100,000 of them are 150 million.
+    entries = [DOCKERFILE, *(file(f"top{i}/" + "/".join(["d"] * 20) + "/f", "x") for i in range(5))]
+    failure = refused(tmp_path, entries, UnpackLimits(max_files=50))
+    assert failure.code == ARCHIVE_INVALID
+    assert "more than 50 directories" in failure.state_reason

@@ -106,3 +106,6 @@ def test_doctor_says_what_to_install(tmp_path: Path) -> None:
     assert report["ok"] is False and report["install"] == "apt-get install buildah"
     buildah = next(check for check in report["checks"] if check["name"] == "buildah")
     assert buildah["status"] == "FAIL" and buildah["install"] == ["buildah"]
+    # The build jail is started for real (it needs no buildah to run `true`).
+    jail = next(check for check in report["checks"] if check["name"] == "build jail")
+    assert jail["status"] == "ok" and "user namespace" in jail["detail"], jail

@@ -275,3 +275,34 @@ def test_a_build_past_the_servers_time_limit_fails(
     reason = _failed_build(server.client(), upload(moto, zip_files({"Dockerfile": dockerfile})))
     assert reason.startswith("CONTAINER_BUILD_FAILED: The container image build failed.")
     assert "ran longer than the limit of 3 seconds (the server's max_dockerfile_build_seconds)" in reason
+
+
+def test_file_artifacts_only_from_the_allowed_directories(
+    make_server: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    # An empty artifact_file_roots: the server's default, <data dir>/artifacts (where `deploy` puts zips).
+    server = make_server({"artifact_file_roots": []})
+    client = server.client()
+    no_dockerfile = zip_files({"app.py": APP})
+    allowed = server.data_dir / "artifacts"
+    allowed.mkdir()
+    (allowed / "app.zip").write_bytes(no_dockerfile)
+    # Read (so its content decides): the build gets as far as looking for the Dockerfile.
+    inside = _failed_build(client, (allowed / "app.zip").as_uri())
+    assert inside.startswith("ARCHIVE_DOCKERFILE_NOT_FOUND: "), inside
+    outside = tmp_path / "outside.zip"
+    outside.write_bytes(no_dockerfile)
+    (allowed / "link.zip").symlink_to(outside)
+    for uri in [outside.as_uri(), "file:///etc/passwd", (allowed / "link.zip").as_uri()]:
+        reason = _failed_build(client, uri)
+        assert reason.startswith("S3_ACCESS_DENIED: ") and "artifact_file_roots" in reason, reason
+    # UpdateMicrovmImage builds from its artifact the same way.
+    arn = client.create_microvm_image(**image_request(_name("update"), (allowed / "app.zip").as_uri()))[
+        "imageArn"
+    ]
+    wait_image_settled(client, arn)
+    update = image_request("ignored", "file:///etc/shadow")
+    del update["name"]
+    client.update_microvm_image(imageIdentifier=arn, **update)
+    wait_image_settled(client, arn)
+    assert build_failure(client, arn, "2.0").startswith("S3_ACCESS_DENIED: ")

@@ -190,7 +190,7 @@ PROBE = textwrap.dedent(
 
     def call_control_plane():
         with socket.create_connection(("127.0.0.1", PORT), timeout=3) as sock:
-            sock.sendall(b"GET /2025-09-09/microvm-images HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n")
+            sock.sendall(b"GET /2025-09-09/microvm-images HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\nConnection: close\\r\\n\\r\\n")
             answer = sock.recv(200)
         if not answer.startswith(b"HTTP/1.1 200"):
             raise RuntimeError(answer[:60])

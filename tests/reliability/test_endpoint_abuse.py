@@ -25,6 +25,7 @@ from tests.reliability.conftest import TOKEN_MINUTE_SECONDS
 from tests.reliability.microvms import Fleet
 from tests.reliability.rawhttp import Trickler, exchange
 from tests.support.endpoint import auth_token, call
+from tests.support.http import read_one_response
 from tests.support.server import ServerProcess
 
 HEAD_TIMEOUT = 30.0  # openmicrovm/endpoint/proxy.py
@@ -63,7 +64,7 @@ def slowloris(
     victim, _ = fleet_of_two
     port = hostile_server.port
     endless = "X-Pad: " + "a" * 4000 + "\r\n"  # never completes while the test watches
-    first_api = ("GET /2025-09-09/managed-microvm-images HTTP/1.1\r\nHost: x\r\n" + endless).encode()
+    first_api = ("GET /2025-09-09/managed-microvm-images HTTP/1.1\r\nHost: 127.0.0.1\r\n" + endless).encode()
     first_endpoint = (f"GET /count HTTP/1.1\r\nHost: {victim.host}\r\n" + endless).encode()
     tricklers = {f"api head {i}": Trickler(port, first_api) for i in range(10)}
     tricklers.update({f"endpoint head {i}": Trickler(port, first_endpoint) for i in range(10)})
@@ -73,7 +74,7 @@ def slowloris(
         first_endpoint,
     )
     tricklers["api second head"] = _KeptAlive(
-        port, b"GET /2025-09-09/managed-microvm-images HTTP/1.1\r\nHost: x\r\n\r\n", first_api
+        port, b"GET /2025-09-09/managed-microvm-images HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", first_api
     )
     for trickler in tricklers.values():
         trickler.start()
@@ -98,7 +99,7 @@ class _KeptAlive(Trickler):
         try:
             sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
             sock.sendall(self.first)
-            self.answer = _read_one(sock)
+            self.answer = read_one_response(sock)
             self.answered.set()
         except OSError:
             self.closed_after = 0.0
@@ -246,38 +247,14 @@ def test_an_expired_token_is_refused_even_on_a_connection_it_opened(
     request = f"GET /count HTTP/1.1\r\nHost: {victim.host}\r\nX-aws-proxy-auth: {short}\r\n\r\n".encode()
     with socket.create_connection(("127.0.0.1", hostile_server.port), timeout=10) as sock:
         sock.sendall(request)
-        first = _read_one(sock)
+        first = read_one_response(sock)
         assert first.startswith(b"HTTP/1.1 200"), first
         time.sleep(TOKEN_MINUTE_SECONDS + 1)
         sock.sendall(request)  # a replay on the same kept-alive connection
-        second = _read_one(sock)
+        second = read_one_response(sock)
     assert second.startswith(b"HTTP/1.1 403"), second
     replay = call(hostile_server, victim.host, short, "/count")
     assert replay.status == 403 and b"expired" in replay.body.lower(), replay.body
-
-
-def _read_one(sock: socket.socket) -> bytes:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    length = next(
-        (
-            int(line.split(b":")[1])
-            for line in head.split(b"\r\n")
-            if line.lower().startswith(b"content-length:")
-        ),
-        0,
-    )
-    while len(rest) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        rest += chunk
-    return head + b"\r\n\r\n" + rest
 
 
 # ------------------------------------------------------------------------------ ports
@@ -399,19 +376,19 @@ def test_a_kept_alive_connection_stays_with_its_microvm(
         sock.sendall(
             f"GET /count HTTP/1.1\r\nHost: {victim.host}\r\nX-aws-proxy-auth: {victim.token}\r\n\r\n".encode()
         )
-        assert _read_one(sock).startswith(b"HTTP/1.1 200")
+        assert read_one_response(sock).startswith(b"HTTP/1.1 200")
         # Then the other MicroVM's Host and token on the same connection.
         sock.sendall(
             f"GET /count HTTP/1.1\r\nHost: {other.host}\r\nX-aws-proxy-auth: {other.token}\r\n\r\n".encode()
         )
-        answer = _read_one(sock)
+        answer = read_one_response(sock)
     assert not answer.startswith(b"HTTP/1.1 200") or _count(hostile_server, other) == before_other + 2, answer
     # An API connection that turns to an endpoint on its second request does not reach the app.
     before = _count(hostile_server, victim)
     answer = _send(
         hostile_server,
         (
-            "GET /2025-09-09/managed-microvm-images HTTP/1.1\r\nHost: x\r\n\r\n"
+            "GET /2025-09-09/managed-microvm-images HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
             f"GET /count HTTP/1.1\r\nHost: {victim.host}\r\nX-aws-proxy-auth: {victim.token}\r\nConnection: close\r\n\r\n"
         ).encode(),
     )

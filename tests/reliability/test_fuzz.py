@@ -65,7 +65,7 @@ def _still_whole(server: ServerProcess, pid: int) -> None:
     assert server.process is not None and server.process.poll() is None and server.process.pid == pid
     answer = exchange(
         server.port,
-        b"GET /2025-09-09/managed-microvm-images HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /2025-09-09/managed-microvm-images HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
     )
     assert answer.status in (200, 403), answer  # alive (and, with access keys, insisting on a signature)
     assert record_violations(read_snapshot(server.data_dir)) == []
@@ -159,7 +159,8 @@ def test_a_path_with_an_encoded_line_break_gets_an_aws_error(
 ) -> None:
     server, _ = fuzzed
     answer = exchange(
-        server.port, b"GET /2025-09-09/microvms/microvm-%0A HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        server.port,
+        b"GET /2025-09-09/microvms/microvm-%0A HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
     )
     assert answer.status in (400, 403, 404)
     assert b"x-amzn-errortype" in answer.data.lower(), answer.data

@@ -3,18 +3,22 @@
 The "internet" is a network namespace of the test's own on 198.18.0.0/15 (tests/builder/
 fake_internet.py), reached through the host like any outside address. A sandbox with egress
 connects to it; one without does not; and egress never opens the host, link-local addresses or
-other sandboxes.
+other sandboxes. Stand-in LANs on private ranges (namespaces of the test's own on /30s no route of
+the host uses) are refused, but for the networks the driver is told to allow and DNS to a private
+resolver.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from openmicrovm.builder import build_network
 from openmicrovm.builder.build_network import build_resolv_conf
 from openmicrovm.runtime import Sandbox, make_driver
 from openmicrovm.runtime import egress as uplinks
@@ -162,3 +166,79 @@ def test_egress_survives_suspend_resume_and_the_warm_pool(
                 assert not _uplink_objects(index)
 
     run(scenario())
+
+
+@pytest.fixture
+def lans() -> Iterator[list[FakeInternet]]:
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(fake_internet(within)) for within in ("172.16.0.0/12", "192.168.0.0/16")]
+
+
+def test_egress_refuses_private_networks_but_the_allowed_ones_and_the_resolver(
+    egress_driver: BaseDriver,
+    app_rootfs: Path,
+    tmp_path: Path,
+    cache_dir: Path,
+    internet: FakeInternet,
+    lans: list[FakeInternet],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    driver = egress_driver
+    allowed, other = lans
+    # The host's resolver is private (as a VPC's or a home router's is): reachable on port 53 only.
+    (tmp_path / "host-resolv.conf").write_text(f"nameserver {other.address}\n")
+    monkeypatch.setattr(build_network, "_HOST_RESOLV_CONF", tmp_path / "host-resolv.conf")
+    outside = f"{internet.address}:{internet.silent_port()}"
+    lan, other_lan = f"{allowed.address}:{allowed.silent_port()}", f"{other.address}:{other.silent_port()}"
+    dns = f"{other.address}:{other.silent_port(53)}"
+    host_end = HostListener(allowed.host_address)  # the host's own end of the allowed /30
+    to_host = f"{allowed.host_address}:{host_end.port}"
+    targets = [outside, lan, other_lan, dns, to_host]
+
+    others: list[BaseDriver] = []
+
+    def driver_allowing(*networks: str) -> BaseDriver:
+        """Another server's driver on the same state (a restart with other settings)."""
+        made = make_driver(
+            driver.name, driver.state_root, cache_dir, restore_pool_size=0, egress_allow_networks=networks
+        )
+        assert isinstance(made, BaseDriver)
+        others.append(made)
+        return made
+
+    opening = driver_allowing(str(allowed.network))
+
+    async def reached(by: BaseDriver, sandbox: Sandbox) -> set[str]:
+        results = await probe(by, sandbox, targets)
+        return {target for target, result in results.items() if result == "connected"}
+
+    async def scenario() -> None:
+        await _snapshot(driver, app_rootfs, tmp_path / "snap")
+        boxes: list[Sandbox] = []
+        try:
+            boxes.append(await driver.restore("microvm-private", tmp_path / "snap", egress=True))
+            boxes.append(await opening.restore("microvm-allowed", tmp_path / "snap", egress=True))
+            denying, allowing = boxes
+            _, body = await http(driver, denying, "/read?path=/etc/resolv.conf")
+            assert f"nameserver {other.address}" in body["text"], body
+            assert await reached(driver, denying) == {outside, dns}
+            assert await reached(opening, allowing) == {outside, lan, dns}
+            # Sandboxes outlive the server: the next one's settings hold for those it adopts.
+            readopted = await driver_allowing(str(allowed.network)).adopt("microvm-private")
+            assert readopted is not None and await reached(opening, readopted) == {outside, lan, dns}
+            readopted = await driver_allowing().adopt("microvm-allowed")
+            assert readopted is not None and await reached(opening, readopted) == {outside, dns}
+        finally:
+            used = [record_of(box).uplink for box in boxes]
+            for box in boxes:
+                await driver.destroy(box)
+            for made in others:
+                await made.close()
+        for index in used:
+            assert not _uplink_objects(index)
+
+    try:
+        run(scenario())
+    finally:
+        host_end.close()
+    assert host_end.accepted == 0

@@ -27,6 +27,8 @@ def free_port() -> int:
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
@@ -57,6 +59,9 @@ class ServerProcess:
         self.data_dir = data_dir
         self.port = free_port()
         self.settings = dict(settings or {})
+        # Tests and benches write their file:// zips next to the server's data dir (the pytest
+        # temp dir, a bench's scratch dir): allow that tree, as a user adds their zips' folder.
+        self.settings.setdefault("artifact_file_roots", [str(data_dir.parent)])
         self.env = env or {}
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir / "server.log"
