@@ -101,6 +101,10 @@ def _read_keyed(path: Path) -> dict[str, int]:
     return values
 
 
+# How often a v1 freeze that has not completed is asked for again (see Cgroup.freeze).
+_FREEZE_RETRY_SECONDS = 0.5
+
+
 class Cgroup:
     """One sandbox's cgroup, `relative` below the root of every hierarchy."""
 
@@ -183,13 +187,23 @@ class Cgroup:
             return False
 
     async def freeze(self, timeout: float = 10.0) -> None:
-        _write(self._freeze_file(), "FROZEN" if self.layout.version == 1 else "1")
-        # Freezing is asynchronous: tasks stop at their next return to user space.
-        deadline = time.monotonic() + timeout
+        request = "FROZEN" if self.layout.version == 1 else "1"
+        _write(self._freeze_file(), request)
+        # Freezing is asynchronous: tasks stop at their next return to user space. A v1 freezer
+        # can stay FREEZING when a task missed its chance (it was busy in the kernel, e.g. between
+        # ptrace stops); the kernel's freezer docs told userspace to retry or thaw then, and runc
+        # retries too: writing FROZEN again makes it try those tasks again, every
+        # _FREEZE_RETRY_SECONDS while waiting.
+        started = time.monotonic()
+        retried = started
         while not self.is_frozen():
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now - started > timeout:
                 self.thaw()
                 raise DriverError(f"cgroup {self.relative} did not freeze within {timeout:g} s")
+            if self.layout.version == 1 and now - retried > _FREEZE_RETRY_SECONDS:
+                _write(self._freeze_file(), request)
+                retried = now
             await asyncio.sleep(0.001)
 
     def thaw(self) -> None:
