@@ -107,7 +107,7 @@ class Settings:
         return bool(self.access_keys)
 
     @property
-    def file_artifact_roots(self) -> tuple[Path, ...]:
+    def effective_artifact_file_roots(self) -> tuple[Path, ...]:
         """Where file:// artifacts may come from: artifact_file_roots, else the CLI's artifact dir."""
         return self.artifact_file_roots or (self.data_dir / "artifacts",)
 

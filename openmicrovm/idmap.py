@@ -15,8 +15,16 @@ from __future__ import annotations
 
 ID_BASE = 2_000_000_000
 ID_COUNT = 65536
+MAX_ID = 2**32 - 2  # the highest uid/gid: (uid_t)-1 is no id
 
 
 def uid_map_line(base: int = ID_BASE, count: int = ID_COUNT) -> str:
     """The /proc/<pid>/uid_map (and gid_map) line that makes container id 0 host id `base`."""
     return f"0 {base} {count}\n"
+
+
+def id_base_problem(base: int) -> str | None:
+    """Why `base` cannot start a range of ID_COUNT host ids, or None when it can."""
+    if 0 <= base <= MAX_ID + 1 - ID_COUNT:
+        return None
+    return f"rootfs_id_base {base} does not start a range of {ID_COUNT} host ids"

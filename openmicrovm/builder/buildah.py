@@ -96,9 +96,11 @@ class BuildahStore:
             environment=environment,
         )
 
-    def command(self, *args: str) -> list[str]:
-        """The host command line of `buildah <args>` in the jail, without network."""
-        return build_jail.command(self.jail(), self.buildah_argv(*args))
+    def command(
+        self, *args: str, network: BuildNetwork | None = None, binds: Sequence[build_jail.Bind] = ()
+    ) -> list[str]:
+        """The host command line of `buildah <args>` in the jail (without network unless given)."""
+        return build_jail.command(self.jail(network, binds), self.buildah_argv(*args))
 
     def shell_command(self, script: str, *arguments: str, binds: Sequence[build_jail.Bind] = ()) -> list[str]:
         """A shell script in the jail, where `buildah` runs on this storage with its flags."""
@@ -203,10 +205,6 @@ class BuildahProcess:
 
     def jail_init_pid(self) -> int | None:
         """The host pid of the jail's init (buildah, or the script): the launcher's child."""
-        return self._buildah_pid()
-
-    def _buildah_pid(self) -> int | None:
-        # buildah is the launcher's child, the init of the jail's PID namespace.
         pid = self.process.pid
         try:
             children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
@@ -218,7 +216,7 @@ class BuildahProcess:
         """SIGTERM buildah, which then removes its build containers and stops its RUN step."""
         if self.process.returncode is not None:
             return
-        pid = self._buildah_pid()
+        pid = self.jail_init_pid()
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
@@ -253,7 +251,7 @@ async def run_buildah(
 
     Cancelling the caller stops buildah and its children before the CancelledError propagates.
     """
-    argv = build_jail.command(store.jail(network, binds), store.buildah_argv(*args))
+    argv = store.command(*args, network=network, binds=binds)
     return await run_in_jail(argv, on_line=on_line, watchdog=watchdog)
 
 

@@ -37,10 +37,10 @@ DEFAULT_PULL_TIMEOUT_SECONDS = 30.0
 # few build slots for ever; AWS's own builds take minutes.
 DEFAULT_DOCKERFILE_TIMEOUT_SECONDS = 3600.0
 _REASON_TAIL_LINES = 20
+_REASON_LINE_CHARS = 400
 # Where the build context and the image id file appear in the build jail.
 _JAIL_CONTEXT = "/build/context"
 _JAIL_OUT = "/build/out"
-_REASON_LINE_CHARS = 400
 
 _TRYING_TO_PULL = re.compile(r"^Trying to pull (\S+?)\.\.\.$")
 # What RUN steps may not do beyond buildah's defaults (which already exclude SYS_ADMIN, MKNOD,

@@ -86,7 +86,7 @@ class BuildRequest:
     # As AWS: an artifact bucket in another region than the image fails the build. A single-region
     # S3-compatible store (MinIO reports us-east-1) serving images of several regions needs False.
     require_bucket_region: bool = True
-    # Directories a file:// code_uri may be read from (Settings.file_artifact_roots); none: refused.
+    # Directories a file:// code_uri may be read from (Settings.effective_artifact_file_roots); none: refused.
     artifact_file_roots: tuple[Path, ...] = ()
     limits: UnpackLimits = field(default_factory=UnpackLimits)
     pull_timeout_seconds: float = DEFAULT_PULL_TIMEOUT_SECONDS

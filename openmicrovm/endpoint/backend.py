@@ -10,15 +10,12 @@ from dataclasses import dataclass
 from openmicrovm.lifecycle.microvm_engine import MicrovmEngine
 from openmicrovm.runtime.driver import DriverError, PortNotListening, PtySession, TooManyConnections
 from openmicrovm.service.core import Service
+from openmicrovm.service.tokens import HTTP_INGRESS_KINDS, SHELL_INGRESS_KINDS
 
 # How long a request to a PENDING MicroVM (or one being resumed) is held before a 502.
 HOLD_SECONDS = 30.0
 # Idle accounting writes the store at most this often per MicroVM.
 ACTIVITY_WRITE_INTERVAL = 1.0
-# Ingress is an allow-list (issue 11): the connectors that open each way in. NO_INGRESS, or any
-# set without one of these, opens nothing.
-HTTP_INGRESS_KINDS = frozenset({"HTTP_INGRESS", "ALL_INGRESS"})
-SHELL_INGRESS_KINDS = frozenset({"SHELL_INGRESS", "ALL_INGRESS"})
 
 
 @dataclass(frozen=True)

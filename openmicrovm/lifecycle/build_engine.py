@@ -120,7 +120,7 @@ class BuildEngine:
             work_dir=work,
             output_dir=output,
             cache_dir=self.service.settings.cache_dir,
-            artifact_file_roots=self.service.settings.file_artifact_roots,
+            artifact_file_roots=self.service.settings.effective_artifact_file_roots,
             limits=UnpackLimits(
                 max_total_bytes=self.service.settings.max_artifact_bytes,
                 max_files=self.service.settings.max_artifact_files,

@@ -76,7 +76,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from openmicrovm.builder.build_network import allowed_networks, build_resolv_conf
-from openmicrovm.idmap import ID_COUNT
+from openmicrovm.idmap import ID_COUNT, id_base_problem
 
 from . import agent_build, agent_client, egress, names, netns, oci, proc, rootfs
 from . import runsc as runsc_binaries
@@ -130,7 +130,6 @@ CHECKPOINT_DONE = "checkpoint.done"
 RESTORE_DONE = "restore.done"
 # How long adopt() waits for a checkpoint or restore that a killed server left running.
 HELPER_WAIT_SECONDS = 300.0
-MAX_ID = 2**32 - 2  # the highest uid/gid: (uid_t)-1 is no id
 
 # Runs every runsc command: hides /proc/sys/net (see the module docstring) and, for run/restore,
 # first joins the sandbox's cgroups and mounts its root (see _root_options), with the host's
@@ -353,8 +352,9 @@ class GVisorDriver(BaseDriver):
         }
         id_base = sandbox.spec.rootfs_id_base
         if id_base:
-            if not 0 < id_base <= MAX_ID + 1 - ID_COUNT:
-                raise DriverError(f"rootfs_id_base {id_base} does not start a range of {ID_COUNT} host ids")
+            problem = id_base_problem(id_base)
+            if problem is not None:
+                raise DriverError(problem)
             tool = await agent_build.ensure_idmap(self.cache_dir)
             options.update(OMV_IDMAP=str(tool), OMV_ID_BASE=str(id_base), OMV_ID_COUNT=str(ID_COUNT))
         return options

@@ -52,6 +52,7 @@ import stat
 from pathlib import Path
 
 from .. import idmap
+from ..private_files import write_private_file
 from . import agent_build, cgroups, names, netns, oci, proc, rootfs, seccomp
 from .agent_client import AGENT_PORT, AgentAddress
 from .base import (
@@ -84,7 +85,6 @@ SECCOMP_FILE = "seccomp.bpf"
 # An empty host directory that every launcher mounts its own tmpfs on, in its private mount
 # namespace; the sandbox root and the agent are mounted below it there. On the host it stays empty.
 STAGE_DIR = Path("/run/openmicrovm-sandbox-root")
-MAX_ID = 2**32 - 2  # the highest uid/gid: (uid_t)-1 is no id
 REFUSED_ALL_CAPABILITIES = (
     "the process driver cannot contain an app with every capability (additionalOsCapabilities ALL "
     "includes CAP_SYS_ADMIN, CAP_SYS_MODULE and CAP_MKNOD, and this driver runs apps on the host's "
@@ -130,12 +130,6 @@ def _open_low_ports() -> None:
         handle.write("0")
     with open("/proc/sys/net/ipv4/ping_group_range", "w") as handle:
         handle.write(f"{idmap.ID_BASE} {idmap.ID_BASE + idmap.ID_COUNT - 1}")
-
-
-def _write_bytes_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
 
 
 def shift_layer_ids(root: Path) -> int:
@@ -205,10 +199,9 @@ class ProcessDriver(BaseDriver):
                 f"user {spec.process.user!r} has ids {outside} outside the 0..{idmap.ID_COUNT - 1} "
                 "that the sandbox's user namespace maps"
             )
-        if not 0 <= spec.rootfs_id_base <= MAX_ID + 1 - idmap.ID_COUNT:
-            raise DriverError(
-                f"rootfs_id_base {spec.rootfs_id_base} does not start a range of {idmap.ID_COUNT} host ids"
-            )
+        problem = idmap.id_base_problem(spec.rootfs_id_base)
+        if problem is not None:
+            raise DriverError(problem)
         return user
 
     def _device_cgroup(self, host: names.HostNames) -> list[Path]:
@@ -361,7 +354,7 @@ class ProcessDriver(BaseDriver):
         await netns.call_in_namespace(host.netns, _open_low_ports)
         self._prepare_layer(sandbox, fresh)
         STAGE_DIR.mkdir(mode=0o755, exist_ok=True)
-        _write_bytes_private(sandbox.state_dir / SECCOMP_FILE, self.seccomp_program)
+        write_private_file(sandbox.state_dir / SECCOMP_FILE, self.seccomp_program)
         shift = ""
         idmap_tool = ""
         if spec.rootfs_id_base != idmap.ID_BASE:

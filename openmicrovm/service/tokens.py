@@ -15,6 +15,10 @@ from openmicrovm.service.token_seal import TokenClaims
 AUTH_HEADER = "X-aws-proxy-auth"
 MAX_EXPIRATION_MINUTES = 60
 SHELL_PORT = 8022
+# Ingress is an allow-list: the connectors that open each way into a MicroVM. NO_INGRESS, or a set
+# without one of these, opens nothing (the endpoint checks every request, endpoint/backend.py).
+HTTP_INGRESS_KINDS = frozenset({"HTTP_INGRESS", "ALL_INGRESS"})
+SHELL_INGRESS_KINDS = frozenset({"SHELL_INGRESS", "ALL_INGRESS"})
 ALL_PORTS = (1, 65535)
 
 
@@ -53,8 +57,7 @@ def _issue(
         )
     config = json.loads(row["config"])
     connectors = [arn.rsplit(":", 1)[-1] for arn in config["ingressNetworkConnectors"]]
-    # ALL_INGRESS opens the shell too (the endpoint's allow-list, endpoint/backend.py).
-    if kind == "shell" and not {"SHELL_INGRESS", "ALL_INGRESS"} & set(connectors):
+    if kind == "shell" and not SHELL_INGRESS_KINDS & set(connectors):
         raise ValidationError(
             "Shell access requires SHELL_INGRESS network connector to be configured on the MicroVM."
         )

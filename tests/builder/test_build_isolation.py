@@ -367,34 +367,8 @@ class _RulesBench:
             # link-local addresses are tentative, and the first packets are lost to neighbour
             # discovery.
             self._sysctl(name, "net.ipv6.conf.default.accept_dad=0", "net.ipv6.conf.all.accept_dad=0")
-        ip(
-            "-n",
-            self.router,
-            "link",
-            "add",
-            "in0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            self.inner,
-        )
-        ip(
-            "-n",
-            self.router,
-            "link",
-            "add",
-            "out0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            self.outer,
-        )
+        for link, peer in (("in0", self.inner), ("out0", self.outer)):
+            ip("-n", self.router, "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", peer)
         ip("-n", self.inner, "addr", "add", self.INNER, "dev", "eth0")
         ip("-n", self.inner, "addr", "add", self.INNER6, "dev", "eth0", "nodad")
         ip("-n", self.router, "addr", "add", self.ROUTER_IN, "dev", "in0")

@@ -25,7 +25,7 @@ def test_the_default_is_the_servers_default_root(environment: pytest.MonkeyPatch
     chosen = artifact_dir(None)
     assert chosen == tmp_path / "data" / "artifacts"
     # The same directory the server, with the same environment, allows by default.
-    assert load_settings().file_artifact_roots == (chosen,)
+    assert load_settings().effective_artifact_file_roots == (chosen,)
 
 
 def test_configured_roots_are_used_and_agree_with_the_server(
@@ -36,7 +36,7 @@ def test_configured_roots_are_used_and_agree_with_the_server(
     assert artifact_dir(None) == tmp_path / "zips"
     environment.setenv("OPENMICROVM_ARTIFACT_FILE_ROOTS", f"{tmp_path}/env-zips:{tmp_path}/more")
     assert artifact_dir(None) == tmp_path / "env-zips"
-    assert artifact_dir(None) in load_settings().file_artifact_roots
+    assert artifact_dir(None) in load_settings().effective_artifact_file_roots
 
 
 def test_explicit_directories_win(environment: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -8,7 +8,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from openmicrovm.runtime import PortNotListening, ProcessConfig, Sandbox, SandboxDriver, SandboxSpec
+from openmicrovm.runtime.base import BaseDriver, record_of
+from openmicrovm.runtime.host import missing_for
 
 APP_PORT = 8080
 WAIT_SECONDS = 30.0  # an upper bound for slow machines, never a performance assertion
@@ -73,3 +77,22 @@ async def probe(driver: SandboxDriver, sandbox: Sandbox, targets: list[str]) -> 
     assert status == 0, output
     line = next(line for line in output.splitlines() if line.startswith("PROBE "))
     return dict(json.loads(line[len("PROBE ") :]))
+
+
+def only_driver(name: str) -> str:
+    """For a driver_name fixture of tests about one driver: its name, or a skip saying why it is
+    unavailable here."""
+    problems = missing_for(name)
+    if problems:
+        pytest.skip(f"{name} driver unavailable: {'; '.join(problems)}")
+    return name
+
+
+async def warm_pool_key(driver: BaseDriver) -> str:
+    """The key of the first warm sandbox the restore pool makes (it fills in the background)."""
+    for _ in range(600):
+        warm = [path for path in driver.sandboxes_dir.iterdir() if path.name.startswith("pool-")]
+        if warm and (loaded := driver.load(warm[0].name)) and record_of(loaded).state == "warm":
+            return record_of(loaded).key
+        await asyncio.sleep(0.05)
+    raise AssertionError("no warm sandbox appeared")

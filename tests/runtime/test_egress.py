@@ -10,7 +10,6 @@ resolver.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import subprocess
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ from openmicrovm.runtime import egress as uplinks
 from openmicrovm.runtime.base import BaseDriver, record_of
 from tests.builder.fake_internet import FakeInternet, fake_internet
 from tests.runtime.conftest import run
-from tests.runtime.helpers import app_spec, http, probe
+from tests.runtime.helpers import app_spec, http, probe, warm_pool_key
 from tests.runtime.test_sandboxes import HostListener, host_addresses
 
 
@@ -134,14 +133,7 @@ def test_egress_survives_suspend_resume_and_the_warm_pool(
         try:
             for name in ("microvm-e1", "microvm-e2"):  # the second restore makes the snapshot hot
                 boxes.append(await driver.restore(name, tmp_path / "snap", egress=name.endswith("1")))
-            warm_key = None
-            for _ in range(600):  # the pool fills in the background
-                warm = [path for path in driver.sandboxes_dir.iterdir() if path.name.startswith("pool-")]
-                if warm and (loaded := driver.load(warm[0].name)) and record_of(loaded).state == "warm":
-                    warm_key = record_of(loaded).key
-                    break
-                await asyncio.sleep(0.05)
-            assert warm_key is not None, "no warm sandbox appeared"
+            warm_key = await warm_pool_key(driver)  # the pool fills in the background
             pooled = await driver.restore("microvm-e3", tmp_path / "snap", egress=True)
             boxes.append(pooled)
             assert record_of(pooled).key == warm_key

@@ -4,7 +4,6 @@ export them: the gvisor driver shows them to the app with container ids through 
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import stat
@@ -18,9 +17,8 @@ import pytest
 from openmicrovm.idmap import ID_BASE, ID_COUNT
 from openmicrovm.runtime import DriverError, Sandbox, agent_build, make_driver
 from openmicrovm.runtime.base import BaseDriver, record_of
-from openmicrovm.runtime.host import missing_for
 from tests.runtime.conftest import run
-from tests.runtime.helpers import app_spec, http, run_command
+from tests.runtime.helpers import app_spec, http, only_driver, run_command, warm_pool_key
 
 APP_UID = 1000  # a container user that owns files in the test images
 SUID_ID = "/usr/local/bin/suid-id"  # a setuid-root copy of id(1) added to the test images
@@ -30,10 +28,7 @@ OWNED_DIR = "/home/app"  # owned by APP_UID in the image
 @pytest.fixture
 def driver_name() -> str:
     """Only the gvisor driver: the process driver shows shifted images its own way."""
-    problems = missing_for("gvisor")
-    if problems:
-        pytest.skip(f"gvisor driver unavailable: {'; '.join(problems)}")
-    return "gvisor"
+    return only_driver("gvisor")
 
 
 def owners(root: Path) -> dict[str, tuple[int, int, int, int, int]]:
@@ -332,14 +327,7 @@ def test_snapshots_of_a_shifted_image_restore_with_container_ids(
                 box = await driver.restore(name, tmp_path / "snap")
                 restored.append(box)
                 await check(box, 2)
-            warm_key = None
-            for _ in range(600):  # the warm pool fills in the background
-                warm = [path for path in driver.sandboxes_dir.iterdir() if path.name.startswith("pool-")]
-                if warm and (loaded := driver.load(warm[0].name)) and record_of(loaded).state == "warm":
-                    warm_key = record_of(loaded).key
-                    break
-                await asyncio.sleep(0.05)
-            assert warm_key is not None, "no warm sandbox appeared"
+            warm_key = await warm_pool_key(driver)  # the pool fills in the background
             pooled = await driver.restore("microvm-i3", tmp_path / "snap")
             restored.append(pooled)
             assert record_of(pooled).key == warm_key  # handed out from the pool

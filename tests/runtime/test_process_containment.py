@@ -22,19 +22,15 @@ import pytest
 from openmicrovm.idmap import ID_BASE, ID_COUNT
 from openmicrovm.runtime import cgroups, seccomp
 from openmicrovm.runtime.base import BaseDriver
-from openmicrovm.runtime.host import missing_for
 from openmicrovm.runtime.process import DEVICE_RULES, LAYER, LAYER_IDS_FILE
 from tests.runtime.conftest import run
-from tests.runtime.helpers import app_spec, http, run_command
+from tests.runtime.helpers import app_spec, http, only_driver, run_command
 
 
 @pytest.fixture
 def driver_name() -> str:
     """Only the process driver: these are its walls (gVisor has its own kernel)."""
-    problems = missing_for("process")
-    if problems:
-        pytest.skip(f"process driver unavailable: {'; '.join(problems)}")
-    return "process"
+    return only_driver("process")
 
 
 # Run inside the sandbox: each named system call, made directly, and the errno it got.

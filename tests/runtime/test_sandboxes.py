@@ -14,7 +14,7 @@ import pytest
 from openmicrovm.runtime import DriverError, SandboxDriver, make_driver
 from openmicrovm.runtime.base import BaseDriver, record_of
 from tests.runtime.conftest import run
-from tests.runtime.helpers import app_spec, http, probe, run_command
+from tests.runtime.helpers import app_spec, http, probe, run_command, warm_pool_key
 
 # Spec §5.8: chown, dac_override, fowner, fsetid, kill, setgid, setuid, setpcap, net_bind_service,
 # net_raw, sys_chroot, mknod, audit_write, setfcap (capability numbers from linux/capability.h).
@@ -336,14 +336,7 @@ def test_hot_snapshots_restore_from_a_warm_pool(
         try:
             for name in ("microvm-p1", "microvm-p2"):  # the second restore makes the snapshot hot
                 restored.append(await driver.restore(name, tmp_path / "snap"))
-            warm_key = None
-            for _ in range(600):  # the pool fills in the background
-                warm = [path for path in driver.sandboxes_dir.iterdir() if path.name.startswith("pool-")]
-                if warm and (loaded := driver.load(warm[0].name)) and record_of(loaded).state == "warm":
-                    warm_key = record_of(loaded).key
-                    break
-                await asyncio.sleep(0.05)
-            assert warm_key is not None, "no warm sandbox appeared"
+            warm_key = await warm_pool_key(driver)  # the pool fills in the background
             third = await driver.restore("microvm-p3", tmp_path / "snap")
             restored.append(third)
             assert record_of(third).key == warm_key  # handed out from the pool ...
