@@ -211,6 +211,20 @@ def test_symlink_escape_is_refused(server: ServerProcess, moto: MotoServer, tmp_
     assert reason.startswith("ARCHIVE_INVALID: ") and "passwd" in reason
 
 
+def test_run_mounts_that_can_name_host_paths_fail_the_version_naming_the_line(
+    server: ServerProcess, moto: MotoServer
+) -> None:
+    """Through the API as a user would deploy it: the CVE-2024-9675 cache mount is refused."""
+    dockerfile = (
+        "FROM public.ecr.aws/lambda/microvms:al2023-minimal\n"
+        "RUN --mount=type=cache,id=../../../../../..,target=/h touch /h/tmp/openmicrovm-escape\n"
+    )
+    reason = _failed_build(server.client(), upload(moto, zip_files({"Dockerfile": dockerfile})))
+    assert reason.startswith("CONTAINER_BUILD_FAILED: The container image build failed.")
+    assert "Line 2 of the Dockerfile" in reason and "CVE-2024-9675" in reason
+    assert not Path("/tmp/openmicrovm-escape").exists()
+
+
 def test_failing_run_step(server: ServerProcess, moto: MotoServer) -> None:
     dockerfile = "FROM public.ecr.aws/lambda/microvms:al2023-minimal\nRUN echo about-to-fail && exit 3\n"
     reason = _failed_build(server.client(), upload(moto, zip_files({"Dockerfile": dockerfile})))
