@@ -2,7 +2,7 @@
 # Installs everything openmicrovm needs on Debian 12, as root: the system packages of the sandbox
 # drivers and the image builder, and a Python virtual environment in .venv with the project in it.
 #   ./install.sh          what the server needs
-#   ./install.sh --dev    also what the tests need (pytest, moto, the AWS CLI, ruff)
+#   ./install.sh --dev    also what the tests need (pytest, moto, the AWS CLI, ruff, PostgreSQL)
 set -eu
 cd "$(dirname "$0")"
 
@@ -20,6 +20,11 @@ fi
 
 packages="python3 python3-venv python3-dev gcc libc6-dev runsc buildah bubblewrap debootstrap \
 iproute2 util-linux procps nftables ca-certificates curl"
+if [ "$extras" = "[dev]" ]; then
+    # The tests run their servers on SQLite and on a PostgreSQL cluster of their own, which they
+    # start from this package's programs (tests/support/postgres.py); the server needs no local one.
+    packages="$packages postgresql"
+fi
 missing=""
 for package in $packages; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing="$missing $package"

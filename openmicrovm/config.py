@@ -47,6 +47,12 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 4599
     data_dir: Path = field(default_factory=default_data_dir)
+    # Where state lives: empty for SQLite in the data dir (openmicrovm.db), or
+    # postgresql://user:password@host:port/database for a PostgreSQL server several hosts share.
+    database_url: str = ""
+    # Connections to PostgreSQL kept per server, and how long to wait for one.
+    database_pool_size: int = 8
+    database_connect_timeout_seconds: float = 5.0
     # Shared, rebuildable artefacts (the Debian base root filesystem, buildah layers).
     cache_dir: Path = field(default_factory=default_cache_dir)
     # A second port serving the API and the endpoints over TLS with a local CA (0: none).
@@ -105,6 +111,10 @@ class Settings:
     @property
     def signature_required(self) -> bool:
         return bool(self.access_keys)
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'openmicrovm.db'}"
 
     @property
     def effective_artifact_file_roots(self) -> tuple[Path, ...]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Iterator
+from enum import StrEnum
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -23,20 +24,18 @@ from openmicrovm.api.auth import AuthError, SignedRequest, identify
 from openmicrovm.api.protocol import error_response
 from openmicrovm.config import Settings
 from openmicrovm.logs.store import LogStore
-from openmicrovm.store.db import Database
+from openmicrovm.states import BuildState, ImageState, MicrovmState
+from openmicrovm.store import Store
 
 log = logging.getLogger("openmicrovm.metrics")
 
-MICROVM_STATES = ("PENDING", "RUNNING", "SUSPENDING", "SUSPENDED", "TERMINATING", "TERMINATED")
-BUILD_STATES = ("PENDING", "IN_PROGRESS", "SUCCESSFUL", "FAILED")
-IMAGE_STATES = ("CREATING", "CREATED", "CREATE_FAILED", "UPDATING", "UPDATED", "UPDATE_FAILED", "DELETING")
 TRANSITIONS = ("run", "resume", "suspend", "terminate")
 # From a warm freeze/thaw (~1 ms) to a cold restore on a busy host (tens of seconds).
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _SNAPSHOT_SIZES = {
-    "memory": "$.memorySnapshotSizeInBytes",
-    "disk": "$.diskSnapshotSizeInBytes",
-    "code": "$.codeInstallSizeInBytes",
+    "memory": "memorySnapshotSizeInBytes",
+    "disk": "diskSnapshotSizeInBytes",
+    "code": "codeInstallSizeInBytes",
 }
 _STATS_TIMEOUT_SECONDS = 2.0
 
@@ -56,36 +55,35 @@ SandboxStatsReader = Callable[[Any], Awaitable[SandboxUsage]]
 class _StoreCollector:
     """Resources by state and snapshot bytes, straight from the store at each scrape."""
 
-    def __init__(self, db: Database) -> None:
-        self.db = db
+    def __init__(self, store: Store) -> None:
+        self.store = store
 
-    def _by_state(self, table: str, states: tuple[str, ...], name: str, help_text: str) -> Metric:
+    @staticmethod
+    def _by_state(counts: dict[Any, int], states: Iterable[StrEnum], name: str, help_text: str) -> Metric:
         family = GaugeMetricFamily(name, help_text, labels=["state"])
-        counts = {state: 0 for state in states}
-        for row in self.db.all(f"SELECT state, COUNT(*) AS n FROM {table} GROUP BY state"):
-            counts[row["state"]] = row["n"]
-        for state, count in counts.items():
-            family.add_metric([state], count)
+        for state in states:
+            family.add_metric([state.value], counts.get(state, 0))
         return family
 
     def collect(self) -> Iterator[Metric]:
-        yield self._by_state("microvms", MICROVM_STATES, "openmicrovm_microvms", "MicroVMs by state.")
-        yield self._by_state("builds", BUILD_STATES, "openmicrovm_builds", "Image builds by state.")
-        yield self._by_state("images", IMAGE_STATES, "openmicrovm_images", "MicroVM images by state.")
+        microvms, builds, images, artifacts = self.store.read(
+            lambda tx: (
+                tx.microvms.counts_by_state(),
+                tx.builds.counts_by_state(),
+                tx.images.counts_by_state(),
+                tx.builds.all_successful_artifacts(),
+            )
+        )
+        yield self._by_state(microvms, MicrovmState, "openmicrovm_microvms", "MicroVMs by state.")
+        yield self._by_state(builds, BuildState, "openmicrovm_builds", "Image builds by state.")
+        yield self._by_state(images, ImageState, "openmicrovm_images", "MicroVM images by state.")
         sizes = GaugeMetricFamily(
             "openmicrovm_snapshot_bytes",
             "Bytes of the snapshots of successful builds, by part (memory, disk, code).",
             labels=["kind"],
         )
-        columns = ", ".join(
-            f"COALESCE(SUM(json_extract(artifacts, '{path}')), 0) AS {kind}"
-            for kind, path in _SNAPSHOT_SIZES.items()
-        )
-        row = self.db.one(
-            f"SELECT {columns} FROM builds WHERE state = 'SUCCESSFUL' AND artifacts IS NOT NULL"
-        )
-        for kind in _SNAPSHOT_SIZES:
-            sizes.add_metric([kind], row[kind] if row is not None else 0)
+        for kind, key in _SNAPSHOT_SIZES.items():
+            sizes.add_metric([kind], sum(int(found.get(key) or 0) for found in artifacts))
         yield sizes
 
 
@@ -134,13 +132,13 @@ class _SandboxCollector:
 class Metrics:
     def __init__(
         self,
-        db: Database,
+        store: Store,
         logs: LogStore | None = None,
         sandboxes: SandboxLister | None = None,
         sandbox_stats: SandboxStatsReader | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(_StoreCollector(db))
+        self.registry.register(_StoreCollector(store))
         if logs is not None:
             self.registry.register(_LogCollector(logs))
         self._sandboxes = sandboxes
@@ -185,8 +183,8 @@ class Metrics:
         # Every label value shows up from the first scrape, so dashboards see zeros, not gaps.
         for kind in TRANSITIONS:
             self.transitions.labels(kind)
-        for state in MICROVM_STATES:
-            self.state_changes.labels(state)
+        for state in MicrovmState:
+            self.state_changes.labels(state.value)
         for code in ("2xx", "3xx", "4xx", "5xx"):
             self.endpoint_requests.labels(code)
 
@@ -195,9 +193,9 @@ class Metrics:
         """A MicroVM operation finished: kind is "run", "resume", "suspend" or "terminate"."""
         self.transitions.labels(kind).observe(max(seconds, 0.0))
 
-    def microvm_state_changed(self, microvm_id: str, state: str) -> None:
+    def microvm_state_changed(self, microvm_id: str, state: MicrovmState) -> None:
         """Fits MicrovmEngine.listeners."""
-        self.state_changes.labels(state).inc()
+        self.state_changes.labels(state.value).inc()
 
     def endpoint_request_served(self, microvm_id: str, status: int) -> None:
         """Fits endpoint.proxy.Counters.on_request: one request answered with `status`."""
@@ -239,7 +237,7 @@ class Metrics:
 
     async def exposition(self) -> bytes:
         await self.refresh_sandboxes()
-        # The store collector queries SQLite; keep that off the event loop.
+        # The store collector queries the database; keep that off the event loop.
         return await asyncio.to_thread(generate_latest, self.registry)
 
 

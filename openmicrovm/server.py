@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import signal
@@ -32,15 +33,20 @@ from openmicrovm.metrics import Metrics, metrics_handler
 from openmicrovm.private_files import private_dir
 from openmicrovm.runtime import make_driver
 from openmicrovm.service import Service
-from openmicrovm.store.db import Database
+from openmicrovm.store import Store
 
 log = logging.getLogger("openmicrovm.server")
 # The catch-all route: the API, and the shell WebSocket of MicroVM endpoint Hosts.
 _DISPATCH_ROUTE = "dispatch"
 
 
-def database_url(settings: Settings) -> str:
-    return f"sqlite:///{settings.data_dir / 'openmicrovm.db'}"
+def open_store(settings: Settings) -> Store:
+    """The store the settings name (SQLite in the data dir unless database_url says otherwise)."""
+    return Store(
+        settings.effective_database_url,
+        pool_size=settings.database_pool_size,
+        connect_timeout=settings.database_connect_timeout_seconds,
+    )
 
 
 class DataDirLock:
@@ -81,51 +87,59 @@ class Server:
         self.lock = DataDirLock(settings.data_dir)
         if not self.lock.acquire():
             raise DataDirBusy(f"another openmicrovm server is using the data dir {settings.data_dir}")
-        self.db = Database(database_url(settings))
-        self.service = Service(self.db, settings)
-        self.logs = LogStore(settings.data_dir / "logs", settings.log_max_bytes, settings.log_keep_files)
-        self.driver = make_driver(
-            settings.driver,
-            settings.data_dir / "sandboxes",
-            settings.cache_dir,
-            memory_reserve_mib=settings.host_memory_reserve_mib or None,
-            suspend_to_disk_after=settings.suspend_to_disk_after_seconds,
-            restore_pool_size=settings.restore_pool_size,
-            runsc_platform=settings.gvisor_platform or None,
-            egress_allow_networks=settings.egress_allow_networks,
-        )
-        self.build_engine = BuildEngine(self.service, self.driver, self.logs)
-        self.microvm_engine = MicrovmEngine(self.service, self.driver, self.logs)
-        self.service.builds = self.build_engine
-        self.service.microvms = self.microvm_engine
-        self.timers = Timers(self.service)
-        self.control_plane = ControlPlane(self.service)
-        self.endpoints = EndpointBackend(self.service, self.microvm_engine)
-        self.metrics = Metrics(
-            self.db, self.logs, sandboxes=self.microvm_engine.live_sandboxes, sandbox_stats=self.driver.stats
-        )
-        self.microvm_engine.listeners.append(self.metrics.microvm_state_changed)
-        self.microvm_engine.transition_observers.append(self.metrics.observe_transition)
-        self.shipper = CloudWatchShipper(self.db, self.logs, observer=self.metrics)
-        self.endpoint_counters = Counters(
-            on_bytes=self.metrics.endpoint_bytes_relayed, on_request=self.metrics.endpoint_request_served
-        )
-        # Every route below is behind the guard: Hosts that name this server only, and no
-        # request a web page could send cross-site (api/guard.py).
-        self.app = web.Application(
-            client_max_size=settings.max_request_bytes,
-            middlewares=[request_guard(settings, endpoint_hostname, endpoint_routes={_DISPATCH_ROUTE})],
-        )
-        # Before the catch-all: aiohttp tries routes in the order they were added.
-        self.app.router.add_get(LOGS_ROUTE, make_logs_handler(self.service, self.logs))
-        self.app.router.add_get("/metrics", metrics_handler(self.metrics, settings))
-        # [\s\S]: a path may hold an encoded line break, which '.' would not match.
-        self.app.router.add_route("*", r"/{tail:[\s\S]*}", self.dispatch, name=_DISPATCH_ROUTE)
-        self._background: list[asyncio.Task[None]] = []
-        self._runner: web.AppRunner | None = None
-        self._listener: asyncio.Server | None = None
-        self._front_door: FrontDoor | None = None
-        self._tls_listener: asyncio.Server | None = None
+        # Whatever fails below (an unusable database, an invalid setting) undoes what was done.
+        with contextlib.ExitStack() as undo:
+            undo.callback(self.lock.release)
+            self.store = open_store(settings)
+            undo.callback(self.store.close)
+            self.service = Service(self.store, settings)
+            self.logs = LogStore(settings.data_dir / "logs", settings.log_max_bytes, settings.log_keep_files)
+            self.driver = make_driver(
+                settings.driver,
+                settings.data_dir / "sandboxes",
+                settings.cache_dir,
+                memory_reserve_mib=settings.host_memory_reserve_mib or None,
+                suspend_to_disk_after=settings.suspend_to_disk_after_seconds,
+                restore_pool_size=settings.restore_pool_size,
+                runsc_platform=settings.gvisor_platform or None,
+                egress_allow_networks=settings.egress_allow_networks,
+            )
+            self.build_engine = BuildEngine(self.service, self.driver, self.logs)
+            self.microvm_engine = MicrovmEngine(self.service, self.driver, self.logs)
+            self.service.builds = self.build_engine
+            self.service.microvms = self.microvm_engine
+            self.timers = Timers(self.service)
+            self.control_plane = ControlPlane(self.service)
+            self.endpoints = EndpointBackend(self.service, self.microvm_engine)
+            self.metrics = Metrics(
+                self.store,
+                self.logs,
+                sandboxes=self.microvm_engine.live_sandboxes,
+                sandbox_stats=self.driver.stats,
+            )
+            self.microvm_engine.listeners.append(self.metrics.microvm_state_changed)
+            self.microvm_engine.transition_observers.append(self.metrics.observe_transition)
+            self.shipper = CloudWatchShipper(self.store, self.logs, observer=self.metrics)
+            self.endpoint_counters = Counters(
+                on_bytes=self.metrics.endpoint_bytes_relayed, on_request=self.metrics.endpoint_request_served
+            )
+            # Every route below is behind the guard: Hosts that name this server only, and no
+            # request a web page could send cross-site (api/guard.py).
+            self.app = web.Application(
+                client_max_size=settings.max_request_bytes,
+                middlewares=[request_guard(settings, endpoint_hostname, endpoint_routes={_DISPATCH_ROUTE})],
+            )
+            # Before the catch-all: aiohttp tries routes in the order they were added.
+            self.app.router.add_get(LOGS_ROUTE, make_logs_handler(self.service, self.logs))
+            self.app.router.add_get("/metrics", metrics_handler(self.metrics, settings))
+            # [\s\S]: a path may hold an encoded line break, which '.' would not match.
+            self.app.router.add_route("*", r"/{tail:[\s\S]*}", self.dispatch, name=_DISPATCH_ROUTE)
+            self._background: list[asyncio.Task[None]] = []
+            self._runner: web.AppRunner | None = None
+            self._listener: asyncio.Server | None = None
+            self._front_door: FrontDoor | None = None
+            self._tls_listener: asyncio.Server | None = None
+            undo.pop_all()
 
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
         if endpoint_hostname(request.host) is not None:
@@ -134,7 +148,11 @@ class Server:
         return await self.control_plane.handle(request)
 
     def describe(self) -> list[str]:
-        lines = [f"data dir {self.settings.data_dir}", f"sandbox driver: {self.driver.name}"]
+        lines = [
+            f"data dir {self.settings.data_dir}",
+            f"state in {self.store.description}",
+            f"sandbox driver: {self.driver.name}",
+        ]
         if self.settings.signature_required:
             lines.append(f"SigV4 required: {len(self.settings.access_keys)} access key(s) configured")
         else:
@@ -145,10 +163,11 @@ class Server:
         return lines
 
     async def start(self) -> None:
+        self.service.bind_loop(asyncio.get_running_loop())
         # Build networks a crashed server left behind (live builds of other servers are kept).
         await cleanup_build_networks()
         await recover_microvms(self.microvm_engine)
-        self.build_engine.resume_pending_work()
+        await self.build_engine.resume_pending_work()
         self._background.append(asyncio.get_running_loop().create_task(self.timers.run()))
         self._background.append(asyncio.get_running_loop().create_task(self.shipper.run()))
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
@@ -183,7 +202,7 @@ class Server:
         await self.microvm_engine.close()
         await self.driver.close()
         self.logs.close()
-        self.db.close()
+        self.store.close()
         self.lock.release()
 
 

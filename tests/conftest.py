@@ -1,7 +1,15 @@
-"""Shared fixtures: a local S3 (moto), the real server as a subprocess, boto3 clients for it."""
+"""Shared fixtures: a local S3 (moto), the real server as a subprocess, boto3 clients for it.
+
+Every test that starts a server runs once per database backend, SQLite and PostgreSQL (a private
+cluster this session starts on first use): a server fixture or test asks for `database_backend` and
+makes its servers with `database_backend.server(...)`. OPENMICROVM_TEST_DATABASES=sqlite (or
+postgresql; a comma-separated list, both by default) runs the servers' tests on one backend only."""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -10,7 +18,56 @@ import pytest
 
 from tests.support import images
 from tests.support.moto import MotoServer
-from tests.support.server import ServerProcess
+from tests.support.postgres import PostgresCluster, temporary_cluster
+from tests.support.server import DatabaseBackend, ServerProcess
+
+DATABASE_BACKENDS = ("sqlite", "postgresql")
+
+
+def selected_database_backends() -> list[str]:
+    listed = os.environ.get("OPENMICROVM_TEST_DATABASES", "")
+    names = [name.strip() for name in listed.split(",") if name.strip()] or list(DATABASE_BACKENDS)
+    unknown = sorted(set(names) - set(DATABASE_BACKENDS))
+    if unknown:
+        raise pytest.UsageError(
+            f"OPENMICROVM_TEST_DATABASES: unknown {', '.join(unknown)}; choose among {', '.join(DATABASE_BACKENDS)}"
+        )
+    return list(dict.fromkeys(names))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    selected_database_backends()  # a misspelt backend stops the run at once, not every module's collection
+    # Each server's database is its backend's choice, written in its settings file: a database URL
+    # from the caller's shell must not send the servers (and `openmicrovm cleanup`) anywhere else.
+    os.environ.pop("OPENMICROVM_DATABASE_URL", None)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # Only tests that reach database_backend (through the server fixtures) run per backend; session
+    # scope makes pytest run all of one backend's tests before the other's, so that each backend's
+    # servers and the PostgreSQL cluster are set up once, not once per alternation.
+    if "database_backend" in metafunc.fixturenames:
+        metafunc.parametrize("database_backend", selected_database_backends(), indirect=True, scope="session")
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresCluster]:
+    """The session's PostgreSQL server, started when a PostgreSQL test first needs it and stopped
+    after the session, however it ends (its log is then kept in the session's temp dir, postgres*/).
+    Fault tests may stop() or kill() it and start() it again: port, password and data stay."""
+    with temporary_cluster(keep_log_in=tmp_path_factory.mktemp("postgres")) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def database_backend(request: pytest.FixtureRequest) -> DatabaseBackend:
+    """The backend this run of the test is on (its id in the test's name: [sqlite], [postgresql])."""
+    name: str = request.param
+    if name == "postgresql":
+        # Asked for here rather than as an argument, so that a run without PostgreSQL tests never
+        # starts the cluster (nor needs it installed).
+        return DatabaseBackend(name, request.getfixturevalue("postgres_cluster"))
+    return DatabaseBackend(name)
 
 
 @pytest.fixture(scope="session")
@@ -21,33 +78,32 @@ def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
     server.stop()
 
 
-def _launch(data_dir: Path, moto: MotoServer, settings: dict[str, Any] | None) -> ServerProcess:
-    server = ServerProcess(data_dir, settings, env=moto.environment())
-    server.start()
-    return server
-
-
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory, moto: MotoServer) -> Iterator[ServerProcess]:
+def server(
+    tmp_path_factory: pytest.TempPathFactory, moto: MotoServer, database_backend: DatabaseBackend
+) -> Iterator[ServerProcess]:
     """One server for the tests that only need an API; tests must not depend on what others made."""
-    process = _launch(tmp_path_factory.mktemp("server"), moto, None)
-    yield process
-    process.stop()
+    with database_backend.server(tmp_path_factory.mktemp("server"), env=moto.environment()) as process:
+        process.start()
+        yield process
 
 
 @pytest.fixture
-def make_server(tmp_path: Path, moto: MotoServer) -> Iterator[Callable[..., ServerProcess]]:
+def make_server(
+    tmp_path: Path, moto: MotoServer, database_backend: DatabaseBackend
+) -> Iterator[Callable[..., ServerProcess]]:
     """A server of the test's own, with settings of its own (quotas, access keys, ...)."""
-    started: list[ServerProcess] = []
+    numbers = itertools.count()
+    with contextlib.ExitStack() as servers:
 
-    def make(settings: dict[str, Any] | None = None) -> ServerProcess:
-        process = _launch(tmp_path / f"server{len(started)}", moto, settings)
-        started.append(process)
-        return process
+        def make(settings: dict[str, Any] | None = None) -> ServerProcess:
+            process = servers.enter_context(
+                database_backend.server(tmp_path / f"server{next(numbers)}", settings, env=moto.environment())
+            )
+            process.start()
+            return process
 
-    yield make
-    for process in started:
-        process.stop()
+        yield make
 
 
 @pytest.fixture

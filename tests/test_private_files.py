@@ -1,9 +1,10 @@
 """Private dirs (0700) and key files (0600 from creation, fsync, atomic rename), for the helper and
-for every key the server writes: token keys, the TLS CA and server keys; the data and cache dirs
-of a real server."""
+for every key the server writes: the database that holds the token keys, the TLS CA and server
+keys; the data and cache dirs of a real server."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import stat
@@ -16,7 +17,9 @@ import pytest
 from openmicrovm import private_files
 from openmicrovm.endpoint.tls import CA_KEY, SERVER_KEY, issue_server_certificate
 from openmicrovm.private_files import private_dir, write_private_file
-from openmicrovm.service.token_seal import KeyRing, TokenClaims
+from openmicrovm.service.core import legacy_keyring_file
+from openmicrovm.service.token_seal import KeyRing, TokenClaims, load_keyring
+from openmicrovm.store import Store
 from tests.support.server import ServerProcess
 
 
@@ -123,9 +126,25 @@ def test_a_stale_temporary_name_is_never_written_through(
     assert (tmp_path / "key.pem").read_bytes() == b"secret"
 
 
-def test_token_keys_and_tls_keys_are_written_privately_and_durably(
+def test_token_keys_live_in_a_private_database_and_tls_keys_are_written_privately_and_durably(
     tmp_path: Path, open_umask: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    data = tmp_path / "data"
+    legacy = legacy_keyring_file(data)
+    # Keys an older openmicrovm kept in a file: imported once, so that its tokens stay valid.
+    private_dir(legacy.parent, "token keys dir")
+    write_private_file(legacy, json.dumps({"current": "old", "keys": {"old": "11" * 32}}).encode())
+    old_claims = TokenClaims("000000000000", "microvm-old", ((8080, 8080),), "endpoint", 0.0, 9e9, "old")
+    old_token = KeyRing({"old": bytes.fromhex("11" * 32)}, "old").seal(old_claims)
+    store = Store(f"sqlite:///{data / 'openmicrovm.db'}")
+    try:
+        ring = load_keyring(store, legacy)
+        assert ring.open(old_token) == old_claims and not legacy.exists()
+        claims = TokenClaims("000000000000", "microvm-x", ((8080, 8080),), "endpoint", 0.0, 9e9, "id")
+        assert load_keyring(store, legacy).open(ring.seal(claims)) == claims  # what was stored reads back
+    finally:
+        store.close()
+    assert mode(data / "openmicrovm.db") == 0o600
     synced: list[str] = []
     real_fsync = os.fsync
 
@@ -134,20 +153,12 @@ def test_token_keys_and_tls_keys_are_written_privately_and_durably(
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    keys = tmp_path / "data" / "keys" / "token-keys.json"
-    ring = KeyRing(keys)
-    ring.rotate()
-    assert mode(keys) == 0o600 and mode(keys.parent) == 0o700
-    # Each save: the new file's content, then the directory that holds the rename.
-    assert synced.count(str(keys.parent)) == 2, synced
-    claims = TokenClaims("000000000000", "microvm-x", ((8080, 8080),), "endpoint", 0.0, 9e9, "id")
-    assert KeyRing(keys).open(ring.seal(claims)) == claims  # what was written reads back whole
     tls = tmp_path / "tls"
     tls.mkdir()
-    synced.clear()
     issue_server_certificate(tls, ["us-east-1"])
     assert mode(tls / CA_KEY) == 0o600 and mode(tls / SERVER_KEY) == 0o600
-    assert synced.count(str(tls)) == 2, synced  # the CA key and the server key
+    # Each key: the new file's content, then the directory that holds the rename.
+    assert synced.count(str(tls)) == 2, synced
 
 
 def test_private_dir_makes_missing_parents_0700_and_tightens_with_a_warning(
@@ -182,7 +193,8 @@ def test_the_server_keeps_its_data_and_cache_dirs_private(
     server = make_server({"cache_dir": str(cache)})
     server.client().list_microvm_images()
     assert mode(data) == 0o700 and mode(cache) == 0o700
-    assert mode(data / "keys") == 0o700 and mode(data / "keys" / "token-keys.json") == 0o600
+    if (data / "openmicrovm.db").exists():  # SQLite: it holds the token keys
+        assert mode(data / "openmicrovm.db") == 0o600
     log = server.log()
     assert f"the data dir {data} was accessible to other users (mode 0755); made it 0700" in log
     assert f"the cache dir {cache} was accessible to other users (mode 0755); made it 0700" in log

@@ -1,6 +1,6 @@
 """The HTTP front door of the control plane: route, authenticate, parse, validate, call the
-service, serialise. No request can crash the server: anything unexpected becomes a 500
-InternalServerException and is logged."""
+service, serialise. No request can crash the server: a database outage becomes a 503
+ServiceException, anything unexpected a 500 InternalServerException, and both are logged."""
 
 from __future__ import annotations
 
@@ -11,12 +11,21 @@ from typing import Any
 from aiohttp import web
 
 from openmicrovm.api.auth import AuthError, SignedRequest, identify
-from openmicrovm.api.protocol import JSON_CONTENT_TYPE, error_response, parse_input, serialize_output
+from openmicrovm.api.protocol import (
+    JSON_CONTENT_TYPE,
+    UNAVAILABLE_CODE,
+    UNAVAILABLE_MESSAGE,
+    UNAVAILABLE_STATUS,
+    error_response,
+    parse_input,
+    serialize_output,
+)
 from openmicrovm.api.routing import Router
 from openmicrovm.api.validation import Validator
 from openmicrovm.service import Service
 from openmicrovm.service.context import RequestContext
 from openmicrovm.service.errors import ServiceError
+from openmicrovm.store import StoreUnavailable
 
 log = logging.getLogger("openmicrovm.api")
 
@@ -30,9 +39,14 @@ class ControlPlane:
         )
 
     def _error(
-        self, request_id: str, code: str, message: str, members: dict[str, Any] | None = None
+        self,
+        request_id: str,
+        code: str,
+        message: str,
+        members: dict[str, Any] | None = None,
+        status: int | None = None,
     ) -> web.Response:
-        status, headers, body = error_response(code, message, members)
+        status, headers, body = error_response(code, message, members, status)
         headers["x-amzn-RequestId"] = request_id
         return web.Response(status=status, headers=headers, body=body)
 
@@ -58,13 +72,17 @@ class ControlPlane:
             params = parse_input(operation, match.labels, request.rel_url.raw_query_string, body)
             self.validator.check(operation.input_shape, params)
             context = RequestContext(caller.account, caller.region, request_id)
-            result = self.service.call(operation.name, context, params)
+            # Off the event loop: an operation waits on the database, and the loop must not.
+            result = await self.service.run(self.service.call, operation.name, context, params)
         except ServiceError as error:
             return self._error(request_id, error.code, error.message, error.members)
         except AuthError as error:
             return self._error(request_id, error.code, error.message)
         except _BodyTooLarge as error:
             return self._error(request_id, "RequestEntityTooLargeException", str(error))
+        except StoreUnavailable as error:
+            log.warning("%s: %s (request %s)", operation.name, error, request_id)
+            return self._error(request_id, UNAVAILABLE_CODE, UNAVAILABLE_MESSAGE, status=UNAVAILABLE_STATUS)
         except Exception:
             log.exception("%s failed (request %s)", operation.name, request_id)
             return self._error(

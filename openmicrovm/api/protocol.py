@@ -3,8 +3,10 @@ a domain error into the AWS error form (X-Amzn-Errortype header, JSON body with 
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -34,31 +36,53 @@ def _query_value(shape: Shape, values: list[str], name: str) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class _InputPlan:
+    """Where an operation's input members are on the wire, read once from the model."""
+
+    # (member, in the URI (else the query string), label or query key, shape), in the model's order
+    located: tuple[tuple[str, bool, str, Shape], ...]
+    has_query: bool
+    has_body: bool  # whether any member is carried in the JSON body
+
+
+@functools.cache
+def _input_plan(operation: OperationModel) -> _InputPlan | None:
+    shape = operation.input_shape
+    if shape is None:
+        return None
+    located = []
+    has_body = False
+    for name, member in shape.members.items():
+        location = member.serialization.get("location")
+        wire_name = member.serialization.get("name", name)
+        if location in ("uri", "querystring"):
+            located.append((name, location == "uri", wire_name, member))
+        elif location == "header":
+            continue  # no input of this service is carried in a header
+        else:
+            has_body = True
+    has_query = any(not in_uri for _, in_uri, _, _ in located)
+    return _InputPlan(tuple(located), has_query, has_body)
+
+
 def parse_input(
     operation: OperationModel, labels: Mapping[str, str], raw_query: str, body: bytes
 ) -> dict[str, Any]:
     """Operation parameters, placed where the model puts them: URI labels, query string, JSON body."""
-    shape = operation.input_shape
+    plan = _input_plan(operation)
     params: dict[str, Any] = {}
-    if shape is None:
+    if plan is None:
         return params
-    query = parse_qs(raw_query, keep_blank_values=True)
-    body_members = {}
-    for name, member in shape.members.items():
-        location = member.serialization.get("location")
-        wire_name = member.serialization.get("name", name)
-        if location == "uri":
-            if wire_name in labels:
-                params[name] = labels[wire_name]
-        elif location == "querystring":
-            if wire_name in query:
-                params[name] = _query_value(member, query[wire_name], name)
-        elif location == "header":
-            continue  # no input of this service is carried in a header
-        else:
-            body_members[name] = member
+    query = parse_qs(raw_query, keep_blank_values=True) if plan.has_query and raw_query else {}
+    for name, in_uri, key, member in plan.located:
+        if in_uri:
+            if key in labels:
+                params[name] = labels[key]
+        elif key in query:
+            params[name] = _query_value(member, query[key], name)
     if body.strip():
-        if not body_members:
+        if not plan.has_body:
             # GET/DELETE operations ignore a body, as HTTP servers generally do.
             return params
         try:
@@ -76,14 +100,23 @@ def parse_input(
     return params
 
 
-def serialize_output(operation: OperationModel, result: Mapping[str, Any]) -> bytes | None:
+@functools.cache
+def _output_members(operation: OperationModel) -> tuple[str, ...] | None:
+    """The members of an operation's response body (None: the operation answers without one)."""
     shape = operation.output_shape
     if shape is None:
         return None
+    return tuple(
+        name for name, member in shape.members.items() if member.serialization.get("location") is None
+    )
+
+
+def serialize_output(operation: OperationModel, result: Mapping[str, Any]) -> bytes | None:
+    members = _output_members(operation)
+    if members is None:
+        return None
     # Unset members are sent as explicit nulls, as the live service does.
-    document = {
-        name: None for name in shape.members if shape.members[name].serialization.get("location") is None
-    }
+    document: dict[str, Any] = dict.fromkeys(members)
     document.update(result)
     # Timestamps are stored as epoch seconds to the millisecond (Service.clock), the rest-json form.
     return orjson.dumps(document)
@@ -103,14 +136,14 @@ UNMODELED_STATUS = {
 
 
 def error_response(
-    code: str, message: str, members: Mapping[str, Any] | None = None
+    code: str, message: str, members: Mapping[str, Any] | None = None, status: int | None = None
 ) -> tuple[int, dict[str, str], bytes]:
-    """(status, headers, body) for an AWS error."""
+    """(status, headers, body) for an AWS error; `status` overrides the model's."""
     shape = error_shape(code)
     body: dict[str, Any] = {"message": message}
     headers = {"X-Amzn-Errortype": code, "Content-Type": JSON_CONTENT_TYPE}
     if isinstance(shape, StructureShape):
-        status = int(shape.metadata.get("error", {}).get("httpStatusCode", 400))
+        status = status or int(shape.metadata.get("error", {}).get("httpStatusCode", 400))
         for name, member in shape.members.items():
             value = (members or {}).get(name)
             if member.serialization.get("location") == "header":
@@ -120,8 +153,14 @@ def error_response(
             if name != "message":
                 body[name] = value
     else:
-        status = UNMODELED_STATUS.get(code, 400)
+        status = status or UNMODELED_STATUS.get(code, 400)
     return status, headers, json.dumps(body).encode()
+
+
+# A database outage: 503, which SDKs retry, with the model's ServiceException.
+UNAVAILABLE_CODE = "ServiceException"
+UNAVAILABLE_STATUS = 503
+UNAVAILABLE_MESSAGE = "The service's database is unavailable right now; try the request again shortly."
 
 
 def service_error_response(error: ServiceError) -> tuple[int, dict[str, str], bytes]:

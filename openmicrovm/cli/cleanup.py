@@ -12,27 +12,26 @@ import asyncio
 import sys
 from pathlib import Path
 
-from openmicrovm.config import load_settings
-from openmicrovm.server import DataDirLock, database_url
+from openmicrovm.config import Settings, load_settings
+from openmicrovm.server import DataDirLock, open_store
+from openmicrovm.store import StoreError
 
 REASON = "Terminated by `openmicrovm cleanup` while the server was stopped."
 
 
-async def _cleanup(data_dir: Path, cache_dir: Path, driver_name: str) -> tuple[int, list[str]]:
+async def _cleanup(settings: Settings) -> tuple[int, list[str]]:
     from openmicrovm.runtime import make_driver
     from openmicrovm.service import microvms
     from openmicrovm.service.core import Service
-    from openmicrovm.store.db import Database
 
-    settings = load_settings(None, {"data_dir": data_dir, "cache_dir": cache_dir, "driver": driver_name})
-    db = Database(database_url(settings))
+    store = open_store(settings)
     try:
-        service = Service(db, settings)
-        live = [row["id"] for row in db.all("SELECT id FROM microvms WHERE state != 'TERMINATED'")]
+        service = Service(store, settings)
+        live = [microvm.id for microvm in store.read(lambda tx: tx.microvms.live())]
         for microvm_id in live:
             microvms.mark_terminated(service, microvm_id, REASON)
     finally:
-        db.close()
+        store.close()
     driver = make_driver(settings.driver, settings.data_dir / "sandboxes", settings.cache_dir)
     removed = await driver.cleanup_strays(set())
     return len(live), removed
@@ -40,7 +39,7 @@ async def _cleanup(data_dir: Path, cache_dir: Path, driver_name: str) -> tuple[i
 
 def _run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, {"data_dir": args.data_dir})
-    if not (settings.data_dir / "openmicrovm.db").exists():
+    if not settings.database_url and not (settings.data_dir / "openmicrovm.db").exists():
         print(f"openmicrovm cleanup: {settings.data_dir} holds no openmicrovm data", file=sys.stderr)
         return 0
     lock = DataDirLock(settings.data_dir)
@@ -50,7 +49,10 @@ def _run(args: argparse.Namespace) -> int:
         )
         return 1
     try:
-        terminated, removed = asyncio.run(_cleanup(settings.data_dir, settings.cache_dir, settings.driver))
+        terminated, removed = asyncio.run(_cleanup(settings))
+    except StoreError as error:
+        print(f"openmicrovm cleanup: {error}", file=sys.stderr)
+        return 2
     finally:
         lock.release()
     print(f"terminated {terminated} MicroVM(s); removed {len(removed)} sandbox(es)")

@@ -1,7 +1,8 @@
 """`openmicrovm doctor`: can a server work on this machine, and is one answering?
 
 Exits non-zero when something the server cannot work without is missing (no usable sandbox
-driver, no buildah or debootstrap, no cgroups, a full disk), and says what to install.
+driver, no buildah or debootstrap, no cgroups, a full disk, a database it cannot use), and says
+what to install or fix.
 A server that is not running is reported but is not a failure: doctor is for before, too.
 """
 
@@ -28,7 +29,7 @@ from openmicrovm.cli.host_checks import (
     tool_checks,
 )
 from openmicrovm.cli.output import cli_command, print_json
-from openmicrovm.config import load_settings
+from openmicrovm.config import Settings, load_settings
 
 
 def _server_check(args: argparse.Namespace) -> Check:
@@ -56,6 +57,31 @@ def _server_check(args: argparse.Namespace) -> Check:
     return Check("server", OK, f"{args.endpoint_url} is up ({len(images)} managed base image(s))")
 
 
+def _database_check(settings: Settings) -> Check:
+    """Where the records live, and whether this openmicrovm can use that database (read only:
+    doctor never creates or migrates a schema)."""
+    from openmicrovm.store import MIGRATIONS, StoreError, schema_version_of
+    from openmicrovm.store.postgres import describe_url
+
+    url = settings.effective_database_url
+    try:
+        version = schema_version_of(url, settings.database_connect_timeout_seconds)
+    except StoreError as error:
+        return Check("database", FAIL, str(error))
+    where = describe_url(url)
+    if version > len(MIGRATIONS):
+        return Check(
+            "database",
+            FAIL,
+            f"{where} is at schema version {version}, newer than this openmicrovm ({len(MIGRATIONS)}); upgrade it",
+        )
+    if version == 0:
+        return Check("database", OK, f"{where}: empty; `openmicrovm serve` creates the schema")
+    pending = len(MIGRATIONS) - version
+    note = f", {pending} migration(s) to apply at the next start" if pending else ""
+    return Check("database", OK, f"{where}: schema version {version}{note}")
+
+
 def run_checks(args: argparse.Namespace) -> list[Check]:
     try:
         settings = load_settings(args.config, {"data_dir": args.data_dir})
@@ -69,6 +95,7 @@ def run_checks(args: argparse.Namespace) -> list[Check]:
         build_jail_check(),
         disk_check("data dir", settings.data_dir),
         disk_check("cache dir", settings.cache_dir),
+        _database_check(settings),
         _server_check(args),
     ]
 

@@ -16,19 +16,29 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(
             args.config,
-            {"host": args.host, "port": args.port, "data_dir": args.data_dir, "driver": args.driver},
+            {
+                "host": args.host,
+                "port": args.port,
+                "data_dir": args.data_dir,
+                "driver": args.driver,
+                "database_url": args.database_url,
+            },
         )
     except ValueError as error:
         print(f"openmicrovm: {error}", file=sys.stderr)
         return 2
     from openmicrovm.builder.build_network import EgressSettingError
     from openmicrovm.server import DataDirBusy
+    from openmicrovm.store import StoreError
 
     try:
         asyncio.run(serve(settings))
     except DataDirBusy as error:
         print(f"openmicrovm: {error}; stop it, or give this one another --data-dir", file=sys.stderr)
         return 1
+    except StoreError as error:  # the database cannot be used: say why before listening
+        print(f"openmicrovm: {error}", file=sys.stderr)
+        return 2
     except EgressSettingError as error:  # raised while the server is made, before it listens
         print(f"openmicrovm: {error}", file=sys.stderr)
         return 2
@@ -45,6 +55,10 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     serve.add_argument("--data-dir", type=Path, help="where state lives (default ~/.local/share/openmicrovm)")
     serve.add_argument(
         "--driver", choices=["auto", "gvisor", "process"], help="sandbox driver (default auto)"
+    )
+    serve.add_argument(
+        "--database-url",
+        help="postgresql://user:password@host:port/database (default: SQLite in the data dir)",
     )
     serve.add_argument("--config", type=Path, help="settings file (default <data dir>/settings.toml)")
     serve.set_defaults(run=_serve)

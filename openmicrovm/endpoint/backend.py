@@ -4,13 +4,16 @@ is running (resuming it when it may), a connection into its sandbox, and where t
 from __future__ import annotations
 
 import asyncio
-import json
+import logging
 from dataclasses import dataclass
 
 from openmicrovm.lifecycle.microvm_engine import MicrovmEngine
 from openmicrovm.runtime.driver import DriverError, PortNotListening, PtySession, TooManyConnections
 from openmicrovm.service.core import Service
 from openmicrovm.service.tokens import HTTP_INGRESS_KINDS, SHELL_INGRESS_KINDS
+from openmicrovm.states import MicrovmState
+
+log = logging.getLogger("openmicrovm.endpoint")
 
 # How long a request to a PENDING MicroVM (or one being resumed) is held before a 502.
 HOLD_SECONDS = 30.0
@@ -22,7 +25,7 @@ ACTIVITY_WRITE_INTERVAL = 1.0
 class Target:
     microvm_id: str
     account: str
-    state: str
+    state: MicrovmState
     auto_resume: bool
     ingress: frozenset[str]  # managed connector kinds: HTTP_INGRESS, SHELL_INGRESS, ...
 
@@ -46,34 +49,32 @@ class EndpointBackend:
         self.service = service
         self.engine = engine
         self._last_write: dict[str, float] = {}
+        self._activity_writes: set[asyncio.Future[None]] = set()
         # Open connections into each MicroVM: cut at once when it stops, so that a request in
         # flight gets its 502 now rather than after TCP gives up on a sandbox that is gone.
         self._upstreams: dict[str, list[asyncio.StreamWriter]] = {}
         engine.listeners.append(self._state_changed)
 
-    def _state_changed(self, microvm_id: str, state: str) -> None:
-        if state in ("TERMINATED", "SUSPENDED"):
+    def _state_changed(self, microvm_id: str, state: MicrovmState) -> None:
+        if state in (MicrovmState.TERMINATED, MicrovmState.SUSPENDED):
             for writer in self._upstreams.pop(microvm_id, []):
                 writer.transport.abort()
 
-    def lookup(self, hostname: str) -> Target | None:
-        row = self.service.db.one(
-            "SELECT id, account, state, auto_resume, config FROM microvms WHERE endpoint = ?",
-            (hostname.lower(),),
-        )
-        if row is None:
+    async def lookup(self, hostname: str) -> Target | None:
+        microvm = await self.service.fetch(lambda tx: tx.microvms.by_endpoint(hostname.lower()))
+        if microvm is None:
             return None
-        connectors = json.loads(row["config"]).get("ingressNetworkConnectors") or []
+        connectors = microvm.config.get("ingressNetworkConnectors") or []
         return Target(
-            row["id"],
-            row["account"],
-            row["state"],
-            bool(row["auto_resume"]),
+            microvm.id,
+            microvm.account,
+            microvm.state,
+            microvm.auto_resume,
             frozenset(arn.rsplit(":", 1)[-1] for arn in connectors),
         )
 
-    def _state(self, microvm_id: str) -> str | None:
-        return self.service.db.scalar("SELECT state FROM microvms WHERE id = ?", (microvm_id,))
+    async def _state(self, microvm_id: str) -> MicrovmState | None:
+        return await self.service.fetch(lambda tx: tx.microvms.state_of(microvm_id))
 
     async def ready(self, target: Target) -> None:
         """Return once the MicroVM is RUNNING: wait out PENDING and transitions, resume a suspended
@@ -81,21 +82,21 @@ class EndpointBackend:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + HOLD_SECONDS
         while True:
-            state = self._state(target.microvm_id)
-            if state == "RUNNING":
+            state = await self._state(target.microvm_id)
+            if state is MicrovmState.RUNNING:
                 return
-            if state in (None, "TERMINATING", "TERMINATED"):
-                raise Unreachable(f"MicroVM is {state or 'gone'}")
-            if state in ("SUSPENDED", "SUSPENDING"):
+            if state in (None, MicrovmState.TERMINATING, MicrovmState.TERMINATED):
+                raise Unreachable(f"MicroVM is {state.wire if state else 'gone'}")
+            if state in (MicrovmState.SUSPENDED, MicrovmState.SUSPENDING):
                 if not target.auto_resume:
                     raise Unreachable("MicroVM is suspended and auto-resume is off")
                 # All requests arriving during one resume wait for that one resume.
                 if not await self.engine.resume(target.microvm_id):
-                    if self._state(target.microvm_id) != "RUNNING":
+                    if await self._state(target.microvm_id) is not MicrovmState.RUNNING:
                         raise Unreachable("the MicroVM could not be resumed")
                 return
             if loop.time() >= deadline:
-                raise Unreachable(f"MicroVM still {state} after {HOLD_SECONDS:g} s")
+                raise Unreachable(f"MicroVM still {state.wire} after {HOLD_SECONDS:g} s")
             await asyncio.sleep(0.02)
 
     async def connect(self, microvm_id: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -124,6 +125,14 @@ class EndpointBackend:
         if now - self._last_write.get(microvm_id, 0.0) < ACTIVITY_WRITE_INTERVAL:
             return
         self._last_write[microvm_id] = now
-        self.service.db.execute(
-            "UPDATE microvms SET last_activity_at = ? WHERE id = ? AND state = 'RUNNING'", (now, microvm_id)
+        # Written in the background: relaying bytes never waits on the database.
+        write = asyncio.ensure_future(
+            self.service.commit(lambda tx: tx.microvms.record_activity(microvm_id, now))
         )
+        self._activity_writes.add(write)
+        write.add_done_callback(self._activity_written)
+
+    def _activity_written(self, write: asyncio.Future[None]) -> None:
+        self._activity_writes.discard(write)
+        if not write.cancelled() and write.exception() is not None:
+            log.warning("recording endpoint activity failed: %s", write.exception())

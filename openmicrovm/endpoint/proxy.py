@@ -40,6 +40,7 @@ from openmicrovm.endpoint.http1 import (
 from openmicrovm.endpoint.websocket import POLICY_VIOLATION, TOKEN_EXPIRED, FrameBoundaries, close_frame
 from openmicrovm.runtime.driver import PortNotListening, TooManyConnections
 from openmicrovm.service.token_seal import TokenClaims, TokenError
+from openmicrovm.store import StoreUnavailable
 
 log = logging.getLogger("openmicrovm.endpoint")
 
@@ -110,6 +111,13 @@ def choose_port(head: Head) -> int:
     if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:
         raise Refusal(400, "Bad Request", b"invalid port")
     return int(text)
+
+
+def database_unavailable() -> Refusal:
+    """The answer while the server's database is away: 503, which clients may retry."""
+    return Refusal(
+        503, "Service Unavailable", b"The service's database is unavailable; try again shortly.", close=True
+    )
 
 
 def authorize(
@@ -237,8 +245,12 @@ class EndpointConnection:
         except ProtocolError as error:
             self.writer.write(simple_response(400, "Bad Request", str(error).encode(), close=True))
             return False
-        target = self.backend.lookup(self.hostname)
+        target = None
         try:
+            try:
+                target = await self.backend.lookup(self.hostname)
+            except StoreUnavailable:
+                raise database_unavailable() from None
             hosts = head.get_all("host")
             if len(hosts) != 1:
                 raise Refusal(400, "Bad Request", b"exactly one Host header is required", close=True)
@@ -254,6 +266,8 @@ class EndpointConnection:
                 await self.backend.ready(target)
             except Unreachable:
                 raise Refusal(502, "Bad Gateway", close=True) from None
+            except StoreUnavailable:
+                raise database_unavailable() from None
             if (head.get(FORCE_H2_HEADER) or "").strip().lower() == "true":
                 return await self._proxy_h2(target, head, framing, port)
             return await self._proxy(target, head, framing, port, claims.expires_at)

@@ -22,9 +22,10 @@ from aiohttp import WSMsgType, web
 from openmicrovm.endpoint.backend import EndpointBackend, Unreachable
 from openmicrovm.endpoint.front_door import endpoint_hostname
 from openmicrovm.endpoint.http1 import Head
-from openmicrovm.endpoint.proxy import NO_SHELL_INGRESS, Refusal, authorize
+from openmicrovm.endpoint.proxy import NO_SHELL_INGRESS, Refusal, authorize, database_unavailable
 from openmicrovm.endpoint.websocket import POLICY_VIOLATION, TOKEN_EXPIRED
 from openmicrovm.service.tokens import SHELL_PORT
+from openmicrovm.store import StoreUnavailable
 
 
 def _size(request: web.Request, name: str, default: int) -> int:
@@ -34,9 +35,12 @@ def _size(request: web.Request, name: str, default: int) -> int:
 
 async def shell_handler(backend: EndpointBackend, request: web.Request) -> web.StreamResponse:
     hostname = endpoint_hostname(request.host)
-    target = backend.lookup(hostname) if hostname else None
     head = Head(("GET", request.path_qs, "HTTP/1.1"), list(request.headers.items()))
     try:
+        try:
+            target = await backend.lookup(hostname) if hostname else None
+        except StoreUnavailable:
+            raise database_unavailable() from None
         claims = authorize(backend, target, head, "shell", SHELL_PORT)
         assert target is not None
         if not target.shell_ingress:
@@ -45,6 +49,8 @@ async def shell_handler(backend: EndpointBackend, request: web.Request) -> web.S
             await backend.ready(target)
         except Unreachable:
             raise Refusal(502, "Bad Gateway") from None
+        except StoreUnavailable:
+            raise database_unavailable() from None
         session = await backend.open_shell(
             target.microvm_id, _size(request, "rows", 24), _size(request, "cols", 80)
         )

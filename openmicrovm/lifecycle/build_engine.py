@@ -24,6 +24,9 @@ from openmicrovm.service import builds as build_records
 from openmicrovm.service import versions as version_records
 from openmicrovm.service.core import Service
 from openmicrovm.service.image_config import memory_mib
+from openmicrovm.states import ImageState, VersionState
+from openmicrovm.store import Tx
+from openmicrovm.store.records import Build
 
 log = logging.getLogger("openmicrovm.builds")
 
@@ -54,18 +57,25 @@ class BuildEngine:
         self._spawn(self._delete_image(image_arn))
 
     # -- start-up and shut-down ----------------------------------------------------------------
-    def resume_pending_work(self) -> None:
+    async def resume_pending_work(self) -> None:
         """Restart interrupted builds and finish interrupted deletions (called at start-up)."""
-        for build_id in build_records.unfinished_build_ids(self.service):
+
+        def pending(tx: Tx) -> tuple[list[str], list[str], list[tuple[str, int]]]:
+            deleting_images = tx.images.arns_in_state(ImageState.DELETING)
+            deleting_versions = [
+                (version.image_arn, version.number)
+                for version in tx.versions.in_state(VersionState.DELETING)
+                if version.image_arn not in deleting_images
+            ]
+            return tx.builds.unfinished_ids(), deleting_images, deleting_versions
+
+        builds, images, versions = await self.service.persist(self.service.read, pending)
+        for build_id in builds:
             self.schedule_build(build_id)
-        db = self.service.db
-        for row in db.all("SELECT arn FROM images WHERE state = 'DELETING'"):
-            self.schedule_image_deletion(row["arn"])
-        for row in db.all(
-            "SELECT v.image_arn, v.number FROM versions v JOIN images i ON i.arn = v.image_arn "
-            "WHERE v.state = 'DELETING' AND i.state != 'DELETING'"
-        ):
-            self.schedule_version_deletion(row["image_arn"], row["number"])
+        for arn in images:
+            self.schedule_image_deletion(arn)
+        for arn, number in versions:
+            self.schedule_version_deletion(arn, number)
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -90,8 +100,8 @@ class BuildEngine:
             self._running.pop(build_id, None)
 
     async def _build_now(self, build_id: str) -> None:
-        job = build_records.load_build_job(self.service, build_id)
-        if job is None or not build_records.build_started(self.service, build_id):
+        job = await self.service.persist(self.service.read, lambda tx: tx.builds.job(build_id))
+        if job is None or not await self.service.persist(build_records.build_started, self.service, build_id):
             return
         stream = f"builds/{build_id}"
         logging_disabled = "disabled" in (job.config.get("logging") or {})
@@ -107,11 +117,11 @@ class BuildEngine:
         await delete_build_outputs_async(output)
         request = BuildRequest(
             build_id=build_id,
-            image_arn=job.image_arn,
+            image_arn=job.build.image_arn,
             image_name=job.image_name,
             image_version=job.version,
             region=job.region,
-            architecture=job.architecture,
+            architecture=job.build.architecture,
             code_uri=job.config["codeArtifact"]["uri"],
             environment=dict(job.config.get("environmentVariables") or {}),
             hooks=job.config.get("hooks"),
@@ -128,12 +138,16 @@ class BuildEngine:
             dockerfile_timeout_seconds=self.service.settings.max_dockerfile_build_seconds,
             egress_allow_networks=self.egress_allow,
         )
-        write(f"build {build_id} of {job.image_arn} version {job.version} ({job.architecture}) started")
+        write(
+            f"build {build_id} of {job.build.image_arn} version {job.version} ({job.build.architecture}) started"
+        )
         try:
             result = await run_build(request, self.driver, write, lambda stage: write(f"stage: {stage}"))
         except BuildFailed as failure:
             write(f"build failed: {failure.state_reason}")
-            build_records.build_finished(self.service, build_id, False, failure.state_reason, None)
+            await self.service.persist(
+                build_records.build_finished, self.service, build_id, False, failure.state_reason, None
+            )
             await delete_build_outputs_async(output)
             return
         except asyncio.CancelledError:
@@ -144,31 +158,35 @@ class BuildEngine:
                 f"{INTERNAL_PLATFORM_ERROR}: the build stopped on an internal error ({error}); try again."
             )
             write(f"build failed: {reason}")
-            build_records.build_finished(self.service, build_id, False, reason, None)
+            await self.service.persist(
+                build_records.build_finished, self.service, build_id, False, reason, None
+            )
             await delete_build_outputs_async(output)
             return
         finally:
             shutil.rmtree(work, ignore_errors=True)
         write("build succeeded")
-        build_records.build_finished(self.service, build_id, True, None, result.to_record())
+        await self.service.persist(
+            build_records.build_finished, self.service, build_id, True, None, result.to_record()
+        )
 
     # -- deleting ------------------------------------------------------------------------------
-    async def _delete_builds(self, rows: list[Any]) -> None:
-        for row in rows:
-            running = self._running.get(row["build_id"])
+    async def _delete_builds(self, builds: list[Build]) -> None:
+        for build in builds:
+            running = self._running.get(build.build_id)
             if running is not None:
                 running.cancel()
-            await delete_build_outputs_async(self.output_dir(row["build_id"]))
-            self.logs.delete(f"builds/{row['build_id']}")
+            await delete_build_outputs_async(self.output_dir(build.build_id))
+            self.logs.delete(f"builds/{build.build_id}")
 
     async def _delete_version(self, image_arn: str, number: int) -> None:
-        rows = self.service.db.all(
-            "SELECT build_id FROM builds WHERE image_arn = ? AND version_number = ?", (image_arn, number)
+        await self._delete_builds(
+            await self.service.persist(self.service.read, lambda tx: tx.builds.of_version(image_arn, number))
         )
-        await self._delete_builds(rows)
-        version_records.version_deleted(self.service, image_arn, number)
+        await self.service.persist(version_records.version_deleted, self.service, image_arn, number)
 
     async def _delete_image(self, image_arn: str) -> None:
-        rows = self.service.db.all("SELECT build_id FROM builds WHERE image_arn = ?", (image_arn,))
-        await self._delete_builds(rows)
-        version_records.image_deleted(self.service, image_arn)
+        await self._delete_builds(
+            await self.service.persist(self.service.read, lambda tx: tx.builds.of_image(image_arn))
+        )
+        await self.service.persist(version_records.image_deleted, self.service, image_arn)

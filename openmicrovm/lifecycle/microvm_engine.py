@@ -9,13 +9,12 @@ resume was running) simply finds the state moved on and stops.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from openmicrovm.lifecycle.app_output import AppOutput
 from openmicrovm.lifecycle.hook_calls import call_lifecycle_hook
@@ -26,9 +25,12 @@ from openmicrovm.service import microvms as records
 from openmicrovm.service.core import Service
 from openmicrovm.service.errors import InsufficientCapacityError
 from openmicrovm.service.managed import host_architecture
+from openmicrovm.states import MicrovmState
+from openmicrovm.store import Tx
+from openmicrovm.store.records import Microvm
 
 log = logging.getLogger("openmicrovm.microvms")
-SUCCESS = "Success."
+T = TypeVar("T")
 # The managed connector's ARN ends so (service/arns.py managed_connector_arn), in every region.
 _INTERNET_EGRESS_SUFFIX = ":aws-network-connector:INTERNET_EGRESS"
 
@@ -62,7 +64,7 @@ class MicrovmEngine:
         self.app_output = AppOutput(logs)
         self.memory_gate = MemoryGate(service.settings.host_memory_reserve_mib or None)
         # Observers of state changes (metrics, the endpoint); called with (microvm_id, state).
-        self.listeners: list[Callable[[str, str], None]] = []
+        self.listeners: list[Callable[[str, MicrovmState], None]] = []
         # Observers of how long operations took: (kind, seconds), kind run|suspend|resume|terminate.
         self.transition_observers: list[Callable[[str, float], None]] = []
 
@@ -114,43 +116,50 @@ class MicrovmEngine:
                 log.exception("%s: %s failed", microvm_id, operation.__name__)
                 await self._fail(microvm_id, entry, f"The MicroVM stopped on an internal error: {error}")
 
-    def _row(self, microvm_id: str) -> Any:
-        return self.service.db.one("SELECT * FROM microvms WHERE id = ?", (microvm_id,))
+    async def _microvm(self, microvm_id: str) -> Microvm | None:
+        return await self._read(lambda tx: tx.microvms.get(microvm_id))
 
-    def _version_config(self, row: Any) -> dict[str, Any]:
-        version = self.service.db.one(
-            "SELECT config FROM versions WHERE image_arn = ? AND number = ?",
-            (row["image_arn"], int(row["image_version"].split(".")[0])),
+    async def _read(self, work: Callable[[Tx], T]) -> T:
+        """Read from the store; while the database is away, wait for it (see Service.persist)."""
+        return await self.service.persist(self.service.read, work)
+
+    async def _version_config(self, microvm: Microvm) -> dict[str, Any]:
+        version = await self._read(lambda tx: tx.versions.get(microvm.image_arn, microvm.version_number))
+        return version.config if version else {}
+
+    async def snapshot_dir(self, microvm: Microvm) -> Path | None:
+        """The snapshot of the MicroVM's version built for this host's architecture."""
+        artifacts = await self._read(
+            lambda tx: tx.builds.successful_artifacts(
+                microvm.image_arn, microvm.version_number, host_architecture()
+            )
         )
-        return json.loads(version["config"]) if version else {}
+        return Path(artifacts[0]["snapshotDir"]) if artifacts else None
 
-    def snapshot_dir(self, row: Any) -> Path | None:
-        build = self.service.db.one(
-            "SELECT artifacts FROM builds WHERE image_arn = ? AND version_number = ? AND architecture = ? "
-            "AND state = 'SUCCESSFUL'",
-            (row["image_arn"], int(row["image_version"].split(".")[0]), host_architecture()),
+    async def _move(
+        self, microvm_id: str, to: MicrovmState, expect: MicrovmState, **fields: Any
+    ) -> Microvm | None:
+        """A state change the engine made; observers hear of it once it is committed."""
+        moved = await self.service.persist(
+            self.service.transact,
+            lambda tx: tx.microvms.transition(microvm_id, to, expect=[expect], **fields),
         )
-        if build is None or not build["artifacts"]:
-            return None
-        return Path(json.loads(build["artifacts"])["snapshotDir"])
+        if moved is not None:
+            self._changed(moved)
+        return moved
 
-    def _logging_enabled(self, microvm_id: str) -> bool:
-        row = self._row(microvm_id)
-        config = json.loads(row["config"]) if row else {}
-        return "disabled" not in (config.get("logging") or {})
+    def _event(self, microvm: Microvm, message: str) -> None:
+        if "disabled" not in (microvm.config.get("logging") or {}):
+            self.logs.append(f"microvms/{microvm.id}", message)
 
-    def _event(self, microvm_id: str, message: str) -> None:
-        if self._logging_enabled(microvm_id):
-            self.logs.append(f"microvms/{microvm_id}", message)
+    def _follow_output(self, microvm: Microvm, sandbox: Sandbox) -> None:
+        if "disabled" not in (microvm.config.get("logging") or {}):
+            self.app_output.follow(microvm.id, self.driver.log_path(sandbox))
 
-    def _follow_output(self, microvm_id: str, sandbox: Sandbox) -> None:
-        if self._logging_enabled(microvm_id):
-            self.app_output.follow(microvm_id, self.driver.log_path(sandbox))
-
-    def _changed(self, microvm_id: str, state: str) -> None:
-        self._event(microvm_id, f"state: {state}")
+    def _changed(self, microvm: Microvm) -> None:
+        self._event(microvm, f"state: {microvm.state.wire}")
         for listener in self.listeners:
-            listener(microvm_id, state)
+            listener(microvm.id, microvm.state)
 
     def _watch(self, microvm_id: str) -> None:
         """Follow a live sandbox, so that one that dies (its app crashed, the memory limit struck)
@@ -166,10 +175,10 @@ class MicrovmEngine:
             log.exception("%s: watching its sandbox failed", microvm_id)
             return
         entry = self._live.get(microvm_id)
-        row = self._row(microvm_id)
-        if entry is None or entry.sandbox is not sandbox or row is None:
+        microvm = await self._microvm(microvm_id)
+        if entry is None or entry.sandbox is not sandbox or microvm is None:
             return  # destroyed or replaced on purpose
-        if row["state"] in ("TERMINATING", "TERMINATED"):
+        if microvm.state in (MicrovmState.TERMINATING, MicrovmState.TERMINATED):
             return
         detail = status.detail or status.state
         await self._locked(
@@ -190,15 +199,16 @@ class MicrovmEngine:
         """Terminate after a failure: the sandbox goes, the record says why."""
         await self.app_output.stop(microvm_id)
         await self._destroy(entry)
-        if records.mark_terminated(self.service, microvm_id, reason):
-            self._changed(microvm_id, "TERMINATED")
+        moved = await self.service.persist(records.mark_terminated, self.service, microvm_id, reason)
+        if moved is not None:
+            self._changed(moved)
         self._live.pop(microvm_id, None)
 
-    def adopt(self, microvm_id: str, sandbox: Sandbox) -> None:
+    def adopt(self, microvm: Microvm, sandbox: Sandbox) -> None:
         """Take charge of a sandbox found at start-up (see recovery.py)."""
-        self._entry(microvm_id).sandbox = sandbox
-        self._follow_output(microvm_id, sandbox)
-        self._watch(microvm_id)
+        self._entry(microvm.id).sandbox = sandbox
+        self._follow_output(microvm, sandbox)
+        self._watch(microvm.id)
 
     def live_sandboxes(self) -> list[tuple[str, Sandbox]]:
         return [(microvm_id, e.sandbox) for microvm_id, e in self._live.items() if e.sandbox is not None]
@@ -213,14 +223,14 @@ class MicrovmEngine:
 
     # -- operations -----------------------------------------------------------------------------
     async def _start(self, microvm_id: str, entry: _Live) -> None:
-        row = self._row(microvm_id)
-        if row is None or row["state"] != "PENDING" or records.is_resuming(row):
+        microvm = await self._microvm(microvm_id)
+        if microvm is None or microvm.state is not MicrovmState.PENDING:
             return
-        snapshot = self.snapshot_dir(row)
+        snapshot = await self.snapshot_dir(microvm)
         if snapshot is None:
             await self._fail(microvm_id, entry, "The image version's snapshot for this host is missing.")
             return
-        config = json.loads(row["config"])
+        config = dict(microvm.config)
         try:
             entry.sandbox = await self.driver.restore(
                 microvm_id, snapshot, egress=wants_internet_egress(config)
@@ -230,11 +240,11 @@ class MicrovmEngine:
                 microvm_id, entry, f"The MicroVM could not be restored from its snapshot: {error}"
             )
             return
-        self._follow_output(microvm_id, entry.sandbox)
+        self._follow_output(microvm, entry.sandbox)
         outcome = await call_lifecycle_hook(
             self.driver,
             entry.sandbox,
-            self._version_config(row),
+            await self._version_config(microvm),
             "run",
             {"microvmId": microvm_id, "runHookPayload": config.get("runHookPayload") or ""},
         )
@@ -243,44 +253,43 @@ class MicrovmEngine:
             return
         config["runHookPayload"] = None  # delivered; it may be sensitive, so it is not kept
         now = self.service.clock()
-        if records.transition(
-            self.service, microvm_id, ("PENDING",), "RUNNING", last_activity_at=now, config=json.dumps(config)
+        if await self._move(
+            microvm_id, MicrovmState.RUNNING, MicrovmState.PENDING, last_activity_at=now, config=config
         ):
-            self._changed(microvm_id, "RUNNING")
-            self._observe("run", now - row["started_at"])
+            self._observe("run", now - microvm.started_at)
             self._watch(microvm_id)
 
     async def _suspend(self, microvm_id: str, entry: _Live) -> None:
-        row = self._row(microvm_id)
-        if row is None or row["state"] != "SUSPENDING" or entry.sandbox is None:
+        microvm = await self._microvm(microvm_id)
+        if microvm is None or microvm.state is not MicrovmState.SUSPENDING or entry.sandbox is None:
             return
         started = time.monotonic()
-        outcome = await call_lifecycle_hook(self.driver, entry.sandbox, self._version_config(row), "suspend")
+        outcome = await call_lifecycle_hook(
+            self.driver, entry.sandbox, await self._version_config(microvm), "suspend"
+        )
         if not outcome.ok:
             # The live service terminates a MicroVM whose suspend hook fails (spec §5.7).
             await self._fail(microvm_id, entry, outcome.reason or "Suspend lifecycle hook failed.")
             return
         await self.driver.suspend(entry.sandbox)
-        if records.transition(
-            self.service, microvm_id, ("SUSPENDING",), "SUSPENDED", suspended_at=self.service.clock()
+        if await self._move(
+            microvm_id, MicrovmState.SUSPENDED, MicrovmState.SUSPENDING, suspended_at=self.service.clock()
         ):
-            self._changed(microvm_id, "SUSPENDED")
             self._observe("suspend", time.monotonic() - started)
 
     async def resume(self, microvm_id: str) -> bool:
         """Resume a SUSPENDED MicroVM; concurrent callers (API, auto-resume) share one resume.
-        The MicroVM is PENDING (with its suspended_at kept) while it resumes, as seen live on AWS:
-        the intent is in the store, so a restart finishes an acknowledged resume.
-        True when the MicroVM is RUNNING afterwards."""
+        It is RESUMING (PENDING on the wire, as seen live on AWS) meanwhile: the intent is in the
+        store, so a restart finishes an acknowledged resume. True when it is RUNNING afterwards."""
         entry = self._entry(microvm_id)
         if entry.resuming is not None:
             return await asyncio.shield(entry.resuming)
         entry.resuming = asyncio.get_running_loop().create_future()
         try:
-            records.begin_resume(self.service, microvm_id)
+            await self.service.persist(records.begin_resume, self.service, microvm_id)
             await self._locked(microvm_id, self._resume)
-            row = self._row(microvm_id)
-            result = row is not None and row["state"] == "RUNNING"
+            microvm = await self._microvm(microvm_id)
+            result = microvm is not None and microvm.state is MicrovmState.RUNNING
             entry.resuming.set_result(result)
             return result
         except BaseException as error:
@@ -290,8 +299,8 @@ class MicrovmEngine:
             entry.resuming = None
 
     async def _resume(self, microvm_id: str, entry: _Live) -> None:
-        row = self._row(microvm_id)
-        if row is None or not records.is_resuming(row) or entry.sandbox is None:
+        microvm = await self._microvm(microvm_id)
+        if microvm is None or microvm.state is not MicrovmState.RESUMING or entry.sandbox is None:
             return
         started = time.monotonic()
         try:
@@ -300,42 +309,41 @@ class MicrovmEngine:
         except DriverError as error:
             await self._fail(microvm_id, entry, f"The MicroVM could not be resumed: {error}")
             return
-        outcome = await call_lifecycle_hook(self.driver, entry.sandbox, self._version_config(row), "resume")
+        outcome = await call_lifecycle_hook(
+            self.driver, entry.sandbox, await self._version_config(microvm), "resume"
+        )
         if not outcome.ok:
             await self._fail(microvm_id, entry, outcome.reason or "Resume lifecycle hook failed.")
             return
         now = self.service.clock()
-        if records.transition(
-            self.service, microvm_id, ("PENDING",), "RUNNING", suspended_at=None, last_activity_at=now
+        if await self._move(
+            microvm_id, MicrovmState.RUNNING, MicrovmState.RESUMING, suspended_at=None, last_activity_at=now
         ):
-            self._changed(microvm_id, "RUNNING")
             self._observe("resume", time.monotonic() - started)
 
     async def _terminate(self, microvm_id: str, entry: _Live) -> None:
-        row = self._row(microvm_id)
-        if row is None or row["state"] != "TERMINATING":
+        microvm = await self._microvm(microvm_id)
+        if microvm is None or microvm.state is not MicrovmState.TERMINATING:
             return
         started = time.monotonic()
         # The sandbox says whether it is suspended: a suspend may have finished after the
-        # terminate was asked for, leaving suspended_at unset.
+        # terminate was asked for.
         if entry.sandbox is not None and not self.driver.is_suspended(entry.sandbox):
             # Best effort, bounded by the hook's timeout; termination goes on whatever it answers.
             outcome = await call_lifecycle_hook(
-                self.driver, entry.sandbox, self._version_config(row), "terminate"
+                self.driver, entry.sandbox, await self._version_config(microvm), "terminate"
             )
             if not outcome.ok:
-                self._event(microvm_id, f"terminate hook: {outcome.reason}")
+                self._event(microvm, f"terminate hook: {outcome.reason}")
         await self.app_output.stop(microvm_id)
         await self._destroy(entry)
-        if records.transition(
-            self.service,
+        if await self._move(
             microvm_id,
-            ("TERMINATING",),
-            "TERMINATED",
-            state_reason=row["state_reason"] or SUCCESS,
+            MicrovmState.TERMINATED,
+            MicrovmState.TERMINATING,
+            reason=microvm.state_reason or records.SUCCESS,
             terminated_at=self.service.clock(),
         ):
-            self._changed(microvm_id, "TERMINATED")
             self._observe("terminate", time.monotonic() - started)
         self._live.pop(microvm_id, None)
 

@@ -12,6 +12,7 @@ import logging
 
 from openmicrovm.lifecycle.microvm_engine import MicrovmEngine
 from openmicrovm.service import microvms as records
+from openmicrovm.states import MicrovmState
 
 log = logging.getLogger("openmicrovm.recovery")
 LOST = "The MicroVM's sandbox was gone when the server restarted."
@@ -19,37 +20,41 @@ LOST = "The MicroVM's sandbox was gone when the server restarted."
 
 async def recover_microvms(engine: MicrovmEngine) -> None:
     service, driver = engine.service, engine.driver
-    rows = service.db.all("SELECT * FROM microvms WHERE state != 'TERMINATED'")
     keep: set[str] = set()
     starts: list[str] = []
-    for row in rows:
-        microvm_id, state = row["id"], row["state"]
-        if state == "PENDING" and not records.is_resuming(row):
-            starts.append(microvm_id)  # the start never finished: it begins again below
+    for microvm in await service.fetch(lambda tx: tx.microvms.live()):
+        state = microvm.state
+        if state is MicrovmState.PENDING:
+            starts.append(microvm.id)  # the start never finished: it begins again below
             continue
-        sandbox = await driver.adopt(microvm_id)
+        sandbox = await driver.adopt(microvm.id)
         if sandbox is None:
-            reason = (row["state_reason"] or "Success.") if state == "TERMINATING" else LOST
-            records.mark_terminated(service, microvm_id, reason)
-            log.warning("%s (%s): %s", microvm_id, state, reason)
+            reason = (microvm.state_reason or records.SUCCESS) if state is MicrovmState.TERMINATING else LOST
+            await service.run(records.mark_terminated, service, microvm.id, reason)
+            log.warning("%s (%s): %s", microvm.id, state.value, reason)
             continue
-        keep.add(microvm_id)
-        engine.adopt(microvm_id, sandbox)
+        keep.add(microvm.id)
+        engine.adopt(microvm, sandbox)
         suspended = driver.is_suspended(sandbox)
-        if state == "TERMINATING":
-            engine.schedule_terminate(microvm_id)
-        elif state == "PENDING":  # an acknowledged resume: finish it
-            engine.schedule_resume(microvm_id)
-        elif state == "SUSPENDING":
+        if state is MicrovmState.TERMINATING:
+            engine.schedule_terminate(microvm.id)
+        elif state is MicrovmState.RESUMING:  # an acknowledged resume: finish it
+            engine.schedule_resume(microvm.id)
+        elif state is MicrovmState.SUSPENDING:
             if suspended:
-                records.transition(
-                    service, microvm_id, ("SUSPENDING",), "SUSPENDED", suspended_at=service.clock()
+                await service.commit(
+                    lambda tx, microvm_id=microvm.id: tx.microvms.transition(
+                        microvm_id,
+                        MicrovmState.SUSPENDED,
+                        expect=[MicrovmState.SUSPENDING],
+                        suspended_at=service.clock(),
+                    )
                 )
             else:
-                engine.schedule_suspend(microvm_id)
-        elif state == "SUSPENDED" and not suspended:
+                engine.schedule_suspend(microvm.id)
+        elif state is MicrovmState.SUSPENDED and not suspended:
             await driver.suspend(sandbox)
-        elif state == "RUNNING" and suspended:
+        elif state is MicrovmState.RUNNING and suspended:
             await driver.resume(sandbox)
     removed = await driver.cleanup_strays(keep)
     if removed:

@@ -12,9 +12,9 @@ import logging
 
 from openmicrovm.service import microvms as records
 from openmicrovm.service.core import Service
+from openmicrovm.store import StoreUnavailable
 
 log = logging.getLogger("openmicrovm.timers")
-LIVE = ("PENDING", "RUNNING", "SUSPENDING", "SUSPENDED")
 
 
 class Timers:
@@ -23,42 +23,34 @@ class Timers:
         self.interval = interval
 
     def tick(self) -> None:
+        """One pass over the timers (blocking: it runs on a store thread)."""
         now = self.service.clock()
-        db = self.service.db
-        expired = db.all(
-            f"SELECT id, json_extract(config, '$.maximumDurationInSeconds') AS duration FROM microvms "
-            f"WHERE state IN ({','.join('?' * len(LIVE))}) AND deadline_at <= ?",
-            (*LIVE, now),
-        )
-        for row in expired:
-            records.request_terminate(
-                self.service,
-                row["id"],
-                f"The MicroVM reached its maximum duration of {row['duration']} seconds.",
+        expired, idle, stale = self.service.read(
+            lambda tx: (
+                tx.microvms.past_deadline(now),
+                tx.microvms.idle_past_policy(now),
+                tx.microvms.suspended_past_ttl(now),
             )
-        idle = db.all(
-            "SELECT id FROM microvms WHERE state = 'RUNNING' AND max_idle_seconds IS NOT NULL "
-            "AND last_activity_at + max_idle_seconds <= ?",
-            (now,),
         )
-        for row in idle:
-            records.request_suspend(self.service, row["id"])
-        stale = db.all(
-            "SELECT id, suspended_ttl_seconds FROM microvms WHERE state = 'SUSPENDED' "
-            "AND suspended_ttl_seconds IS NOT NULL AND suspended_at + suspended_ttl_seconds <= ?",
-            (now,),
-        )
-        for row in stale:
+        for microvm in expired:
+            duration = microvm.config.get("maximumDurationInSeconds")
+            records.request_terminate(
+                self.service, microvm.id, f"The MicroVM reached its maximum duration of {duration} seconds."
+            )
+        for microvm in idle:
+            records.request_suspend(self.service, microvm.id)
+        for microvm in stale:
             records.request_terminate(
                 self.service,
-                row["id"],
-                f"The MicroVM stayed suspended for its suspendedDurationSeconds ({row['suspended_ttl_seconds']:g} s).",
+                microvm.id,
+                f"The MicroVM stayed suspended for its suspendedDurationSeconds ({microvm.suspended_ttl_seconds:g} s).",
             )
 
     async def run(self) -> None:
         while True:
             try:
-                self.tick()
-            except Exception:
-                log.exception("timer tick failed")
+                await self.service.run(self.tick)
+            except Exception as error:
+                # A database outage is expected now and then: one line, not a traceback each tick.
+                log.warning("timer tick failed: %s", error, exc_info=not isinstance(error, StoreUnavailable))
             await asyncio.sleep(self.interval)

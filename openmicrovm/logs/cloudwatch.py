@@ -42,7 +42,7 @@ from openmicrovm.logs.batches import MAX_BATCH_BYTES, MAX_BATCH_EVENTS, Batch, e
 from openmicrovm.logs.destinations import LogTarget, find_targets
 from openmicrovm.logs.ship_state import ShipState, ShipStateStore
 from openmicrovm.logs.store import LogStore
-from openmicrovm.store.db import Database
+from openmicrovm.store import Store, StoreUnavailable
 
 log = logging.getLogger("openmicrovm.logs.cloudwatch")
 
@@ -125,14 +125,14 @@ class _Backoff:
 class CloudWatchShipper:
     def __init__(
         self,
-        db: Database,
+        store: Store,
         logs: LogStore,
         state_dir: Path | None = None,
         settings: ShipperSettings | None = None,
         observer: ShippingObserver | None = None,
         session_factory: Callable[[], boto3.session.Session] = boto3.session.Session,
     ) -> None:
-        self.db = db
+        self.store = store
         self.logs = logs
         self.settings = settings or ShipperSettings.from_environment()
         self.states = ShipStateStore(state_dir or logs.root / "cloudwatch")
@@ -158,6 +158,10 @@ class CloudWatchShipper:
                 self._stopping.set()
                 await asyncio.wait([cycle], timeout=_STOP_WAIT_SECONDS)
                 raise
+            except StoreUnavailable as error:
+                # A database outage: one line per cycle, not a traceback.
+                log.warning("shipping logs to CloudWatch waits for the database: %s", error)
+                delay = self.settings.interval_seconds
             except Exception:
                 log.exception("shipping logs to CloudWatch failed; trying again")
                 delay = self.settings.interval_seconds
@@ -166,7 +170,7 @@ class CloudWatchShipper:
     # -- one cycle ----------------------------------------------------------------------------
     def ship_once(self) -> float:
         """Ship what is new in every stream that wants CloudWatch; seconds until the next cycle."""
-        targets = find_targets(self.db)
+        targets = find_targets(self.store)
         more = False
         for target in targets:
             if self._stopping.is_set():

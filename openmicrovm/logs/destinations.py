@@ -12,29 +12,9 @@ from __future__ import annotations
 import datetime
 from dataclasses import dataclass
 
-from openmicrovm.store.db import Database
+from openmicrovm.store import Store
 
 DEFAULT_GROUP_PREFIX = "/aws/lambda-microvms/"
-FINISHED_BUILD_STATES = ("SUCCESSFUL", "FAILED")
-
-_BUILDS = """
-    SELECT b.build_id AS id, b.version_number, b.state, b.created_at, b.updated_at AS finished_at,
-           i.name, i.region,
-           json_extract(v.config, '$.logging.cloudWatch.logGroup') AS log_group,
-           json_extract(v.config, '$.logging.cloudWatch.logStream') AS log_stream
-    FROM builds b
-    JOIN versions v ON v.image_arn = b.image_arn AND v.number = b.version_number
-    JOIN images i ON i.arn = b.image_arn
-    WHERE json_type(v.config, '$.logging.cloudWatch') IS NOT NULL
-"""
-_MICROVMS = """
-    SELECT id, image_arn, image_version, state, started_at AS created_at, terminated_at AS finished_at,
-           region,
-           json_extract(config, '$.logging.cloudWatch.logGroup') AS log_group,
-           json_extract(config, '$.logging.cloudWatch.logStream') AS log_stream
-    FROM microvms
-    WHERE json_type(config, '$.logging.cloudWatch') IS NOT NULL
-"""
 
 
 @dataclass(frozen=True)
@@ -54,37 +34,15 @@ def default_log_stream(started_at: float, version: str, resource_id: str) -> str
     return f"{day}[{version}]{resource_id}"
 
 
-def image_name_of(image_arn: str) -> str:
-    return image_arn.rsplit(":", 1)[-1]
-
-
-def find_targets(db: Database) -> list[LogTarget]:
-    targets = []
-    for row in db.all(_BUILDS):
-        version = f"{row['version_number']}.0"
-        finished = row["state"] in FINISHED_BUILD_STATES
-        targets.append(
-            LogTarget(
-                stream=f"builds/{row['id']}",
-                region=row["region"],
-                log_group=row["log_group"] or DEFAULT_GROUP_PREFIX + row["name"],
-                log_stream=row["log_stream"] or default_log_stream(row["created_at"], version, row["id"]),
-                finished_at=(row["finished_at"] or row["created_at"]) if finished else None,
-            )
+def find_targets(store: Store) -> list[LogTarget]:
+    return [
+        LogTarget(
+            stream=source.stream,
+            region=source.region,
+            log_group=source.cloudwatch.get("logGroup") or DEFAULT_GROUP_PREFIX + source.image_name,
+            log_stream=source.cloudwatch.get("logStream")
+            or default_log_stream(source.created_at, source.version, source.resource_id),
+            finished_at=source.finished_at,
         )
-    for row in db.all(_MICROVMS):
-        # The image may be gone by now; its name is the last part of its ARN.
-        name = image_name_of(row["image_arn"])
-        targets.append(
-            LogTarget(
-                stream=f"microvms/{row['id']}",
-                region=row["region"],
-                log_group=row["log_group"] or DEFAULT_GROUP_PREFIX + name,
-                log_stream=row["log_stream"]
-                or default_log_stream(row["created_at"], row["image_version"], row["id"]),
-                finished_at=(row["finished_at"] or row["created_at"])
-                if row["state"] == "TERMINATED"
-                else None,
-            )
-        )
-    return targets
+        for source in store.read(lambda tx: tx.log_sources.all())
+    ]

@@ -18,14 +18,23 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
 from openmicrovm.api.auth import AuthError, SignedRequest, identify
-from openmicrovm.api.protocol import JSON_CONTENT_TYPE, error_response
+from openmicrovm.api.protocol import (
+    JSON_CONTENT_TYPE,
+    UNAVAILABLE_CODE,
+    UNAVAILABLE_MESSAGE,
+    UNAVAILABLE_STATUS,
+    error_response,
+)
 from openmicrovm.logs.store import LogStore
 from openmicrovm.service.core import Service
+from openmicrovm.states import FINISHED_BUILD_STATES, MicrovmState
+from openmicrovm.store import StoreUnavailable, Tx
 
 LOGS_ROUTE = "/_openmicrovm/logs/{kind:builds|microvms}/{id}"
 DEFAULT_LIMIT = 256 * 1024
@@ -35,17 +44,20 @@ MAX_LIMIT = 1024 * 1024
 MAX_WAIT_SECONDS = 5.0
 _POLL_SECONDS = 0.2
 
-_OWNERS = {
-    "builds": """SELECT b.state, i.account, i.region, v.config FROM builds b
-                 JOIN images i ON i.arn = b.image_arn
-                 JOIN versions v ON v.image_arn = b.image_arn AND v.number = b.version_number
-                 WHERE b.build_id = ?""",
-    "microvms": "SELECT state, account, region, config FROM microvms WHERE id = ?",
-}
-_FINISHED = {"builds": ("SUCCESSFUL", "FAILED"), "microvms": ("TERMINATED",)}
 _NOT_FOUND = {"builds": "Build not found: {}", "microvms": "MicroVM not found: {}"}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class _Owner:
+    """Whose build or MicroVM a log belongs to, and where it stands."""
+
+    account: str
+    region: str
+    state: str
+    finished: bool
+    config: dict[str, Any]
 
 
 class _Refused(Exception):
@@ -55,8 +67,8 @@ class _Refused(Exception):
         self.message = message
 
 
-def _error(code: str, message: str) -> web.Response:
-    status, headers, body = error_response(code, message)
+def _error(code: str, message: str, status: int | None = None) -> web.Response:
+    status, headers, body = error_response(code, message, status=status)
     return web.Response(status=status, headers=headers, body=body)
 
 
@@ -78,15 +90,27 @@ def _number(request: web.Request, name: str, default: float, low: float, high: f
 def make_logs_handler(service: Service, logs: LogStore) -> Handler:
     """The aiohttp handler for LOGS_ROUTE."""
 
-    def resource(kind: str, resource_id: str, account: str, region: str) -> dict[str, Any]:
-        row = service.db.one(_OWNERS[kind], (resource_id,))
-        if row is None or row["account"] != account or row["region"] != region:
+    def owner(tx: Tx, kind: str, resource_id: str) -> _Owner | None:
+        if kind == "builds":
+            job = tx.builds.job(resource_id)
+            if job is None:
+                return None
+            state = job.build.state
+            return _Owner(job.account, job.region, state.value, state in FINISHED_BUILD_STATES, job.config)
+        microvm = tx.microvms.get(resource_id)
+        if microvm is None:
+            return None
+        finished = microvm.state is MicrovmState.TERMINATED
+        return _Owner(microvm.account, microvm.region, microvm.state.wire, finished, microvm.config)
+
+    async def resource(kind: str, resource_id: str, account: str, region: str) -> dict[str, Any]:
+        found = await service.fetch(lambda tx: owner(tx, kind, resource_id))
+        if found is None or found.account != account or found.region != region:
             raise _Refused("ResourceNotFoundException", _NOT_FOUND[kind].format(resource_id))
-        logging_config = json.loads(row["config"]).get("logging") or {}
         return {
-            "state": row["state"],
-            "finished": row["state"] in _FINISHED[kind],
-            "loggingDisabled": "disabled" in logging_config,
+            "state": found.state,
+            "finished": found.finished,
+            "loggingDisabled": "disabled" in (found.config.get("logging") or {}),
         }
 
     async def handle(request: web.Request) -> web.StreamResponse:
@@ -105,17 +129,19 @@ def make_logs_handler(service: Service, logs: LogStore) -> Handler:
             except ValueError:
                 raise _Refused("ResourceNotFoundException", _NOT_FOUND[kind].format(resource_id)) from None
             # The state is read before the lines: once it says finished, every line is written.
-            status = resource(kind, resource_id, caller.account, caller.region)
+            status = await resource(kind, resource_id, caller.account, caller.region)
             deadline = asyncio.get_running_loop().time() + wait
             chunk = await asyncio.to_thread(logs.read_from, stream, after, limit)
             while not chunk.lines and not status["finished"] and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(_POLL_SECONDS)
-                status = resource(kind, resource_id, caller.account, caller.region)
+                status = await resource(kind, resource_id, caller.account, caller.region)
                 chunk = await asyncio.to_thread(logs.read_from, stream, after, limit)
         except AuthError as error:
             return _error(error.code, error.message)
         except _Refused as error:
             return _error(error.code, error.message)
+        except StoreUnavailable:
+            return _error(UNAVAILABLE_CODE, UNAVAILABLE_MESSAGE, UNAVAILABLE_STATUS)
         body = {
             "stream": stream,
             "lines": chunk.lines,

@@ -3,153 +3,101 @@ changes the build engine reports, which settle the version and the image (spec �
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from typing import Any
 
 from openmicrovm.service.context import RequestContext
 from openmicrovm.service.core import Params, Result, Service, operation
 from openmicrovm.service.errors import NotFoundError
 from openmicrovm.service.pagination import paginate
-from openmicrovm.service.records import load_version, version_label
-from openmicrovm.store.db import Row
+from openmicrovm.service.views import load_version
+from openmicrovm.states import UNFINISHED_BUILD_STATES, BuildState, ImageState, VersionState, VersionStatus
+from openmicrovm.store import Tx
+from openmicrovm.store.records import Build, version_label
+from openmicrovm.store.repositories.builds import FILTER_COLUMNS
 
 SNAPSHOT_SIZES = ("memorySnapshotSizeInBytes", "codeInstallSizeInBytes", "diskSnapshotSizeInBytes")
+# How the image settles once every build of its version has ended: (busy state, all succeeded).
+_SETTLED_IMAGE = {
+    (ImageState.CREATING, False): ImageState.CREATE_FAILED,
+    (ImageState.CREATING, True): ImageState.CREATED,
+    (ImageState.UPDATING, False): ImageState.UPDATE_FAILED,
+    (ImageState.UPDATING, True): ImageState.UPDATED,
+}
 
 
-def build_summary(build: Row) -> dict[str, Any]:
+def build_summary(build: Build) -> dict[str, Any]:
     return {
-        "architecture": build["architecture"],
-        "buildId": build["build_id"],
-        "buildState": build["state"],
-        "chipset": build["chipset"],
-        "chipsetGeneration": build["chipset_generation"],
-        "createdAt": build["created_at"],
-        "imageArn": build["image_arn"],
-        "imageVersion": version_label(build["version_number"]),
-        "stateReason": build["state_reason"],
+        "architecture": build.architecture,
+        "buildId": build.build_id,
+        "buildState": build.state.value,
+        "chipset": build.chipset,
+        "chipsetGeneration": build.chipset_generation,
+        "createdAt": build.created_at,
+        "imageArn": build.image_arn,
+        "imageVersion": version_label(build.version_number),
+        "stateReason": build.state_reason,
         "terminationReasonCode": None,  # undocumented, always null live
     }
 
 
 @operation("ListMicrovmImageBuilds")
 def list_builds(service: Service, context: RequestContext, params: Params) -> Result:
-    image, version = load_version(service, context, params["imageIdentifier"], params["imageVersion"])
-    filters = {key: params.get(key) for key in ("architecture", "chipset", "chipsetGeneration")}
+    image, version = service.read(
+        lambda tx: load_version(tx, context, params["imageIdentifier"], params["imageVersion"])
+    )
+    filters = {member: params.get(member) for member in FILTER_COLUMNS}
 
-    def fetch(after: list[Any] | None, limit: int) -> list[Row]:
-        sql = "SELECT * FROM builds WHERE image_arn = ? AND version_number = ?"
-        args: list[Any] = [image["arn"], version["number"]]
-        for column, key in (
-            ("architecture", "architecture"),
-            ("chipset", "chipset"),
-            ("chipset_generation", "chipsetGeneration"),
-        ):
-            if filters[key] is not None:
-                sql += f" AND {column} = ?"
-                args.append(filters[key])
-        if after is not None:
-            sql += " AND (created_at > ? OR (created_at = ? AND build_id > ?))"
-            args += [after[0], after[0], after[1]]
-        return service.db.all(sql + " ORDER BY created_at, build_id LIMIT ?", [*args, limit])
+    def fetch(after: list[Any] | None, limit: int) -> list[Build]:
+        return service.read(lambda tx: tx.builds.page(image.arn, version.number, filters, after, limit))
 
-    rows, token = paginate(
+    builds, token = paginate(
         service,
         context,
         "ListMicrovmImageBuilds",
         params,
-        {"image": image["arn"], "version": version["number"], **filters},
+        {"image": image.arn, "version": version.number, **filters},
         fetch,
-        lambda row: [row["created_at"], row["build_id"]],
+        lambda build: [build.created_at, build.build_id],
     )
-    return {"items": [build_summary(row) for row in rows], "nextToken": token}
+    return {"items": [build_summary(build) for build in builds], "nextToken": token}
 
 
 @operation("GetMicrovmImageBuild")
 def get_build(service: Service, context: RequestContext, params: Params) -> Result:
-    image, version = load_version(service, context, params["imageIdentifier"], params["imageVersion"])
-    build = service.db.one(
-        "SELECT * FROM builds WHERE build_id = ? AND image_arn = ? AND version_number = ?",
-        (params["buildId"], image["arn"], version["number"]),
-    )
+    def find(tx: Tx) -> Build | None:
+        image, version = load_version(tx, context, params["imageIdentifier"], params["imageVersion"])
+        build = tx.builds.get(params["buildId"])
+        if build is None or (build.image_arn, build.version_number) != (image.arn, version.number):
+            return None
+        return build
+
+    build = service.read(find)
     if build is None:
         raise NotFoundError(
             f"MicroVMImage build not found for MicroVMImage: {params['imageIdentifier']}, "
             f"Version: {params['imageVersion']}, BuildId: {params['buildId']}"
         )
     result = build_summary(build)
-    artifacts = json.loads(build["artifacts"]) if build["artifacts"] else {}
+    artifacts = build.artifacts or {}
     sizes = {key: artifacts[key] for key in SNAPSHOT_SIZES if key in artifacts}
     result["snapshotBuild"] = sizes or None
     return result
 
 
-@dataclass(frozen=True)
-class BuildJob:
-    """What the build engine needs to know about one build."""
-
-    build_id: str
-    state: str
-    image_arn: str
-    image_name: str
-    region: str
-    account: str
-    version_number: int
-    architecture: str
-    config: dict[str, Any]
-    artifacts: dict[str, Any] | None
-
-    @property
-    def version(self) -> str:
-        return f"{self.version_number}.0"
-
-
-def load_build_job(service: Service, build_id: str) -> BuildJob | None:
-    row = service.db.one(
-        "SELECT b.*, v.config, i.name, i.region, i.account FROM builds b "
-        "JOIN versions v ON v.image_arn = b.image_arn AND v.number = b.version_number "
-        "JOIN images i ON i.arn = b.image_arn WHERE b.build_id = ?",
-        (build_id,),
-    )
-    if row is None:
-        return None
-    return BuildJob(
-        build_id=row["build_id"],
-        state=row["state"],
-        image_arn=row["image_arn"],
-        image_name=row["name"],
-        region=row["region"],
-        account=row["account"],
-        version_number=row["version_number"],
-        architecture=row["architecture"],
-        config=json.loads(row["config"]),
-        artifacts=json.loads(row["artifacts"]) if row["artifacts"] else None,
-    )
-
-
-def unfinished_build_ids(service: Service) -> list[str]:
-    rows = service.db.all(
-        "SELECT build_id FROM builds WHERE state IN ('PENDING', 'IN_PROGRESS') ORDER BY created_at"
-    )
-    return [row["build_id"] for row in rows]
-
-
 def build_started(service: Service, build_id: str) -> bool:
-    """PENDING → IN_PROGRESS for the build and its version. False when the build is gone or done."""
-    with service.transaction() as db:
-        build = db.one("SELECT * FROM builds WHERE build_id = ?", (build_id,))
-        if build is None or build["state"] not in ("PENDING", "IN_PROGRESS"):
+    """PENDING (or IN_PROGRESS, after a restart) → IN_PROGRESS for the build, and its version.
+    False when the build is gone or done."""
+
+    def start(tx: Tx) -> bool:
+        build = tx.builds.transition(build_id, BuildState.IN_PROGRESS, reason=None)
+        if build is None:
             return False
-        now = service.clock()
-        db.execute(
-            "UPDATE builds SET state = 'IN_PROGRESS', updated_at = ? WHERE build_id = ?", (now, build_id)
-        )
-        db.execute(
-            "UPDATE versions SET state = 'IN_PROGRESS', updated_at = ? "
-            "WHERE image_arn = ? AND number = ? AND state = 'PENDING'",
-            (now, build["image_arn"], build["version_number"]),
+        tx.versions.transition(
+            build.image_arn, build.version_number, VersionState.IN_PROGRESS, expect=[VersionState.PENDING]
         )
         return True
+
+    return service.transact(start)
 
 
 def build_finished(
@@ -160,47 +108,38 @@ def build_finished(
     artifacts: dict[str, Any] | None,
 ) -> None:
     """A build ended. Once every build of its version has, the version and the image settle."""
-    with service.transaction() as db:
-        build = db.one("SELECT * FROM builds WHERE build_id = ?", (build_id,))
-        if build is None or build["state"] not in ("PENDING", "IN_PROGRESS"):
-            return
-        now = service.clock()
-        db.execute(
-            "UPDATE builds SET state = ?, state_reason = ?, artifacts = ?, updated_at = ? WHERE build_id = ?",
-            (
-                "SUCCESSFUL" if succeeded else "FAILED",
-                state_reason,
-                json.dumps(artifacts) if artifacts else None,
-                now,
-                build_id,
-            ),
+
+    def finish(tx: Tx) -> None:
+        build = tx.builds.transition(
+            build_id,
+            BuildState.SUCCESSFUL if succeeded else BuildState.FAILED,
+            expect=UNFINISHED_BUILD_STATES,
+            reason=state_reason,
+            artifacts=artifacts or None,
         )
-        arn, number = build["image_arn"], build["version_number"]
-        builds = db.all(
-            "SELECT state, state_reason FROM builds WHERE image_arn = ? AND version_number = ?", (arn, number)
-        )
-        if any(b["state"] in ("PENDING", "IN_PROGRESS") for b in builds):
+        if build is None:
             return
-        failures = [b["state_reason"] for b in builds if b["state"] == "FAILED"]
+        arn, number = build.image_arn, build.version_number
+        siblings = tx.builds.of_version(arn, number)
+        if any(sibling.state in UNFINISHED_BUILD_STATES for sibling in siblings):
+            return
+        failures = [sibling.state_reason for sibling in siblings if sibling.state is BuildState.FAILED]
         if failures:
-            version_state, status = "FAILED", "INACTIVE"
-            reason = f"One or more builds failed: {failures[0]}"
-        else:
-            version_state, status, reason = "SUCCESSFUL", "ACTIVE", None
-        db.execute(
-            "UPDATE versions SET state = ?, status = ?, state_reason = ?, updated_at = ? "
-            "WHERE image_arn = ? AND number = ? AND state IN ('PENDING', 'IN_PROGRESS')",
-            (version_state, status, reason, now, arn, number),
-        )
-        settle = {
-            ("CREATING", False): "CREATE_FAILED",
-            ("CREATING", True): "CREATED",
-            ("UPDATING", False): "UPDATE_FAILED",
-            ("UPDATING", True): "UPDATED",
-        }
-        image = db.one("SELECT state FROM images WHERE arn = ?", (arn,))
-        if image is not None and (image["state"], not failures) in settle:
-            db.execute(
-                "UPDATE images SET state = ?, updated_at = ? WHERE arn = ?",
-                (settle[(image["state"], not failures)], now, arn),
+            tx.versions.transition(
+                arn,
+                number,
+                VersionState.FAILED,
+                reason=f"One or more builds failed: {failures[0]}",
+                status=VersionStatus.INACTIVE,
             )
+        else:
+            tx.versions.transition(
+                arn, number, VersionState.SUCCESSFUL, reason=None, status=VersionStatus.ACTIVE
+            )
+        image = tx.images.get(arn)
+        if image is not None and (image.state, not failures) in _SETTLED_IMAGE:
+            tx.images.transition(
+                arn, _SETTLED_IMAGE[(image.state, not failures)], reason=failures[0] if failures else None
+            )
+
+    service.transact(finish)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from openmicrovm.service.context import RequestContext
 from openmicrovm.service.core import Params, Result, Service
 from openmicrovm.service.errors import ValidationError
+from openmicrovm.store import Tx
 
 MISMATCH = "The provided clientToken was used with different request parameters."
 
@@ -21,38 +22,30 @@ def _fingerprint(params: Params) -> str:
 
 
 def idempotent(
-    service: Service, context: RequestContext, operation: str, params: Params, perform: Callable[[], Result]
+    service: Service,
+    context: RequestContext,
+    operation: str,
+    params: Params,
+    perform: Callable[[Tx], Result],
 ) -> Result:
-    """Run `perform` once per clientToken; its result is stored in the same transaction as its effects."""
+    """Run `perform` once per clientToken; its result is stored in the same transaction as its
+    effects, so two calls racing with one token get one effect and the same answer."""
     token = params.get("clientToken")
     if token is None:
-        with service.transaction():
-            return perform()
+        return service.transact(perform)
     fingerprint = _fingerprint(params)
-    oldest = service.clock() - service.settings.client_token_ttl_seconds
-    with service.transaction() as db:
-        db.execute("DELETE FROM client_tokens WHERE created_at < ?", (oldest,))
-        row = db.one(
-            "SELECT fingerprint, response FROM client_tokens "
-            "WHERE account = ? AND region = ? AND operation = ? AND token = ?",
-            (context.account, context.region, operation, token),
-        )
-        if row is not None:
-            if row["fingerprint"] != fingerprint:
+
+    def once(tx: Tx) -> Result:
+        tx.client_tokens.forget_before(service.clock() - service.settings.client_token_ttl_seconds)
+        used = tx.client_tokens.find(context.account, context.region, operation, token)
+        if used is not None:
+            if used.fingerprint != fingerprint:
                 raise ValidationError(MISMATCH)
-            return json.loads(row["response"])
-        result = perform()
-        db.execute(
-            "INSERT INTO client_tokens (account, region, operation, token, fingerprint, response, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (
-                context.account,
-                context.region,
-                operation,
-                token,
-                fingerprint,
-                json.dumps(result),
-                service.clock(),
-            ),
+            return used.response
+        result = perform(tx)
+        tx.client_tokens.remember(
+            context.account, context.region, operation, token, fingerprint, result, service.clock()
         )
         return result
+
+    return service.transact(once)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import Any
 
@@ -14,85 +13,48 @@ from openmicrovm.service.idempotency import idempotent
 from openmicrovm.service.image_config import build_targets, sandbox_driver_name, version_config
 from openmicrovm.service.managed import CHIPSETS
 from openmicrovm.service.pagination import paginate
-from openmicrovm.service.records import (
-    IMAGE_SELECT,
-    find_image,
-    image_detail,
-    image_summary,
-    load_image,
-    tags_of,
-)
-from openmicrovm.store.db import Database, Row
-
-BUSY_STATES = ("CREATING", "UPDATING", "DELETING")
-LIVE_MICROVM_STATES = ("PENDING", "RUNNING", "SUSPENDING", "SUSPENDED", "TERMINATING")
+from openmicrovm.service.views import image_detail, image_summary, load_image
+from openmicrovm.states import BUSY_IMAGE_STATES, ImageState, VersionState
+from openmicrovm.store import Tx
+from openmicrovm.store.records import Image, Version
 
 
-def busy_conflict(image: Row) -> ConflictError:
+def busy_conflict(image: Image) -> ConflictError:
     return ConflictError(
-        f"MicroVM Image is already in state: {image['state']}",
-        resourceId=image["arn"],
+        f"MicroVM Image is already in state: {image.state.value}",
+        resourceId=image.arn,
         resourceType="MicrovmImage",
     )
 
 
-def add_version(service: Service, db: Database, arn: str, number: int, config: dict[str, Any]) -> Row:
-    """Insert a PENDING version with one PENDING build per target architecture; schedule the builds."""
-    now = service.clock()
-    db.execute(
-        "INSERT INTO versions (image_arn, number, state, status, state_reason, created_at, updated_at, config) "
-        "VALUES (?, ?, 'PENDING', 'INACTIVE', NULL, ?, ?, ?)",
-        (arn, number, now, now, json.dumps(config)),
-    )
+def add_version(service: Service, tx: Tx, arn: str, config: dict[str, Any]) -> Version:
+    """A PENDING version with one PENDING build per target architecture; the builds are scheduled."""
+    version = tx.versions.add(arn, tx.images.take_version_number(arn), config)
     for architecture in build_targets(config):
-        build_id = str(uuid.uuid4())
         chipset, generation = CHIPSETS.get(architecture, ("INTEL", "1"))
-        db.execute(
-            "INSERT INTO builds (build_id, image_arn, version_number, architecture, chipset, chipset_generation, "
-            "state, state_reason, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 'PENDING', NULL, ?, ?)",
-            (build_id, arn, number, architecture, chipset, generation, now, now),
-        )
-        service.after_commit(lambda build_id=build_id: service.builds.schedule_build(build_id))
-    version = db.one("SELECT * FROM versions WHERE image_arn = ? AND number = ?", (arn, number))
-    assert version is not None
+        build = tx.builds.add(str(uuid.uuid4()), arn, version.number, architecture, chipset, generation)
+        service.after_commit(tx, lambda build_id=build.build_id: service.builds.schedule_build(build_id))
     return version
 
 
 @operation("CreateMicrovmImage")
 def create_image(service: Service, context: RequestContext, params: Params) -> Result:
-    def perform() -> Result:
-        config = version_config(context, params, sandbox_driver_name(service.builds))
-        arn = image_arn(context, params["name"])
-        db = service.db
-        if find_image(db, arn) is not None:
+    config = version_config(context, params, sandbox_driver_name(service.builds))
+    arn = image_arn(context, params["name"])
+
+    def perform(tx: Tx) -> Result:
+        if tx.images.get(arn) is not None:
             raise ValidationError(f"MicroVM image {params['name']} already exists.")
         quota = service.settings.quotas.images
-        count = db.scalar(
-            "SELECT COUNT(*) FROM images WHERE account = ? AND region = ?", (context.account, context.region)
-        )
-        if count >= quota:
+        if tx.images.count(context.account, context.region) >= quota:
             raise QuotaExceededError(
                 f"You have reached the maximum number of MicroVM images ({quota}) for this account in "
                 f"{context.region}. Delete an image or raise the 'images' quota."
             )
-        now = service.clock()
         tags = params.get("tags")
-        db.execute(
-            "INSERT INTO images (arn, account, region, name, id, state, created_at, updated_at, next_version, tags) "
-            "VALUES (?, ?, ?, ?, ?, 'CREATING', ?, ?, 2, ?)",
-            (
-                arn,
-                context.account,
-                context.region,
-                params["name"],
-                str(uuid.uuid4()),
-                now,
-                now,
-                json.dumps(tags or {}),
-            ),
-        )
-        version = add_version(service, db, arn, 1, config)
-        image = find_image(db, arn)
+        tx.images.create(arn, context.account, context.region, params["name"], str(uuid.uuid4()), tags or {})
+        version = add_version(service, tx, arn, config)
+        image = tx.images.get(arn)
         assert image is not None
         # Create echoes tags as null when none were given; Get answers {} (both as recorded live).
         return image_detail(image, version, tags or None)
@@ -102,9 +64,9 @@ def create_image(service: Service, context: RequestContext, params: Params) -> R
 
 @operation("GetMicrovmImage")
 def get_image(service: Service, context: RequestContext, params: Params) -> Result:
-    image = load_image(service, context, params["imageIdentifier"])
+    image = service.read(lambda tx: load_image(tx, context, params["imageIdentifier"]))
     result = image_summary(image)
-    result.update({"tags": tags_of(image), "updatedAt": image["updated_at"]})
+    result.update({"tags": dict(image.tags), "updatedAt": image.updated_at})
     return result
 
 
@@ -112,54 +74,41 @@ def get_image(service: Service, context: RequestContext, params: Params) -> Resu
 def list_images(service: Service, context: RequestContext, params: Params) -> Result:
     name_filter = params.get("nameFilter")
 
-    def fetch(after: list[Any] | None, limit: int) -> list[Row]:
-        sql = IMAGE_SELECT + " WHERE account = ? AND region = ?"
-        args: list[Any] = [context.account, context.region]
-        if name_filter is not None:
-            # nameFilter is a substring ("contains") match, as the model documents.
-            sql += " AND instr(name, ?) > 0"
-            args.append(name_filter)
-        if after is not None:
-            sql += " AND (created_at > ? OR (created_at = ? AND arn > ?))"
-            args += [after[0], after[0], after[1]]
-        sql += " ORDER BY created_at, arn LIMIT ?"
-        return service.db.all(sql, [*args, limit])
+    def fetch(after: list[Any] | None, limit: int) -> list[Image]:
+        # nameFilter is a substring ("contains") match, as the model documents.
+        return service.read(
+            lambda tx: tx.images.page(context.account, context.region, name_filter, after, limit)
+        )
 
-    rows, token = paginate(
+    images, token = paginate(
         service,
         context,
         "ListMicrovmImages",
         params,
         {"nameFilter": name_filter},
         fetch,
-        lambda row: [row["created_at"], row["arn"]],
+        lambda image: [image.created_at, image.arn],
     )
-    return {"items": [image_summary(row) for row in rows], "nextToken": token}
+    return {"items": [image_summary(image) for image in images], "nextToken": token}
 
 
 @operation("UpdateMicrovmImage")
 def update_image(service: Service, context: RequestContext, params: Params) -> Result:
-    def perform() -> Result:
-        image = load_image(service, context, params["imageIdentifier"])
-        if image["state"] in BUSY_STATES:
+    def perform(tx: Tx) -> Result:
+        image = load_image(tx, context, params["imageIdentifier"])
+        if image.state in BUSY_IMAGE_STATES:
             raise busy_conflict(image)
         config = version_config(context, params, sandbox_driver_name(service.builds))
-        db = service.db
         quota = service.settings.quotas.versions_per_image
-        count = db.scalar("SELECT COUNT(*) FROM versions WHERE image_arn = ?", (image["arn"],))
-        if count >= quota:
+        if tx.versions.count(image.arn) >= quota:
             raise QuotaExceededError(
-                f"The image {image['arn']} has reached the maximum number of versions ({quota}). "
+                f"The image {image.arn} has reached the maximum number of versions ({quota}). "
                 "Delete a version or raise the 'versions_per_image' quota."
             )
-        number = image["next_version"]
-        now = service.clock()
-        db.execute(
-            "UPDATE images SET state = 'UPDATING', updated_at = ?, next_version = ? WHERE arn = ?",
-            (now, number + 1, image["arn"]),
-        )
-        version = add_version(service, db, image["arn"], number, config)
-        updated = find_image(db, image["arn"])
+        if tx.images.transition(image.arn, ImageState.UPDATING, reason="A new version is building.") is None:
+            raise busy_conflict(image)
+        version = add_version(service, tx, image.arn, config)
+        updated = tx.images.get(image.arn)
         assert updated is not None
         result = image_detail(updated, version, None)
         del result["tags"]  # Update's output has no tags member
@@ -170,23 +119,21 @@ def update_image(service: Service, context: RequestContext, params: Params) -> R
 
 @operation("DeleteMicrovmImage")
 def delete_image(service: Service, context: RequestContext, params: Params) -> Result:
-    with service.transaction() as db:
-        image = load_image(service, context, params["imageIdentifier"])
-        answer = {"imageIdentifier": image["arn"], "state": "DELETING"}
-        if image["state"] == "DELETING":
+    def perform(tx: Tx) -> Result:
+        image = load_image(tx, context, params["imageIdentifier"])
+        answer = {"imageIdentifier": image.arn, "state": ImageState.DELETING.value}
+        if image.state is ImageState.DELETING:
             return answer
-        if image["state"] in ("CREATING", "UPDATING"):
-            raise ValidationError(f"Cannot delete MicroVM image in its current state: {image['state']}")
-        live = db.scalar(
-            f"SELECT COUNT(*) FROM microvms WHERE image_arn = ? AND state IN ({','.join('?' * len(LIVE_MICROVM_STATES))})",
-            (image["arn"], *LIVE_MICROVM_STATES),
-        )
-        if live:
+        if image.state in (ImageState.CREATING, ImageState.UPDATING):
+            raise ValidationError(f"Cannot delete MicroVM image in its current state: {image.state.value}")
+        if tx.microvms.count_live(image.arn):
             raise ValidationError("Cannot delete microvm image with running microvms.")
-        now = service.clock()
-        db.execute("UPDATE images SET state = 'DELETING', updated_at = ? WHERE arn = ?", (now, image["arn"]))
-        db.execute(
-            "UPDATE versions SET state = 'DELETING', updated_at = ? WHERE image_arn = ?", (now, image["arn"])
-        )
-        service.after_commit(lambda: service.builds.schedule_image_deletion(image["arn"]))
+        tx.images.transition(image.arn, ImageState.DELETING, reason="DeleteMicrovmImage")
+        for version in tx.versions.of_image(image.arn):
+            tx.versions.transition(
+                image.arn, version.number, VersionState.DELETING, reason="DeleteMicrovmImage"
+            )
+        service.after_commit(tx, lambda: service.builds.schedule_image_deletion(image.arn))
         return answer
+
+    return service.transact(perform)

@@ -1,11 +1,9 @@
 """MicroVMs: run, read, list, suspend, resume, terminate (spec §2.14–2.19, §3.4, §5.1), and the
-state changes the lifecycle engine reports."""
+state changes the lifecycle engine and the timers ask for."""
 
 from __future__ import annotations
 
-import json
 import uuid
-from collections.abc import Iterable
 from typing import Any
 
 from openmicrovm.service.arns import (
@@ -25,10 +23,12 @@ from openmicrovm.service.errors import (
 )
 from openmicrovm.service.idempotency import idempotent
 from openmicrovm.service.image_config import hook_enabled, memory_mib
-from openmicrovm.service.images import LIVE_MICROVM_STATES
 from openmicrovm.service.pagination import paginate
-from openmicrovm.service.records import find_image, image_not_found, version_label, version_number
-from openmicrovm.store.db import Row
+from openmicrovm.service.views import image_not_found, version_number
+from openmicrovm.states import ImageState, MicrovmState
+from openmicrovm.store import Tx
+from openmicrovm.store.records import Microvm, Version
+from openmicrovm.store.repositories.moves import KEEP
 
 DEFAULT_MAXIMUM_DURATION = 28800
 MAX_IDLE_SECONDS = 28800
@@ -41,6 +41,7 @@ RUN_CONFIG_MEMBERS = (
     "maximumDurationInSeconds",
     "logging",
 )
+SUCCESS = "Success."
 
 
 def microvm_not_found(microvm_id: str) -> str:
@@ -51,30 +52,26 @@ def terminated_message(microvm_id: str) -> str:
     return f"The MicroVM {microvm_id} has been terminated and its state cannot be changed."
 
 
-def load_microvm(service: Service, context: RequestContext, microvm_id: str) -> Row:
+def load_microvm(tx: Tx, context: RequestContext, microvm_id: str) -> Microvm:
     """MicroVMs have no ARN: another account's id is simply not found."""
-    row = service.db.one(
-        "SELECT * FROM microvms WHERE id = ? AND account = ? AND region = ?",
-        (microvm_id, context.account, context.region),
-    )
-    if row is None:
+    microvm = tx.microvms.owned(microvm_id, context.account, context.region)
+    if microvm is None:
         raise NotFoundError(microvm_not_found(microvm_id), resourceId=microvm_id, resourceType="Microvm")
-    return row
+    return microvm
 
 
-def microvm_detail(row: Row) -> dict[str, Any]:
-    config = json.loads(row["config"])
-    detail = {key: config.get(key) for key in RUN_CONFIG_MEMBERS if key not in ("logging",)}
+def microvm_detail(microvm: Microvm) -> dict[str, Any]:
+    detail = {key: microvm.config.get(key) for key in RUN_CONFIG_MEMBERS if key not in ("logging",)}
     detail.update(
         {
-            "endpoint": row["endpoint"],
-            "imageArn": row["image_arn"],
-            "imageVersion": row["image_version"],
-            "microvmId": row["id"],
-            "startedAt": row["started_at"],
-            "state": row["state"],
-            "stateReason": row["state_reason"],
-            "terminatedAt": row["terminated_at"],
+            "endpoint": microvm.endpoint,
+            "imageArn": microvm.image_arn,
+            "imageVersion": microvm.image_version,
+            "microvmId": microvm.id,
+            "startedAt": microvm.started_at,
+            "state": microvm.state.wire,
+            "stateReason": microvm.state_reason,
+            "terminatedAt": microvm.terminated_at,
             "terminationReasonCode": None,  # undocumented, always null live
         }
     )
@@ -109,7 +106,7 @@ def _check_idle_policy(service: Service, policy: dict[str, Any] | None) -> None:
         )
 
 
-def _resolve_version(service: Service, context: RequestContext, identifier: str, label: str | None) -> Row:
+def _resolve_version(tx: Tx, context: RequestContext, identifier: str, label: str | None) -> Version:
     """The version to run: the one asked for, or the newest SUCCESSFUL and ACTIVE one."""
     if not identifier.startswith("arn:"):
         raise ValidationError("Malformed ARN - doesn't start with 'arn:'")
@@ -119,64 +116,50 @@ def _resolve_version(service: Service, context: RequestContext, identifier: str,
         raise AccessDeniedError(
             f"User is not authorized to run MicroVM image {identifier}: it belongs to another account."
         )
-    image = find_image(service.db, str(arn))
-    if image is None or arn.region != context.region or image["state"] == "DELETING":
+    image = tx.images.get(str(arn))
+    if image is None or arn.region != context.region or image.state is ImageState.DELETING:
         raise NotFoundError(no_active)
     if label is None:
-        version = service.db.one(
-            "SELECT * FROM versions WHERE image_arn = ? AND state = 'SUCCESSFUL' AND status = 'ACTIVE' "
-            "ORDER BY number DESC LIMIT 1",
-            (image["arn"],),
-        )
+        version = tx.versions.runnable(image.arn, None)
     else:
         number = version_number(label)
-        version = service.db.one(
-            "SELECT * FROM versions WHERE image_arn = ? AND number = ? AND state = 'SUCCESSFUL' AND status = 'ACTIVE'",
-            (image["arn"], number if number is not None else -1),
-        )
+        version = None if number is None else tx.versions.runnable(image.arn, number)
         no_active = f"No active version found for MicroVM image {identifier}, Version: {label}"
     if version is None:
         raise NotFoundError(no_active)
     return version
 
 
-def _snapshot_memory_bytes(service: Service, version: Row) -> int:
+def _snapshot_memory_bytes(tx: Tx, version: Version) -> int:
     sizes = [
-        json.loads(row["artifacts"]).get("memorySnapshotSizeInBytes", 0)
-        for row in service.db.all(
-            "SELECT artifacts FROM builds WHERE image_arn = ? AND version_number = ? AND artifacts IS NOT NULL",
-            (version["image_arn"], version["number"]),
-        )
+        artifacts.get("memorySnapshotSizeInBytes", 0)
+        for artifacts in tx.builds.successful_artifacts(version.image_arn, version.number)
     ]
     return max(sizes, default=0)
 
 
 @operation("RunMicrovm")
 def run_microvm(service: Service, context: RequestContext, params: Params) -> Result:
-    def perform() -> Result:
-        version = _resolve_version(service, context, params["imageIdentifier"], params.get("imageVersion"))
-        config = json.loads(version["config"])
+    _check_idle_policy(service, params.get("idlePolicy"))
+    ingress = _connectors(context, params.get("ingressNetworkConnectors"), "ingress")
+    egress = _connectors(context, params.get("egressNetworkConnectors"), "egress")
+
+    def perform(tx: Tx) -> Result:
+        version = _resolve_version(tx, context, params["imageIdentifier"], params.get("imageVersion"))
         payload = params.get("runHookPayload")
-        if payload and not hook_enabled(config, "run"):
+        if payload and not hook_enabled(version.config, "run"):
             raise ValidationError(
                 "The run hook must be enabled in the MicroVM image to pass the run hook payload"
             )
-        _check_idle_policy(service, params.get("idlePolicy"))
-        ingress = _connectors(context, params.get("ingressNetworkConnectors"), "ingress")
-        egress = _connectors(context, params.get("egressNetworkConnectors"), "egress")
-        memory = memory_mib(config)
-        db = service.db
-        in_use = db.scalar(
-            f"SELECT COALESCE(SUM(memory_mib), 0) FROM microvms WHERE account = ? AND region = ? "
-            f"AND state IN ({','.join('?' * len(LIVE_MICROVM_STATES))})",
-            (context.account, context.region, *LIVE_MICROVM_STATES),
-        )
+        memory = memory_mib(version.config)
+        # Serializable (PostgreSQL) or the one writer (SQLite): two runs racing for the last of
+        # the quota cannot both see it free.
+        in_use = tx.microvms.live_memory_mib(context.account, context.region)
         if in_use + memory > service.settings.quotas.microvm_memory_mib:
             raise QuotaExceededError(
                 "The base maximum allocated memory limit has been reached for this account."
             )
-        service.microvms.check_capacity(memory, _snapshot_memory_bytes(service, version))
-        now = service.clock()
+        service.microvms.check_capacity(memory, _snapshot_memory_bytes(tx, version))
         microvm_id = f"microvm-{uuid.uuid4()}"
         # The endpoint has a UUID of its own, as on AWS.
         endpoint = f"{uuid.uuid4()}.lambda-microvm.{context.region}.localhost"
@@ -191,40 +174,27 @@ def run_microvm(service: Service, context: RequestContext, params: Params) -> Re
                 "runHookPayload": payload,
             }
         )
-        policy = params.get("idlePolicy")
-        db.execute(
-            "INSERT INTO microvms (id, account, region, image_arn, image_version, state, state_reason, endpoint, "
-            "memory_mib, started_at, terminated_at, deadline_at, last_activity_at, suspended_at, "
-            "max_idle_seconds, suspended_ttl_seconds, auto_resume, config) "
-            "VALUES (?, ?, ?, ?, ?, 'PENDING', NULL, ?, ?, ?, NULL, ?, ?, NULL, ?, ?, ?, ?)",
-            (
-                microvm_id,
-                context.account,
-                context.region,
-                version["image_arn"],
-                version_label(version["number"]),
-                endpoint,
-                memory,
-                now,
-                now + duration,
-                now,
-                policy["maxIdleDurationSeconds"] if policy else None,
-                policy["suspendedDurationSeconds"] if policy else None,
-                1 if policy and policy["autoResumeEnabled"] else 0,
-                json.dumps(run_config),
-            ),
+        microvm = tx.microvms.add(
+            microvm_id,
+            context.account,
+            context.region,
+            version.image_arn,
+            version.label,
+            endpoint,
+            memory,
+            duration,
+            params.get("idlePolicy"),
+            run_config,
         )
-        service.after_commit(lambda: service.microvms.schedule_start(microvm_id))
-        row = db.one("SELECT * FROM microvms WHERE id = ?", (microvm_id,))
-        assert row is not None
-        return microvm_detail(row)
+        service.after_commit(tx, lambda: service.microvms.schedule_start(microvm_id))
+        return microvm_detail(microvm)
 
     return idempotent(service, context, "RunMicrovm", params, perform)
 
 
 @operation("GetMicrovm")
 def get_microvm(service: Service, context: RequestContext, params: Params) -> Result:
-    return microvm_detail(load_microvm(service, context, params["microvmIdentifier"]))
+    return microvm_detail(service.read(lambda tx: load_microvm(tx, context, params["microvmIdentifier"])))
 
 
 @operation("ListMicrovms")
@@ -235,139 +205,131 @@ def list_microvms(service: Service, context: RequestContext, params: Params) -> 
         arn = parse_image_arn(image_filter)
         if arn.account != context.account:
             raise AccessDeniedError(f"User is not authorized to access MicroVM image {image_filter}.")
-        known = service.db.scalar("SELECT 1 FROM microvms WHERE image_arn = ? LIMIT 1", (image_filter,))
-        if not known and find_image(service.db, image_filter) is None:
+        known = service.read(
+            lambda tx: tx.microvms.any_of_image(image_filter) or tx.images.get(image_filter) is not None
+        )
+        if not known:
             raise NotFoundError(image_not_found(image_filter))
 
-    def fetch(after: list[Any] | None, limit: int) -> list[Row]:
-        sql = "SELECT * FROM microvms WHERE account = ? AND region = ?"
-        args: list[Any] = [context.account, context.region]
-        if image_filter is not None:
-            sql += " AND image_arn = ?"
-            args.append(image_filter)
-        if version_filter is not None:
-            sql += " AND image_version = ?"
-            args.append(version_filter)
-        if after is not None:
-            sql += " AND (started_at > ? OR (started_at = ? AND id > ?))"
-            args += [after[0], after[0], after[1]]
-        return service.db.all(sql + " ORDER BY started_at, id LIMIT ?", [*args, limit])
+    def fetch(after: list[Any] | None, limit: int) -> list[Microvm]:
+        return service.read(
+            lambda tx: tx.microvms.page(
+                context.account, context.region, image_filter, version_filter, after, limit
+            )
+        )
 
-    rows, token = paginate(
+    microvms, token = paginate(
         service,
         context,
         "ListMicrovms",
         params,
         {"image": image_filter, "version": version_filter},
         fetch,
-        lambda row: [row["started_at"], row["id"]],
+        lambda microvm: [microvm.started_at, microvm.id],
     )
     items = [
         {
-            "microvmId": row["id"],
-            "state": row["state"],
-            "imageArn": row["image_arn"],
-            "imageVersion": row["image_version"],
-            "startedAt": row["started_at"],
+            "microvmId": microvm.id,
+            "state": microvm.state.wire,
+            "imageArn": microvm.image_arn,
+            "imageVersion": microvm.image_version,
+            "startedAt": microvm.started_at,
         }
-        for row in rows
+        for microvm in microvms
     ]
     return {"items": items, "nextToken": token}
 
 
 @operation("SuspendMicrovm")
 def suspend_microvm(service: Service, context: RequestContext, params: Params) -> Result:
-    with service.transaction():
-        row = load_microvm(service, context, params["microvmIdentifier"])
-        state = row["state"]
-        if state in ("TERMINATING", "TERMINATED"):
-            raise ValidationError(terminated_message(row["id"]))
-        if state in ("SUSPENDING", "SUSPENDED"):
-            return {}
-        if state != "RUNNING":
+    def perform(tx: Tx) -> None:
+        microvm = load_microvm(tx, context, params["microvmIdentifier"])
+        state = microvm.state
+        if state in (MicrovmState.TERMINATING, MicrovmState.TERMINATED):
+            raise ValidationError(terminated_message(microvm.id))
+        if state in (MicrovmState.SUSPENDING, MicrovmState.SUSPENDED):
+            return
+        if state is not MicrovmState.RUNNING:
             raise ConflictError(
-                f"The MicroVM {row['id']} is {state} and cannot be suspended until it is RUNNING.",
-                resourceId=row["id"],
+                f"The MicroVM {microvm.id} is {state.wire} and cannot be suspended until it is RUNNING.",
+                resourceId=microvm.id,
                 resourceType="Microvm",
             )
-        request_suspend(service, row["id"])
-        return {}
+        request_suspend(service, microvm.id)
+
+    service.transact(perform)
+    return {}
 
 
 def request_suspend(service: Service, microvm_id: str) -> bool:
     """RUNNING → SUSPENDING, for the API and for the idle timer alike."""
-    if not transition(service, microvm_id, ("RUNNING",), "SUSPENDING"):
-        return False
-    service.after_commit(lambda: service.microvms.schedule_suspend(microvm_id))
-    return True
+
+    def perform(tx: Tx) -> bool:
+        if tx.microvms.transition(microvm_id, MicrovmState.SUSPENDING, expect=[MicrovmState.RUNNING]) is None:
+            return False
+        service.after_commit(tx, lambda: service.microvms.schedule_suspend(microvm_id))
+        return True
+
+    return service.transact(perform)
 
 
 @operation("ResumeMicrovm")
 def resume_microvm(service: Service, context: RequestContext, params: Params) -> Result:
-    with service.transaction():
-        row = load_microvm(service, context, params["microvmIdentifier"])
-        state = row["state"]
-        if state in ("TERMINATING", "TERMINATED"):
-            raise ValidationError(terminated_message(row["id"]))
-        if state == "RUNNING" or is_resuming(row):
-            return {}
-        if state != "SUSPENDED":
+    def perform(tx: Tx) -> None:
+        microvm = load_microvm(tx, context, params["microvmIdentifier"])
+        state = microvm.state
+        if state in (MicrovmState.TERMINATING, MicrovmState.TERMINATED):
+            raise ValidationError(terminated_message(microvm.id))
+        if state in (MicrovmState.RUNNING, MicrovmState.RESUMING):
+            return
+        if state is not MicrovmState.SUSPENDED:
             raise ConflictError(
-                f"The MicroVM {row['id']} is {state} and cannot be resumed until it is SUSPENDED.",
-                resourceId=row["id"],
+                f"The MicroVM {microvm.id} is {state.wire} and cannot be resumed until it is SUSPENDED.",
+                resourceId=microvm.id,
                 resourceType="Microvm",
             )
         # Recorded before answering, so that a restart finishes a resume that was acknowledged.
-        begin_resume(service, row["id"])
-        service.after_commit(lambda: service.microvms.schedule_resume(row["id"]))
-        return {}
+        begin_resume(service, microvm.id)
+        service.after_commit(tx, lambda: service.microvms.schedule_resume(microvm.id))
 
-
-def is_resuming(row: Row) -> bool:
-    """A MicroVM on its way back from SUSPENDED is PENDING with its suspended_at kept."""
-    return row["state"] == "PENDING" and row["suspended_at"] is not None
+    service.transact(perform)
+    return {}
 
 
 def begin_resume(service: Service, microvm_id: str) -> bool:
-    """SUSPENDED → PENDING (the brief PENDING seen on resume live, spec §2.18)."""
-    return transition(service, microvm_id, ("SUSPENDED",), "PENDING")
+    """SUSPENDED → RESUMING (PENDING on the wire, as seen live, spec §2.18)."""
+    return service.transact(lambda tx: tx.microvms.transition(microvm_id, MicrovmState.RESUMING)) is not None
 
 
 @operation("TerminateMicrovm")
 def terminate_microvm(service: Service, context: RequestContext, params: Params) -> Result:
-    with service.transaction():
-        row = load_microvm(service, context, params["microvmIdentifier"])
-        request_terminate(service, row["id"])
-        return {}
+    def perform(tx: Tx) -> None:
+        microvm = load_microvm(tx, context, params["microvmIdentifier"])
+        request_terminate(service, microvm.id)
+
+    service.transact(perform)
+    return {}
 
 
 def request_terminate(service: Service, microvm_id: str, reason: str | None = None) -> bool:
     """Any live state → TERMINATING; the engine calls the terminate hook and frees the sandbox.
     `reason` becomes the stateReason (a plain terminate ends with "Success.")."""
-    columns = {"state_reason": reason} if reason else {}
-    if not transition(service, microvm_id, LIVE_MICROVM_STATES[:-1], "TERMINATING", **columns):
-        return False
-    service.after_commit(lambda: service.microvms.schedule_terminate(microvm_id))
-    return True
+
+    def perform(tx: Tx) -> bool:
+        moved = tx.microvms.transition(microvm_id, MicrovmState.TERMINATING, reason=reason or KEEP)
+        if moved is None:
+            return False
+        service.after_commit(tx, lambda: service.microvms.schedule_terminate(microvm_id))
+        return True
+
+    return service.transact(perform)
 
 
-def transition(
-    service: Service, microvm_id: str, from_states: Iterable[str], to_state: str, **columns: Any
-) -> bool:
-    """Compare-and-set of a MicroVM's state (plus other columns); False when it was not in from_states."""
-    states = tuple(from_states)
-    assignments = ", ".join(f"{name} = ?" for name in columns)
-    sql = f"UPDATE microvms SET state = ?{', ' + assignments if assignments else ''} WHERE id = ? AND state IN ({','.join('?' * len(states))})"
-    with service.transaction() as db:
-        return db.execute(sql, (to_state, *columns.values(), microvm_id, *states)) == 1
-
-
-def mark_terminated(service: Service, microvm_id: str, reason: str) -> bool:
-    return transition(
-        service,
-        microvm_id,
-        LIVE_MICROVM_STATES,
-        "TERMINATED",
-        state_reason=reason,
-        terminated_at=service.clock(),
+def mark_terminated(service: Service, microvm_id: str, reason: str) -> Microvm | None:
+    """Any live state → TERMINATED at once (a failure, a lost sandbox, `openmicrovm cleanup`);
+    the MicroVM as it is now, or None when it had already ended."""
+    return service.transact(
+        lambda tx: tx.microvms.transition(
+            microvm_id, MicrovmState.TERMINATED, reason=reason, terminated_at=service.clock()
+        )
     )

@@ -1,8 +1,7 @@
 """Sealed endpoint tokens: compact JWE with alg "dir" and enc "A256GCM", as the live service issues.
 
 The claims (account, MicroVM, allowed ports, kind, expiry) are encrypted and authenticated with a
-key kept in the data dir. Several keys may be known at once so that the key can be rotated:
-new tokens use the newest key, tokens sealed with an older one stay valid until they expire.
+key kept in the database, so that every server of one database opens every token.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from openmicrovm.private_files import private_dir, write_private_file
+from openmicrovm.store import Store, Tx
 
 
 class TokenError(Exception):
@@ -52,37 +51,12 @@ class TokenClaims:
 
 
 class KeyRing:
-    """The token keys of one data dir, in <data dir>/keys/token-keys.json (mode 0600)."""
+    """The token keys of one database. Several may be known at once so that a key can be
+    replaced: new tokens use the newest key, older ones still open the tokens they sealed."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._keys: dict[str, bytes] = {}
-        self._current = ""
-        self._load()
-
-    def _load(self) -> None:
-        if self.path.exists():
-            stored = json.loads(self.path.read_text())
-            self._keys = {kid: bytes.fromhex(key) for kid, key in stored["keys"].items()}
-            self._current = stored["current"]
-        else:
-            self.rotate()
-
-    def _save(self) -> None:
-        private_dir(self.path.parent, "token keys dir")
-        stored = {"current": self._current, "keys": {k: v.hex() for k, v in self._keys.items()}}
-        # A crash mid-write must not leave a truncated key file: every token would stop opening.
-        write_private_file(self.path, json.dumps(stored).encode())
-
-    def rotate(self) -> str:
-        """A new key seals new tokens; the previous key still opens the tokens it sealed (a token lives
-        at most 60 minutes, so rotate no more often than that to keep every token valid)."""
-        kid = str(uuid.uuid4())
-        kept = {self._current: self._keys[self._current]} if self._current in self._keys else {}
-        self._keys = {**kept, kid: AESGCM.generate_key(bit_length=256)}
-        self._current = kid
-        self._save()
-        return kid
+    def __init__(self, keys: dict[str, bytes], current: str) -> None:
+        self._keys = dict(keys)
+        self._current = current
 
     def seal(self, claims: TokenClaims) -> str:
         header = _b64encode(json.dumps({"kid": self._current, "alg": "dir", "enc": "A256GCM"}).encode())
@@ -135,3 +109,25 @@ class KeyRing:
             raise
         except (InvalidTag, ValueError, KeyError, TypeError) as error:
             raise TokenError(f"cannot open token: {type(error).__name__}") from None
+
+
+def load_keyring(store: Store, legacy_file: Path) -> KeyRing:
+    """The database's token keys; the first server makes one. Keys an older openmicrovm kept in
+    a file of the data dir are imported (tokens it sealed stay valid), then the file is removed."""
+
+    def load(tx: Tx) -> list[tuple[str, bytes, float]]:
+        if not tx.token_keys.all():
+            now = store.clock()
+            if legacy_file.exists():
+                stored = json.loads(legacy_file.read_text())
+                # The current key is stored last, so that it is the newest.
+                others = [kid for kid in stored["keys"] if kid != stored["current"]]
+                for offset, kid in enumerate([*others, stored["current"]]):
+                    tx.token_keys.add(kid, bytes.fromhex(stored["keys"][kid]), now + offset * 0.001)
+            else:
+                tx.token_keys.add(str(uuid.uuid4()), AESGCM.generate_key(bit_length=256), now)
+        return tx.token_keys.all()
+
+    keys = store.transact(load)
+    legacy_file.unlink(missing_ok=True)
+    return KeyRing({kid: key for kid, key, _ in keys}, keys[-1][0])

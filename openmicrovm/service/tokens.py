@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import Any
 
@@ -11,6 +10,7 @@ from openmicrovm.service.core import Params, Result, Service, operation
 from openmicrovm.service.errors import ConflictError, ValidationError
 from openmicrovm.service.microvms import load_microvm
 from openmicrovm.service.token_seal import TokenClaims
+from openmicrovm.states import MicrovmState
 
 AUTH_HEADER = "X-aws-proxy-auth"
 MAX_EXPIRATION_MINUTES = 60
@@ -48,27 +48,26 @@ def _issue(
         raise ValidationError(
             f"ExpirationMinutes {minutes} exceeded max allowed of {MAX_EXPIRATION_MINUTES}."
         )
-    row = load_microvm(service, context, params["microvmIdentifier"])
-    if row["state"] in ("TERMINATING", "TERMINATED"):
+    microvm = service.read(lambda tx: load_microvm(tx, context, params["microvmIdentifier"]))
+    if microvm.state in (MicrovmState.TERMINATING, MicrovmState.TERMINATED):
         raise ConflictError(
-            f"The MicroVM {row['id']} is {row['state']}; tokens can only be created for live MicroVMs.",
-            resourceId=row["id"],
+            f"The MicroVM {microvm.id} is {microvm.state.wire}; tokens can only be created for live MicroVMs.",
+            resourceId=microvm.id,
             resourceType="Microvm",
         )
-    config = json.loads(row["config"])
-    connectors = [arn.rsplit(":", 1)[-1] for arn in config["ingressNetworkConnectors"]]
+    connectors = [arn.rsplit(":", 1)[-1] for arn in microvm.config["ingressNetworkConnectors"]]
     if kind == "shell" and not SHELL_INGRESS_KINDS & set(connectors):
         raise ValidationError(
             "Shell access requires SHELL_INGRESS network connector to be configured on the MicroVM."
         )
     if kind == "endpoint" and connectors == ["NO_INGRESS"]:
         raise ValidationError(
-            f"The MicroVM {row['id']} was run with NO_INGRESS and has no endpoint to authenticate to."
+            f"The MicroVM {microvm.id} was run with NO_INGRESS and has no endpoint to authenticate to."
         )
     now = service.clock()
     claims = TokenClaims(
         account=context.account,
-        microvm_id=row["id"],
+        microvm_id=microvm.id,
         ports=ports,
         kind=kind,
         issued_at=now,

@@ -1,4 +1,5 @@
-"""Image versions: read, list, activate/deactivate, delete (spec §2.6–2.9)."""
+"""Image versions: read, list, activate/deactivate, delete (spec §2.6–2.9), and the end of a
+version's or an image's deletion, which the build engine reports."""
 
 from __future__ import annotations
 
@@ -7,121 +8,105 @@ from typing import Any
 from openmicrovm.service.context import RequestContext
 from openmicrovm.service.core import Params, Result, Service, operation
 from openmicrovm.service.errors import ValidationError
-from openmicrovm.service.images import LIVE_MICROVM_STATES, busy_conflict
+from openmicrovm.service.images import busy_conflict
 from openmicrovm.service.pagination import paginate
-from openmicrovm.service.records import find_image, load_image, load_version, version_detail, version_label
-from openmicrovm.store.db import Row
+from openmicrovm.service.views import load_image, load_version, version_detail
+from openmicrovm.states import BUSY_IMAGE_STATES, ImageState, VersionState, VersionStatus
+from openmicrovm.store import Tx
+from openmicrovm.store.records import Image, Version
 
 
-def _refuse_while_busy(image: Row) -> None:
+def _refuse_while_busy(image: Image) -> None:
     """While a version builds or drains the image is CREATING/UPDATING, and version calls get 409."""
-    if image["state"] in ("CREATING", "UPDATING", "DELETING"):
+    if image.state in BUSY_IMAGE_STATES:
         raise busy_conflict(image)
 
 
 @operation("GetMicrovmImageVersion")
 def get_version(service: Service, context: RequestContext, params: Params) -> Result:
-    image, version = load_version(service, context, params["imageIdentifier"], params["imageVersion"])
+    image, version = service.read(
+        lambda tx: load_version(tx, context, params["imageIdentifier"], params["imageVersion"])
+    )
     return version_detail(image, version)
 
 
 @operation("ListMicrovmImageVersions")
 def list_versions(service: Service, context: RequestContext, params: Params) -> Result:
-    image = load_image(service, context, params["imageIdentifier"])
+    image = service.read(lambda tx: load_image(tx, context, params["imageIdentifier"]))
 
-    def fetch(after: list[Any] | None, limit: int) -> list[Row]:
-        return service.db.all(
-            "SELECT * FROM versions WHERE image_arn = ? AND number > ? ORDER BY number LIMIT ?",
-            (image["arn"], after[0] if after else 0, limit),
-        )
+    def fetch(after: list[Any] | None, limit: int) -> list[Version]:
+        return service.read(lambda tx: tx.versions.page(image.arn, after, limit))
 
-    rows, token = paginate(
+    versions, token = paginate(
         service,
         context,
         "ListMicrovmImageVersions",
         params,
-        {"image": image["arn"]},
+        {"image": image.arn},
         fetch,
-        lambda row: [row["number"]],
+        lambda version: [version.number],
     )
-    return {"items": [version_detail(image, row) for row in rows], "nextToken": token}
+    return {"items": [version_detail(image, version) for version in versions], "nextToken": token}
 
 
 @operation("UpdateMicrovmImageVersion")
 def update_version(service: Service, context: RequestContext, params: Params) -> Result:
-    with service.transaction() as db:
-        image, version = load_version(service, context, params["imageIdentifier"], params["imageVersion"])
+    def perform(tx: Tx) -> Result:
+        image, version = load_version(tx, context, params["imageIdentifier"], params["imageVersion"])
         _refuse_while_busy(image)
-        if version["state"] != "SUCCESSFUL":
+        changed = tx.versions.set_status(image.arn, version.number, VersionStatus(params["status"]))
+        if changed is None:
             raise ValidationError(
                 f"Only a SUCCESSFUL image version can be activated or deactivated; version "
-                f"{version_label(version['number'])} is {version['state']}."
+                f"{version.label} is {version.state.value}."
             )
-        db.execute(
-            "UPDATE versions SET status = ?, updated_at = ? WHERE image_arn = ? AND number = ?",
-            (params["status"], service.clock(), image["arn"], version["number"]),
-        )
-        image, version = load_version(service, context, params["imageIdentifier"], params["imageVersion"])
-        return version_detail(image, version)
+        return version_detail(image, changed)
+
+    return service.transact(perform)
 
 
 @operation("DeleteMicrovmImageVersion")
 def delete_version(service: Service, context: RequestContext, params: Params) -> Result:
-    with service.transaction() as db:
-        image, version = load_version(service, context, params["imageIdentifier"], params["imageVersion"])
+    def perform(tx: Tx) -> Result:
+        image, version = load_version(tx, context, params["imageIdentifier"], params["imageVersion"])
         answer = {
-            "imageIdentifier": image["arn"],
+            "imageIdentifier": image.arn,
             "imageVersion": params["imageVersion"],
-            "state": "DELETING",
+            "state": VersionState.DELETING.value,
         }
-        if version["state"] == "DELETING":
+        if version.state is VersionState.DELETING:
             return answer
         _refuse_while_busy(image)
-        remaining = db.scalar(
-            "SELECT COUNT(*) FROM versions WHERE image_arn = ? AND state != 'DELETING'", (image["arn"],)
-        )
-        if remaining <= 1:
+        remaining = [state for state in VersionState if state is not VersionState.DELETING]
+        if tx.versions.count(image.arn, remaining) <= 1:
             raise ValidationError("This is the last version. Please delete the entire image")
-        live = db.scalar(
-            f"SELECT COUNT(*) FROM microvms WHERE image_arn = ? AND image_version = ? "
-            f"AND state IN ({','.join('?' * len(LIVE_MICROVM_STATES))})",
-            (image["arn"], params["imageVersion"], *LIVE_MICROVM_STATES),
-        )
-        if live:
+        if tx.microvms.count_live(image.arn, version.label):
             raise ValidationError("Cannot delete MicroVM image version with running microvms.")
-        now = service.clock()
-        db.execute(
-            "UPDATE versions SET state = 'DELETING', updated_at = ? WHERE image_arn = ? AND number = ?",
-            (now, image["arn"], version["number"]),
+        tx.versions.transition(
+            image.arn, version.number, VersionState.DELETING, reason="DeleteMicrovmImageVersion"
         )
         # The live service puts the image in UPDATING while the version drains.
-        db.execute("UPDATE images SET state = 'UPDATING', updated_at = ? WHERE arn = ?", (now, image["arn"]))
-        arn, number = image["arn"], version["number"]
-        service.after_commit(lambda: service.builds.schedule_version_deletion(arn, number))
+        tx.images.transition(
+            image.arn, ImageState.UPDATING, reason=f"Version {version.label} is being deleted."
+        )
+        service.after_commit(tx, lambda: service.builds.schedule_version_deletion(image.arn, version.number))
         return answer
+
+    return service.transact(perform)
 
 
 def version_deleted(service: Service, image_arn: str, number: int) -> None:
     """The build engine freed the version's files: the record goes, the image settles."""
-    with service.transaction() as db:
-        db.execute(
-            "DELETE FROM versions WHERE image_arn = ? AND number = ? AND state = 'DELETING'",
-            (image_arn, number),
-        )
-        image = find_image(db, image_arn)
-        if image is not None and image["state"] == "UPDATING":
-            busy = db.scalar(
-                "SELECT COUNT(*) FROM versions WHERE image_arn = ? AND state IN ('PENDING', 'IN_PROGRESS', 'DELETING')",
-                (image_arn,),
-            )
-            if not busy:
-                db.execute(
-                    "UPDATE images SET state = 'UPDATED', updated_at = ? WHERE arn = ?",
-                    (service.clock(), image_arn),
-                )
+
+    def settle(tx: Tx) -> None:
+        tx.versions.delete(image_arn, number)
+        busy = (VersionState.PENDING, VersionState.IN_PROGRESS, VersionState.DELETING)
+        if not tx.versions.count(image_arn, busy):
+            tx.images.transition(image_arn, ImageState.UPDATED, expect=[ImageState.UPDATING], reason=None)
+
+    service.transact(settle)
 
 
 def image_deleted(service: Service, image_arn: str) -> None:
     """Every version's files are gone: the image disappears (GET answers 404, as on AWS)."""
-    with service.transaction() as db:
-        db.execute("DELETE FROM images WHERE arn = ? AND state = 'DELETING'", (image_arn,))
+    service.transact(lambda tx: tx.images.delete(image_arn))

@@ -2,7 +2,8 @@
 
 Columns hold what is queried or changed on its own (state, owners, timers); the rest of a
 resource's configuration sits in a JSON `config` column exactly as the API received it.
-Timestamps are epoch seconds (REAL).
+Timestamps are epoch seconds (REAL: an 8-byte float on both backends, see postgres.py `ddl`).
+Statements are written once for SQLite and PostgreSQL alike.
 """
 
 MIGRATIONS: list[list[str]] = [
@@ -81,6 +82,32 @@ MIGRATIONS: list[list[str]] = [
             response TEXT NOT NULL,
             created_at REAL NOT NULL,
             PRIMARY KEY (account, region, operation, token)
+        )""",
+    ],
+    [
+        # The state machine (openmicrovm/states.py): a resume is a state of its own, not PENDING
+        # plus suspended_at; every state change is stamped; images record why they moved.
+        "ALTER TABLE images ADD COLUMN state_reason TEXT",
+        "ALTER TABLE microvms ADD COLUMN state_changed_at REAL",
+        "UPDATE microvms SET state_changed_at = COALESCE(terminated_at, suspended_at, started_at)",
+        "UPDATE microvms SET state = 'RESUMING' WHERE state = 'PENDING' AND suspended_at IS NOT NULL",
+        # An image's latest active and failed versions, kept by the versions repository on every
+        # change, so that listing images reads one table.
+        "ALTER TABLE images ADD COLUMN latest_active_version INTEGER",
+        "ALTER TABLE images ADD COLUMN latest_failed_version INTEGER",
+        """UPDATE images SET
+            latest_active_version = (SELECT MAX(number) FROM versions v WHERE v.image_arn = images.arn
+                                      AND v.state = 'SUCCESSFUL' AND v.status = 'ACTIVE'),
+            latest_failed_version = (SELECT MAX(number) FROM versions v WHERE v.image_arn = images.arn
+                                      AND v.state = 'FAILED')""",
+        # The timers and start-up look for MicroVMs and builds by state.
+        "CREATE INDEX microvms_by_state ON microvms (state)",
+        "CREATE INDEX builds_by_state ON builds (state)",
+        # Endpoint token keys, shared by every server of the database (they were a file before).
+        """CREATE TABLE token_keys (
+            kid TEXT PRIMARY KEY,
+            secret TEXT NOT NULL,
+            created_at REAL NOT NULL
         )""",
     ],
 ]

@@ -17,7 +17,7 @@ from tests.reliability.rawhttp import exchange
 from tests.support.clients import aws_error
 from tests.support.http import RawResponse, raw_request
 from tests.support.moto import MotoServer
-from tests.support.server import ServerProcess
+from tests.support.server import DatabaseBackend, ServerProcess
 
 IMAGES = "/2025-09-09/microvm-images"
 METRICS = "/metrics"
@@ -56,16 +56,17 @@ def _refused(response: RawResponse, status: int, code: str, *fragments: str) -> 
 
 
 @pytest.fixture(scope="module")
-def configured(tmp_path_factory: pytest.TempPathFactory, moto: MotoServer) -> Iterator[ServerProcess]:
+def configured(
+    tmp_path_factory: pytest.TempPathFactory, moto: MotoServer, database_backend: DatabaseBackend
+) -> Iterator[ServerProcess]:
     """A server with extra host names (settings file) and allowed origins (environment)."""
-    server = ServerProcess(
+    with database_backend.server(
         tmp_path_factory.mktemp("cross-site"),
         {"allowed_hosts": ALLOWED_HOSTS},
         env={**moto.environment(), "OPENMICROVM_ALLOWED_ORIGINS": ALLOWED_ORIGINS},
-    )
-    server.start()
-    yield server
-    server.stop()
+    ) as server:
+        server.start()
+        yield server
 
 
 # ------------------------------------------------------------------ bodies a page sends unasked

@@ -16,7 +16,7 @@ from botocore.exceptions import ClientError
 from openmicrovm.runtime.host import missing_for
 from tests.conftest import image_request
 from tests.support.moto import MotoServer
-from tests.support.server import ServerProcess
+from tests.support.server import DatabaseBackend, ServerProcess
 
 
 @pytest.fixture(autouse=True)
@@ -74,15 +74,14 @@ def test_all_capabilities_stay_allowed_on_the_gvisor_driver(
 
 
 @pytest.fixture
-def fallback_server(tmp_path: Path, moto: MotoServer) -> Iterator[ServerProcess]:
+def fallback_server(
+    tmp_path: Path, moto: MotoServer, database_backend: DatabaseBackend
+) -> Iterator[ServerProcess]:
     """A server on driver "auto" where runsc does not run: it falls back to the process driver."""
     env: dict[str, Any] = {**moto.environment(), "OPENMICROVM_RUNSC": str(tmp_path / "no-runsc")}
-    server = ServerProcess(tmp_path / "server", {"driver": "auto"}, env=env)
-    server.start()
-    try:
+    with database_backend.server(tmp_path / "server", {"driver": "auto"}, env=env) as server:
+        server.start()
         yield server
-    finally:
-        server.stop()
 
 
 def test_the_fallback_to_the_process_driver_is_a_warning_naming_what_is_lost(

@@ -16,18 +16,21 @@ from botocore.credentials import Credentials
 from tests.logs import server_http
 from tests.support.http import RawResponse, raw_request
 from tests.support.moto import MotoServer
-from tests.support.server import ServerProcess
+from tests.support.server import DatabaseBackend, ServerProcess
 
 KEY = {"access_key_id": "AKIDSIGNED", "secret_access_key": "signed-secret", "account_id": "333333333333"}
 MANAGED = "/2025-09-09/managed-microvm-images"
 
 
 @pytest.fixture(scope="module")
-def keyed(tmp_path_factory: pytest.TempPathFactory, moto: MotoServer) -> Iterator[ServerProcess]:
-    server = ServerProcess(tmp_path_factory.mktemp("signed"), {"access_keys": [KEY]}, env=moto.environment())
-    server.start()
-    yield server
-    server.stop()
+def keyed(
+    tmp_path_factory: pytest.TempPathFactory, moto: MotoServer, database_backend: DatabaseBackend
+) -> Iterator[ServerProcess]:
+    with database_backend.server(
+        tmp_path_factory.mktemp("signed"), {"access_keys": [KEY]}, env=moto.environment()
+    ) as server:
+        server.start()
+        yield server
 
 
 def _presigned(server: ServerProcess, path: str, key: str = KEY["access_key_id"]) -> str:

@@ -18,7 +18,7 @@ from tests.support.images import (
     zip_dir,
 )
 from tests.support.moto import MotoServer
-from tests.support.server import ServerProcess, free_port
+from tests.support.server import DatabaseBackend, ServerProcess, free_port
 
 ECHO_APP = REPO / "tests" / "apps" / "echo"
 SHELL = "arn:aws:lambda:us-east-1:aws:network-connector:aws-network-connector:SHELL_INGRESS"
@@ -26,17 +26,18 @@ HTTP = "arn:aws:lambda:us-east-1:aws:network-connector:aws-network-connector:HTT
 
 
 @pytest.fixture(scope="package")
-def endpoint_server(tmp_path_factory: pytest.TempPathFactory, moto: MotoServer) -> Iterator[ServerProcess]:
+def endpoint_server(
+    tmp_path_factory: pytest.TempPathFactory, moto: MotoServer, database_backend: DatabaseBackend
+) -> Iterator[ServerProcess]:
     """A server whose auth-token "minute" lasts 2 s and whose idle minimum is 1 s (test-only knobs),
     serving TLS on a second port."""
-    server = ServerProcess(
+    with database_backend.server(
         tmp_path_factory.mktemp("endpoint"),
         {"auth_token_minute_seconds": 2, "min_idle_seconds": 1, "tls_port": free_port()},
         env=moto.environment(),
-    )
-    server.start()
-    yield server
-    server.stop()
+    ) as server:
+        server.start()
+        yield server
 
 
 @pytest.fixture(scope="package")

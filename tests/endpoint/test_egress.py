@@ -23,7 +23,7 @@ from tests.endpoint.conftest import ECHO_APP, HTTP, SHELL, run_microvm
 from tests.reliability.invariants import HostView
 from tests.support.images import image_request, upload, wait_image_settled, wait_microvm, zip_files
 from tests.support.moto import MotoServer
-from tests.support.server import ServerProcess
+from tests.support.server import DatabaseBackend, ServerProcess
 
 EGRESS = "arn:aws:lambda:us-east-1:aws:network-connector:aws-network-connector:INTERNET_EGRESS"
 
@@ -137,19 +137,22 @@ assert not reaches({other!r}), "the build reached a private network that is not 
 """
 
 
-def test_egress_allow_networks_opens_exactly_the_named_networks(tmp_path: Path, moto: MotoServer) -> None:
+def test_egress_allow_networks_opens_exactly_the_named_networks(
+    tmp_path: Path, moto: MotoServer, database_backend: DatabaseBackend
+) -> None:
     """The setting, from the environment, reaches the firewalls of the server's builds (a RUN step
     that fails the build unless it reaches exactly the allowed network) and of its MicroVMs."""
     with contextlib.ExitStack() as stack:
         internet = stack.enter_context(fake_internet())
         allowed = stack.enter_context(fake_internet("192.168.0.0/16"))
         other = stack.enter_context(fake_internet("172.16.0.0/12"))
-        server = ServerProcess(
-            tmp_path / "server",
-            env={**moto.environment(), "OPENMICROVM_EGRESS_ALLOW_NETWORKS": f" {allowed.network} ,"},
+        server = stack.enter_context(
+            database_backend.server(
+                tmp_path / "server",
+                env={**moto.environment(), "OPENMICROVM_EGRESS_ALLOW_NETWORKS": f" {allowed.network} ,"},
+            )
         )
         server.start()
-        stack.callback(server.stop)
         client = server.client()
         check = BUILD_CHECK.format(
             allowed=(allowed.address, allowed.silent_port()), other=(other.address, other.silent_port())
@@ -187,9 +190,15 @@ def test_egress_allow_networks_opens_exactly_the_named_networks(tmp_path: Path, 
 
 
 @pytest.mark.parametrize("entry", ["10.0.0.0/33", "192.168.1.1/24", "printer.lan", "169.254.169.254"])
-def test_an_invalid_egress_allow_network_stops_the_server_at_start(tmp_path: Path, entry: str) -> None:
-    server = ServerProcess(tmp_path / "server", {"egress_allow_networks": f"10.1.0.0/16, {entry}"})
-    with pytest.raises(RuntimeError, match="server exited with 2"):
+def test_an_invalid_egress_allow_network_stops_the_server_at_start(
+    tmp_path: Path, entry: str, database_backend: DatabaseBackend
+) -> None:
+    with (
+        database_backend.server(
+            tmp_path / "server", {"egress_allow_networks": f"10.1.0.0/16, {entry}"}
+        ) as server,
+        pytest.raises(RuntimeError, match="server exited with 2"),
+    ):
         server.start()
     log = server.log()
     refusals = [

@@ -16,7 +16,7 @@ import pytest
 
 from openmicrovm.logs.cloudwatch import CloudWatchShipper, ShipperSettings
 from openmicrovm.logs.store import LogStore
-from openmicrovm.store.db import Database
+from openmicrovm.store import Store
 from tests.logs import store_rows
 from tests.logs.tcp_proxy import SwitchableProxy
 from tests.support.moto import MotoServer
@@ -28,10 +28,15 @@ FAST = ShipperSettings(
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[Database]:
-    database = Database(f"sqlite:///{tmp_path / 'openmicrovm.db'}")
-    yield database
-    database.close()
+def clock() -> store_rows.SettableClock:
+    return store_rows.SettableClock()
+
+
+@pytest.fixture
+def db(tmp_path: Path, clock: store_rows.SettableClock) -> Iterator[Store]:
+    store = Store(f"sqlite:///{tmp_path / 'openmicrovm.db'}", clock=clock)
+    yield store
+    store.close()
 
 
 @pytest.fixture
@@ -72,7 +77,7 @@ def _write(logs: LogStore, stream: str, start: int, stop: int) -> list[str]:
 
 
 def test_default_names_and_which_streams_ship(
-    db: Database, logs: LogStore, moto: MotoServer, monkeypatch: pytest.MonkeyPatch
+    db: Store, logs: LogStore, moto: MotoServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _use_endpoint(monkeypatch, moto.url)
     name = f"img-{uuid.uuid4().hex[:8]}"
@@ -122,7 +127,7 @@ def test_default_names_and_which_streams_ship(
 
 
 def test_endpoint_down_then_back_loses_nothing_and_duplicates_nothing(
-    db: Database, logs: LogStore, moto: MotoServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    db: Store, logs: LogStore, moto: MotoServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     proxy = SwitchableProxy(moto.port, free_port())
     proxy.start()
@@ -168,7 +173,7 @@ def test_endpoint_down_then_back_loses_nothing_and_duplicates_nothing(
 
 
 def test_a_batch_whose_answer_was_lost_is_not_sent_twice(
-    db: Database, logs: LogStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    db: Store, logs: LogStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The endpoint takes the batch but freezes before answering: the shipper times out, and
     looks for the batch before sending it again."""
@@ -221,14 +226,18 @@ def test_a_batch_whose_answer_was_lost_is_not_sent_twice(
 
 
 def test_finished_streams_settle_and_the_background_task_ships(
-    db: Database, logs: LogStore, moto: MotoServer, monkeypatch: pytest.MonkeyPatch
+    db: Store,
+    clock: store_rows.SettableClock,
+    logs: LogStore,
+    moto: MotoServer,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     _use_endpoint(monkeypatch, moto.url)
     group = f"/task/{uuid.uuid4().hex[:8]}"
     _, build_id = store_rows.add_image(db, f"img-{uuid.uuid4().hex[:8]}", {"cloudWatch": {"logGroup": group}})
     stream = f"builds/{build_id}"
     written = _write(logs, stream, 0, 30)
-    store_rows.finish_build(db, build_id, time.time() - 60)
+    store_rows.finish_build(db, clock, build_id, time.time() - 60)
     cloudwatch = moto.client("logs")
     shipper = CloudWatchShipper(db, logs, settings=FAST)
 

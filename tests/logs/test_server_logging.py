@@ -21,7 +21,7 @@ from tests.cli.helpers import (
 from tests.logs import server_http
 from tests.logs.tcp_proxy import SwitchableProxy
 from tests.support.moto import MotoServer
-from tests.support.server import ServerProcess, free_port
+from tests.support.server import DatabaseBackend, ServerProcess, free_port
 
 
 def test_the_log_cap_holds_on_a_real_build(make_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
@@ -63,7 +63,9 @@ def _eventually(check: Callable[[], bool], what: str, timeout: float = 60) -> No
 
 
 @pytest.fixture
-def shipping_server(tmp_path: Path, moto: MotoServer) -> Iterator[tuple[ServerProcess, SwitchableProxy]]:
+def shipping_server(
+    tmp_path: Path, moto: MotoServer, database_backend: DatabaseBackend
+) -> Iterator[tuple[ServerProcess, SwitchableProxy]]:
     proxy = SwitchableProxy(moto.port, free_port())
     proxy.start()
     env = {
@@ -72,12 +74,11 @@ def shipping_server(tmp_path: Path, moto: MotoServer) -> Iterator[tuple[ServerPr
         "OPENMICROVM_CLOUDWATCH_INTERVAL_SECONDS": "0.2",
         "OPENMICROVM_CLOUDWATCH_MAX_BACKOFF_SECONDS": "1",
     }
-    server = ServerProcess(tmp_path / "server", None, env=env)
-    server.start()
     try:
-        yield server, proxy
+        with database_backend.server(tmp_path / "server", None, env=env) as server:
+            server.start()
+            yield server, proxy
     finally:
-        server.stop()
         proxy.stop()
 
 

@@ -15,7 +15,7 @@ from tests.reliability.fuzzing import Identifiers
 from tests.reliability.invariants import sweep_cgroups
 from tests.support.images import image_request, upload, wait_image_settled, zip_dir
 from tests.support.moto import MotoServer
-from tests.support.server import ServerProcess
+from tests.support.server import DatabaseBackend, ServerProcess
 
 TENANT_APP = Path(__file__).resolve().parent / "apps" / "tenant"
 ALICE = {"access_key_id": "AKIDALICE", "secret_access_key": "alice-secret", "account_id": "111111111111"}
@@ -63,14 +63,15 @@ def seed_identifiers(server: ServerProcess) -> Identifiers:
 
 
 @pytest.fixture(scope="package")
-def keyed_server(tmp_path_factory: pytest.TempPathFactory, moto: MotoServer) -> Iterator[ServerProcess]:
+def keyed_server(
+    tmp_path_factory: pytest.TempPathFactory, moto: MotoServer, database_backend: DatabaseBackend
+) -> Iterator[ServerProcess]:
     """A server with two accounts' access keys: every request must carry a valid SigV4 signature."""
-    server = ServerProcess(
+    with database_backend.server(
         tmp_path_factory.mktemp("keyed"), {"access_keys": [ALICE, BOB]}, env=moto.environment()
-    )
-    server.start()
-    yield server
-    server.stop()
+    ) as server:
+        server.start()
+        yield server
 
 
 @pytest.fixture(scope="package")
@@ -84,7 +85,9 @@ def bob(keyed_server: ServerProcess) -> Any:
 
 
 @pytest.fixture(scope="package")
-def hostile_server(tmp_path_factory: pytest.TempPathFactory, moto: MotoServer) -> Iterator[ServerProcess]:
+def hostile_server(
+    tmp_path_factory: pytest.TempPathFactory, moto: MotoServer, database_backend: DatabaseBackend
+) -> Iterator[ServerProcess]:
     """The server hostile artifacts, hostile apps and endpoint abusers meet: small artifact limits,
     endpoint tokens whose minutes last TOKEN_MINUTE_SECONDS."""
     settings = {
@@ -92,10 +95,11 @@ def hostile_server(tmp_path_factory: pytest.TempPathFactory, moto: MotoServer) -
         "max_artifact_bytes": MAX_ARTIFACT_BYTES,
         "max_artifact_files": MAX_ARTIFACT_FILES,
     }
-    server = ServerProcess(tmp_path_factory.mktemp("hostile"), settings, env=moto.environment())
-    server.start()
-    yield server
-    server.stop()
+    with database_backend.server(
+        tmp_path_factory.mktemp("hostile"), settings, env=moto.environment()
+    ) as server:
+        server.start()
+        yield server
     sweep_cgroups(server.data_dir)
 
 

@@ -1,6 +1,7 @@
 """What must hold in a server's data dir and on the host, whatever happened to the server.
 
-Read from the outside only: the SQLite database opened read-only, the data dir layout, and the
+Read from the outside only: the database opened read-only (SQLite in the data dir, or the
+PostgreSQL database its settings name), the data dir layout, and the
 host's view of sandboxes (runsc containers, network namespaces, cgroups, mounts, processes). Two
 levels:
 
@@ -20,9 +21,13 @@ import json
 import re
 import sqlite3
 import subprocess
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
 
 from tests.support.host import processes_naming
 
@@ -39,9 +44,9 @@ IMAGE_STATES = {
 VERSION_STATES = {"PENDING", "IN_PROGRESS", "SUCCESSFUL", "FAILED", "DELETING", "DELETE_FAILED"}
 VERSION_STATUSES = {"ACTIVE", "INACTIVE"}
 BUILD_STATES = {"PENDING", "IN_PROGRESS", "SUCCESSFUL", "FAILED"}
-MICROVM_STATES = {"PENDING", "RUNNING", "SUSPENDING", "SUSPENDED", "TERMINATING", "TERMINATED"}
+MICROVM_STATES = {"PENDING", "RUNNING", "SUSPENDING", "SUSPENDED", "RESUMING", "TERMINATING", "TERMINATED"}
 
-TRANSITIONAL_MICROVM = {"PENDING", "SUSPENDING", "TERMINATING"}
+TRANSITIONAL_MICROVM = {"PENDING", "SUSPENDING", "RESUMING", "TERMINATING"}
 TRANSITIONAL_BUILD = {"PENDING", "IN_PROGRESS"}
 TRANSITIONAL_VERSION = {"PENDING", "IN_PROGRESS", "DELETING"}
 TRANSITIONAL_IMAGE = {"CREATING", "UPDATING", "DELETING"}
@@ -94,21 +99,34 @@ class Snapshot:
         return moving
 
 
-def database_path(data_dir: Path) -> Path:
-    return data_dir / "openmicrovm.db"
+_TABLES = ("images", "versions", "builds", "microvms")
+
+
+def database_url(data_dir: Path) -> str | None:
+    """The PostgreSQL URL the data dir's settings name, or None for SQLite in the data dir."""
+    settings = data_dir / "settings.toml"
+    if not settings.exists():
+        return None
+    return tomllib.loads(settings.read_text()).get("database_url") or None
 
 
 def read_snapshot(data_dir: Path) -> Snapshot:
-    """All rows, read-only. Works while the server runs and after it was killed (WAL is read)."""
-    uri = f"file:{database_path(data_dir)}?mode=ro"
-    connection = sqlite3.connect(uri, uri=True, timeout=10)
+    """All rows, read-only, in one transaction. Works while the server runs and after it was
+    killed (SQLite's WAL is read)."""
+    url = database_url(data_dir)
+    if url is not None:
+        with psycopg.connect(url, row_factory=dict_row, autocommit=True) as pg:
+            with pg.transaction():
+                pg.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                tables = {name: pg.execute(f"SELECT * FROM {name}").fetchall() for name in _TABLES}
+        return Snapshot(**tables)
+    connection = sqlite3.connect(f"file:{data_dir / 'openmicrovm.db'}?mode=ro", uri=True, timeout=10)
     connection.row_factory = sqlite3.Row
     try:
         with connection:
             connection.execute("BEGIN")
             tables = {
-                name: [dict(row) for row in connection.execute(f"SELECT * FROM {name}")]
-                for name in ("images", "versions", "builds", "microvms")
+                name: [dict(row) for row in connection.execute(f"SELECT * FROM {name}")] for name in _TABLES
             }
     finally:
         connection.close()

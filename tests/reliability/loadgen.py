@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import boto3
 from botocore.config import Config
@@ -33,16 +34,18 @@ LOG_FILES_KEPT_OPEN = 128
 @dataclass
 class Sample:
     """One look at the server process. `fds` leaves out open log files (`log_fds`), which the log
-    store caches on purpose, up to LOG_FILES_KEPT_OPEN."""
+    store caches on purpose, up to LOG_FILES_KEPT_OPEN, and connections to the database
+    (`database_fds`), which the PostgreSQL pool keeps on purpose, up to its size."""
 
     rss_kib: int
     threads: int
     fds: int
     children: int
     log_fds: int = 0
+    database_fds: int = 0
 
     @classmethod
-    def of(cls, pid: int, logs_dir: Path | None = None) -> Sample:
+    def of(cls, pid: int, logs_dir: Path | None = None, database_url: str | None = None) -> Sample:
         status = {
             line.split(":")[0]: line.split(":")[1].strip()
             for line in Path(f"/proc/{pid}/status").read_text().splitlines()
@@ -59,9 +62,28 @@ class Sample:
                 continue
         marker = str(logs_dir.resolve()) + "/" if logs_dir is not None else None
         logs = sum(1 for target in targets if marker and target.startswith(marker))
+        port = urlsplit(database_url).port if database_url else None
+        to_database = _sockets_to(port) if port else set()
+        pooled = sum(1 for target in targets if target in to_database)
         return cls(
-            int(status["VmRSS"].split()[0]), int(status["Threads"]), len(targets) - logs, children, logs
+            int(status["VmRSS"].split()[0]),
+            int(status["Threads"]),
+            len(targets) - logs - pooled,
+            children,
+            logs,
+            pooled,
         )
+
+
+def _sockets_to(port: int) -> set[str]:
+    """The fd link targets ("socket:[inode]") of this host's TCP sockets whose peer is `port`."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[2].rsplit(":", 1)[1], 16) == port:
+                found.add(f"socket:[{fields[9]}]")
+    return found
 
 
 def _parent(entry: Path) -> int:

@@ -25,7 +25,7 @@ from tests.reliability.invariants import (
 from tests.support.endpoint import app_state, auth_token
 from tests.support.images import SAMPLE_APP, wait_for, wait_microvm
 from tests.support.moto import MotoServer
-from tests.support.server import ServerProcess
+from tests.support.server import DatabaseBackend, ServerProcess
 
 # Scripted starts make sure the few CI trials hit a build, a suspend and a mix; the kill lands at
 # a random moment within the given window.
@@ -37,16 +37,18 @@ PLANS: list[tuple[list[str], tuple[float, float]]] = [
 
 
 @pytest.fixture(scope="module")
-def harness(tmp_path_factory: pytest.TempPathFactory, moto: MotoServer) -> Iterator[CrashHarness]:
-    server = ServerProcess(tmp_path_factory.mktemp("crash"), {}, env=moto.environment())
-    server.start()
+def harness(
+    tmp_path_factory: pytest.TempPathFactory, moto: MotoServer, database_backend: DatabaseBackend
+) -> Iterator[CrashHarness]:
+    data_dir = tmp_path_factory.mktemp("crash")
     try:
-        made = CrashHarness(server, moto, SAMPLE_APP, TENANT_APP, seed=None)
-        yield made
-        made.terminate_everything()
+        with database_backend.server(data_dir, {}, env=moto.environment()) as server:
+            server.start()
+            made = CrashHarness(server, moto, SAMPLE_APP, TENANT_APP, seed=None)
+            yield made
+            made.terminate_everything()
     finally:
-        server.stop()
-        sweep_cgroups(server.data_dir)
+        sweep_cgroups(data_dir)
 
 
 def test_random_crashes_keep_every_invariant(harness: CrashHarness) -> None:

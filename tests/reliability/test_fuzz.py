@@ -31,7 +31,7 @@ from tests.reliability.invariants import read_snapshot, record_violations, settl
 from tests.reliability.rawhttp import exchange
 from tests.support.images import wait_for
 from tests.support.moto import MotoServer
-from tests.support.server import ServerProcess
+from tests.support.server import DatabaseBackend, ServerProcess
 
 MODEL_EXAMPLES = 500
 RAW_EXAMPLES = 100
@@ -42,23 +42,23 @@ KNOWN_BUG_ENTRIES: set[str] = set()
 
 @pytest.fixture(scope="module")
 def fuzzed(
-    tmp_path_factory: pytest.TempPathFactory, moto: MotoServer
+    tmp_path_factory: pytest.TempPathFactory, moto: MotoServer, database_backend: DatabaseBackend
 ) -> Iterator[tuple[ServerProcess, Identifiers]]:
-    server = ServerProcess(
+    with database_backend.server(
         tmp_path_factory.mktemp("fuzz"), {"access_keys": [ALICE, BOB]}, env=moto.environment()
-    )
-    server.start()
-    yield server, seed_identifiers(server)
-    server.stop()
+    ) as server:
+        server.start()
+        yield server, seed_identifiers(server)
 
 
 @pytest.fixture(scope="module")
-def open_server(tmp_path_factory: pytest.TempPathFactory, moto: MotoServer) -> Iterator[ServerProcess]:
+def open_server(
+    tmp_path_factory: pytest.TempPathFactory, moto: MotoServer, database_backend: DatabaseBackend
+) -> Iterator[ServerProcess]:
     """A server in the default mode (no access keys): raw requests get past authentication."""
-    server = ServerProcess(tmp_path_factory.mktemp("fuzz-open"), {}, env=moto.environment())
-    server.start()
-    yield server
-    server.stop()
+    with database_backend.server(tmp_path_factory.mktemp("fuzz-open"), {}, env=moto.environment()) as server:
+        server.start()
+        yield server
 
 
 def _still_whole(server: ServerProcess, pid: int) -> None:

@@ -288,7 +288,7 @@ def rampage(
     disk, one's endpoint is flooded; meanwhile the neighbour and the API are asked every second."""
     assert hostile_server.process is not None
     pid, logs = hostile_server.process.pid, hostile_server.data_dir / "logs"
-    before = Sample.of(pid, logs)
+    before = Sample.of(pid, logs, hostile_server.database_url)
     free_before = shutil.disk_usage(hostile_server.data_dir).free
     data_before = _tree_bytes(hostile_server.data_dir)
     running = Fleet(hostile_server.client())
@@ -312,10 +312,10 @@ def rampage(
         for vm in [*(attack.vm for attack in done.attacks.values()), done.flood.vm]:
             _terminate(hostile_server, vm)
         deadline = time.monotonic() + 30
-        done.after = Sample.of(pid, logs)
+        done.after = Sample.of(pid, logs, hostile_server.database_url)
         while done.after.fds > before.fds + 5 and time.monotonic() < deadline:
             time.sleep(0.5)
-            done.after = Sample.of(pid, logs)
+            done.after = Sample.of(pid, logs, hostile_server.database_url)
         yield done
     finally:
         running.terminate_all()

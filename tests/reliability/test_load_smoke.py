@@ -21,7 +21,7 @@ def test_a_short_load_leaves_the_server_as_it_found_it(
     assert hostile_server.process is not None
     pid = hostile_server.process.pid
     logs = hostile_server.data_dir / "logs"
-    before = Sample.of(pid, logs)
+    before = Sample.of(pid, logs, hostile_server.database_url)
     load = Load(hostile_server, tenant_image, CLIENTS, SECONDS)
     tally = load.run()
     print("\n".join(tally.table()), f"\nerrors: {dict(tally.errors)}", f"\ncycles: {tally.cycles}")
@@ -30,10 +30,10 @@ def test_a_short_load_leaves_the_server_as_it_found_it(
     assert load.leftovers() == []
     # Connections and helper processes wind down within seconds; give them up to 20.
     deadline = time.monotonic() + 20
-    after = Sample.of(pid, logs)
+    after = Sample.of(pid, logs, hostile_server.database_url)
     while time.monotonic() < deadline and (after.fds > before.fds + 5 or after.children > before.children):
         time.sleep(0.5)
-        after = Sample.of(pid, logs)
+        after = Sample.of(pid, logs, hostile_server.database_url)
     assert after.fds <= before.fds + 5, (before, after)
     assert after.log_fds <= LOG_FILES_KEPT_OPEN, (before, after)
     assert after.children <= before.children, (before, after)

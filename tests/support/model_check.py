@@ -26,6 +26,9 @@ COMMON_ERRORS = {
     "InvalidSignatureException",
     "IncompleteSignatureException",
     "RequestEntityTooLargeException",
+    # Any operation while the database is away: 503, retried by SDKs (the model's shape, which it
+    # lists for the tagging operations only).
+    "ServiceException",
 }
 
 

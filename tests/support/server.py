@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -9,13 +10,17 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import boto3
 from botocore.config import Config
 
 from tests.support.model_check import check_error, check_output
+
+if TYPE_CHECKING:
+    from tests.support.postgres import PostgresCluster
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -54,17 +59,30 @@ def write_settings(path: Path, settings: dict[str, Any]) -> None:
 
 class ServerProcess:
     def __init__(
-        self, data_dir: Path, settings: dict[str, Any] | None = None, env: dict[str, str] | None = None
+        self,
+        data_dir: Path,
+        settings: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
+        database_url: str | None = None,
     ) -> None:
+        """database_url: the server's database (settings' database_url, which `openmicrovm cleanup`
+        reads too); without it, the server's own SQLite file in data_dir."""
         self.data_dir = data_dir
         self.port = free_port()
         self.settings = dict(settings or {})
+        if database_url is not None:
+            self.settings["database_url"] = database_url
         # Tests and benches write their file:// zips next to the server's data dir (the pytest
         # temp dir, a bench's scratch dir): allow that tree, as a user adds their zips' folder.
         self.settings.setdefault("artifact_file_roots", [str(data_dir.parent)])
         self.env = env or {}
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir / "server.log"
+        self.has_listened = False
+
+    @property
+    def database_url(self) -> str | None:
+        return self.settings.get("database_url")
 
     @property
     def url(self) -> str:
@@ -98,6 +116,7 @@ class ServerProcess:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    self.has_listened = True
                     return
             except OSError:
                 time.sleep(0.05)
@@ -116,8 +135,8 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        if cleanup and (self.data_dir / "openmicrovm.db").exists():
-            subprocess.run(
+        if cleanup and self._may_have_records():
+            cleaned = subprocess.run(
                 [
                     sys.executable,
                     "-m",
@@ -131,8 +150,19 @@ class ServerProcess:
                 cwd=REPO,
                 capture_output=True,
                 timeout=120,
-                check=True,
             )
+            if cleaned.returncode != 0:
+                raise RuntimeError(
+                    f"openmicrovm cleanup --data-dir {self.data_dir} exited with {cleaned.returncode}:\n"
+                    f"{cleaned.stderr.decode(errors='replace')}"
+                )
+
+    def _may_have_records(self) -> bool:
+        """Whether there can be sandboxes for `openmicrovm cleanup` to end: not when the server never
+        opened its database (it refused its settings, say; cleanup, reading them too, would fail)."""
+        if self.database_url is not None:
+            return self.has_listened
+        return (self.data_dir / "openmicrovm.db").exists()
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -169,6 +199,43 @@ class ServerProcess:
             client.meta.events.register("after-call.lambda-microvms", _validate_raw_response)
             client.meta.events.register("after-call-error.lambda-microvms", _validate_raw_response)
         return client
+
+
+class DatabaseBackend:
+    """Where the servers of a test keep their records: "sqlite" (each server's own file in its data
+    dir, the server's default) or "postgresql" (a fresh database per server on the session's cluster,
+    dropped when the server is done with)."""
+
+    def __init__(self, name: str, cluster: PostgresCluster | None = None) -> None:
+        self.name = name
+        self.cluster = cluster
+
+    def __repr__(self) -> str:
+        return f"DatabaseBackend({self.name!r})"
+
+    def create_database(self) -> str | None:
+        """The database_url of a new server's own database; None for SQLite (the server makes its file)."""
+        return self.cluster.create_database() if self.cluster is not None else None
+
+    def drop_database(self, url: str | None) -> None:
+        if self.cluster is not None and url is not None:
+            self.cluster.drop_database(url)
+
+    @contextlib.contextmanager
+    def server(
+        self, data_dir: Path, settings: dict[str, Any] | None = None, env: dict[str, str] | None = None
+    ) -> Iterator[ServerProcess]:
+        """A ServerProcess on a database of its own, not started yet. On leaving, it is stopped, the
+        sandboxes it left are cleaned up, and its database is dropped."""
+        database_url = self.create_database()
+        process = ServerProcess(data_dir, settings, env=env, database_url=database_url)
+        try:
+            yield process
+        finally:
+            try:
+                process.stop()
+            finally:
+                self.drop_database(database_url)
 
 
 def _validate_raw_response(http_response: Any = None, model: Any = None, **_: Any) -> None:

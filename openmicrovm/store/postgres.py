@@ -1,0 +1,120 @@
+"""PostgreSQL, the store several hosts share: a pool of connections, serializable transactions.
+
+Every transaction runs SERIALIZABLE, so a check-then-write (a quota, a clientToken, a state
+compare-and-set) is as safe under concurrent servers as it is on SQLite's single writer; the
+store replays a transaction that lost a serialization race. Connections are checked as they
+leave the pool, so once the database is back after a restart the next request gets a fresh one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+from openmicrovm.store.connection import Row
+from openmicrovm.store.errors import StoreError
+
+# Any fixed number: the advisory lock every starting server takes while it migrates.
+_MIGRATION_LOCK = 0x6F6D76
+_RETRYABLE = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected, pg_errors.UniqueViolation)
+
+
+def _native(sql: str) -> str:
+    """`?` placeholders as psycopg's `%s` (a literal % doubled first)."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+class PostgresConnection:
+    backend = "postgresql"
+
+    def __init__(self, connection: psycopg.Connection[Row]) -> None:
+        self._connection = connection
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return self._connection.execute(_native(sql), params).rowcount
+
+    def one(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
+        return self._connection.execute(_native(sql), params).fetchone()
+
+    def all(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        return self._connection.execute(_native(sql), params).fetchall()
+
+    def contains(self, column: str) -> str:
+        return f"strpos({column}, ?) > 0"
+
+
+def describe_url(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    return re.sub(r"(//[^:/@]*):[^@/]*@", r"\1:***@", url)
+
+
+class PostgresBackend:
+    name = "postgresql"
+
+    def __init__(self, url: str, pool_size: int, connect_timeout: float) -> None:
+        self.description = f"PostgreSQL {describe_url(url)}"
+        try:
+            urlsplit(url).port  # noqa: B018 -- raises on a port that is not a number
+            conninfo_to_dict(url)
+        except (ValueError, psycopg.ProgrammingError) as error:
+            raise StoreError(
+                f"malformed database URL {describe_url(url)}: {error}; the form is "
+                "postgresql://user:password@host:port/database"
+            ) from None
+        # One connection first, so that a refusal says why (the pool only says it timed out).
+        try:
+            psycopg.connect(url, connect_timeout=max(int(connect_timeout), 1)).close()
+        except psycopg.Error as error:
+            # psycopg's message spans lines ("... failed: Connection refused", then a hint).
+            reason = " ".join(str(error).split()) or type(error).__name__
+            raise StoreError(
+                f"cannot use the database {describe_url(url)}: {reason} Check that PostgreSQL is "
+                "running and reachable, and that the user and database in the URL exist."
+            ) from None
+        self._pool = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=pool_size,
+            open=False,
+            timeout=connect_timeout,
+            kwargs={"row_factory": dict_row, "connect_timeout": max(int(connect_timeout), 1)},
+            configure=self._configure,
+            check=ConnectionPool.check_connection,
+            name="openmicrovm",
+        )
+        self._pool.open(wait=True, timeout=connect_timeout)
+
+    @staticmethod
+    def _configure(connection: psycopg.Connection[Any]) -> None:
+        connection.isolation_level = psycopg.IsolationLevel.SERIALIZABLE
+
+    @contextlib.contextmanager
+    def transaction(self, write: bool) -> Iterator[PostgresConnection]:
+        with self._pool.connection() as connection, connection.transaction():
+            yield PostgresConnection(connection)
+
+    def retryable(self, error: BaseException) -> bool:
+        return isinstance(error, _RETRYABLE)
+
+    def unavailable(self, error: BaseException) -> bool:
+        # A lost connection, a pool with no connection to give, a server shutting down.
+        return isinstance(error, psycopg.OperationalError | psycopg.InterfaceError)
+
+    def migration_lock(self, connection: PostgresConnection) -> None:
+        connection.execute("SELECT pg_advisory_xact_lock(?)", (_MIGRATION_LOCK,))
+
+    def ddl(self, statement: str) -> str:
+        # SQLite's REAL is an 8-byte float; PostgreSQL's is 4 bytes, too few for epoch seconds.
+        return re.sub(r"\bREAL\b", "DOUBLE PRECISION", statement)
+
+    def close(self) -> None:
+        self._pool.close()

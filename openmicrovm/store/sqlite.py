@@ -1,0 +1,105 @@
+"""The embedded backend: one SQLite file in the data dir, one connection, one writer at a time.
+
+A single connection behind a lock serialises every transaction (BEGIN IMMEDIATE takes the write
+lock at once), so SQLite needs no retries: nothing can interleave with a compare-and-set. WAL
+with synchronous=NORMAL keeps committed transactions across a process crash (SIGKILL); only an
+OS crash may lose the last few.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from openmicrovm.store.connection import Row
+from openmicrovm.store.errors import StoreError
+
+
+def _dict_row(cursor: sqlite3.Cursor, values: tuple[Any, ...]) -> Row:
+    return {column[0]: value for column, value in zip(cursor.description, values, strict=True)}
+
+
+class SqliteConnection:
+    backend = "sqlite"
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._connection = connection
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return self._connection.execute(sql, params).rowcount
+
+    def one(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
+        # Read to the end: an UPDATE ... RETURNING left unfinished would block the COMMIT.
+        rows = self._connection.execute(sql, params).fetchall()
+        return rows[0] if rows else None
+
+    def all(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        return self._connection.execute(sql, params).fetchall()
+
+    def contains(self, column: str) -> str:
+        return f"instr({column}, ?) > 0"
+
+
+class SqliteBackend:
+    name = "sqlite"
+
+    def __init__(self, path: str) -> None:
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            # It holds secrets (token keys): 0600 before the first byte; SQLite gives its WAL and
+            # shared-memory files the database file's mode.
+            os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+            os.chmod(path, 0o600)
+        try:
+            connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            connection.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.Error as error:
+            raise StoreError(f"cannot open the SQLite database {path}: {error}") from error
+        connection.row_factory = _dict_row
+        connection.execute("PRAGMA synchronous=NORMAL")
+        connection.execute("PRAGMA foreign_keys=ON")
+        connection.execute("PRAGMA busy_timeout=5000")
+        self._connection = connection
+        self._lock = threading.Lock()
+        self.description = f"SQLite {path}"
+
+    @contextlib.contextmanager
+    def transaction(self, write: bool) -> Iterator[SqliteConnection]:
+        with self._lock:
+            self._connection.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield SqliteConnection(self._connection)
+            except BaseException:
+                self._connection.execute("ROLLBACK")
+                raise
+            self._connection.execute("COMMIT")
+
+    def retryable(self, error: BaseException) -> bool:
+        return False  # one writer at a time: nothing to lose a race to
+
+    def unavailable(self, error: BaseException) -> bool:
+        return False
+
+    def migration_lock(self, connection: SqliteConnection) -> None:
+        pass  # BEGIN IMMEDIATE already excludes every other writer
+
+    def ddl(self, statement: str) -> str:
+        return statement
+
+    def close(self) -> None:
+        self._connection.close()
+
+
+def sqlite_path(url: str) -> str | None:
+    """The file a sqlite URL names (None when the URL is not SQLite's)."""
+    if url.startswith("sqlite:///"):
+        # sqlite:////abs/path is absolute, sqlite:///rel/path relative, as in SQLAlchemy.
+        return url[len("sqlite:///") :] or None
+    if url in ("sqlite://", ":memory:"):
+        return ":memory:"
+    return None

@@ -1,0 +1,191 @@
+"""The store: a database URL in, transactions of typed repositories out.
+
+Work on the database is a function of one transaction, `work(tx)`: `transact` runs it in a
+transaction, commits, and replays it when PostgreSQL reports that it lost a serialization race
+(so `work` must be free of side effects outside the database; `tx.after_commit` defers them
+until the commit). A transact inside another joins the outer one. `run` does the same on the
+store's worker threads, for the event loop, which must never wait on the database itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from openmicrovm.store.connection import Connection, scalar
+from openmicrovm.store.errors import StoreError, StoreUnavailable
+from openmicrovm.store.postgres import PostgresBackend, describe_url
+from openmicrovm.store.repositories.builds import BuildsRepository
+from openmicrovm.store.repositories.client_tokens import ClientTokensRepository
+from openmicrovm.store.repositories.images import ImagesRepository
+from openmicrovm.store.repositories.log_sources import LogSourcesRepository
+from openmicrovm.store.repositories.microvms import MicrovmsRepository
+from openmicrovm.store.repositories.settings import MetaRepository, TokenKeysRepository
+from openmicrovm.store.repositories.versions import VersionsRepository
+from openmicrovm.store.schema import MIGRATIONS
+from openmicrovm.store.sqlite import SqliteBackend, sqlite_path
+
+log = logging.getLogger("openmicrovm.store")
+T = TypeVar("T")
+# A transaction that keeps losing races this often is starved, not unlucky.
+MAX_ATTEMPTS = 12
+
+
+def millisecond_clock() -> float:
+    """Epoch seconds to the millisecond, the precision AWS timestamps have. Every stored time is
+    already what the wire carries, so responses need no conversion."""
+    return round(time.time(), 3)
+
+
+class Tx:
+    """One transaction: its repositories, and work to do once it has committed."""
+
+    def __init__(self, connection: Connection, clock: Callable[[], float]) -> None:
+        self.connection = connection
+        self.images = ImagesRepository(connection, clock)
+        self.versions = VersionsRepository(connection, clock)
+        self.builds = BuildsRepository(connection, clock)
+        self.microvms = MicrovmsRepository(connection, clock)
+        self.client_tokens = ClientTokensRepository(connection)
+        self.meta = MetaRepository(connection)
+        self.token_keys = TokenKeysRepository(connection)
+        self.log_sources = LogSourcesRepository(connection)
+        self.committed: list[Callable[[], None]] = []
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Run `callback` once this transaction has committed (never if it rolls back)."""
+        self.committed.append(callback)
+
+
+def _open_backend(url: str, pool_size: int, connect_timeout: float) -> SqliteBackend | PostgresBackend:
+    path = sqlite_path(url)
+    if path is not None:
+        return SqliteBackend(path)
+    if url.startswith(("postgresql://", "postgres://")):
+        return PostgresBackend(url, pool_size, connect_timeout)
+    scheme = url.split("://", 1)[0] if "://" in url else url
+    raise StoreError(
+        f"unsupported database URL scheme {scheme!r} in {describe_url(url)}: use "
+        "sqlite:////path/to/file.db or postgresql://user:password@host:port/database"
+    )
+
+
+class Store:
+    def __init__(
+        self,
+        url: str,
+        clock: Callable[[], float] = millisecond_clock,
+        pool_size: int = 8,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self.clock = clock
+        self.backend = _open_backend(url, pool_size, connect_timeout)
+        self.description = self.backend.description
+        self._current = threading.local()
+        # PostgreSQL work runs side by side on pooled connections; SQLite's one connection
+        # serialises anyway, and a few threads keep reads from queueing behind the loop.
+        workers = pool_size if isinstance(self.backend, PostgresBackend) else 4
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="store")
+        try:
+            self._migrate()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    def transact(self, work: Callable[[Tx], T], write: bool = True) -> T:
+        """Run work(tx) in a transaction and commit it; see the module docstring."""
+        outer: Tx | None = getattr(self._current, "tx", None)
+        if outer is not None:
+            return work(outer)
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                with self.backend.transaction(write) as connection:
+                    tx = Tx(connection, self.clock)
+                    self._current.tx = tx
+                    try:
+                        result = work(tx)
+                    finally:
+                        self._current.tx = None
+            except Exception as error:
+                if self.backend.retryable(error) and attempt < MAX_ATTEMPTS:
+                    # Back off a little, at random, so that the racers do not collide again.
+                    time.sleep(random.uniform(0, 0.002 * attempt))
+                    continue
+                if self.backend.unavailable(error):
+                    raise StoreUnavailable(f"the database is unavailable: {error}") from error
+                raise
+            for callback in tx.committed:
+                callback()
+            return result
+        raise AssertionError("unreachable")
+
+    def read(self, work: Callable[[Tx], T]) -> T:
+        """Like transact, for work that only reads."""
+        return self.transact(work, write=False)
+
+    async def run(self, work: Callable[..., T], *args: Any) -> T:
+        """Call work(*args) on a store thread (it may transact) and wait for it without blocking
+        the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(work, *args))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        self.backend.close()
+
+    def _migrate(self) -> None:
+        def migrate(tx: Tx) -> None:
+            self.backend.migration_lock(tx.connection)  # type: ignore[arg-type]
+            tx.connection.execute(
+                "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+            )
+            current = int(scalar(tx.connection, "SELECT value FROM meta WHERE key = 'schema_version'") or 0)
+            if current > len(MIGRATIONS):
+                raise StoreError(
+                    f"the database {self.description} is at schema version {current}, newer than this "
+                    f"openmicrovm knows ({len(MIGRATIONS)}): upgrade openmicrovm, or point it at another "
+                    "database"
+                )
+            for version, statements in enumerate(MIGRATIONS[current:], start=current + 1):
+                log.info("migrating %s to schema version %d", self.description, version)
+                for statement in statements:
+                    tx.connection.execute(self.backend.ddl(statement))
+                tx.meta.put("schema_version", str(version))
+
+        try:
+            self.transact(migrate)
+        except StoreUnavailable as error:
+            raise StoreError(f"cannot prepare the database {self.description}: {error}") from error
+
+
+def schema_version_of(url: str, connect_timeout: float = 5.0) -> int:
+    """The schema version of the database a URL names, read without migrating it (0: empty or
+    absent). Raises StoreError with the reason when it cannot be reached; for `doctor`."""
+    path = sqlite_path(url)
+    if path is not None and path != ":memory:" and not Path(path).exists():
+        return 0
+    backend = _open_backend(url, 1, connect_timeout)
+    try:
+        with backend.transaction(write=False) as connection:
+            tables = connection.all(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+                if backend.name == "sqlite"
+                else "SELECT tablename AS name FROM pg_tables WHERE tablename = 'meta'"
+            )
+            if not tables:
+                return 0
+            return int(scalar(connection, "SELECT value FROM meta WHERE key = 'schema_version'") or 0)
+    finally:
+        backend.close()
