@@ -57,8 +57,10 @@ class Service:
         self.keyring: KeyRing = load_keyring(store, legacy_keyring_file(settings.data_dir))
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
-        """The event loop the engines live on: work after a commit is handed to it."""
+        """The event loop the engines live on (call on it): work after a commit is handed to it,
+        and the store refuses to write on it."""
         self._loop = loop
+        self.store.bind_loop_thread()
 
     def transact(self, work: Callable[[Tx], T]) -> T:
         return self.store.transact(work)
@@ -72,7 +74,10 @@ class Service:
         return await self.store.run(work, *args)
 
     async def fetch(self, work: Callable[[Tx], T]) -> T:
-        """From the event loop: read through the repositories on a store thread."""
+        """From the event loop: read through the repositories (on a store thread, or inline
+        where the store's reads never wait, see Store.reads_inline)."""
+        if self.store.reads_inline:
+            return self.store.read(work)
         return await self.store.run(self.store.read, work)
 
     async def commit(self, work: Callable[[Tx], T]) -> T:

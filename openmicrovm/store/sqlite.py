@@ -1,9 +1,11 @@
-"""The embedded backend: one SQLite file in the data dir, one connection, one writer at a time.
+"""The embedded backend: one SQLite file in the data dir, one writer at a time.
 
-A single connection behind a lock serialises every transaction (BEGIN IMMEDIATE takes the write
-lock at once), so SQLite needs no retries: nothing can interleave with a compare-and-set. WAL
-with synchronous=NORMAL keeps committed transactions across a process crash (SIGKILL); only an
-OS crash may lose the last few.
+The writing connection, behind a lock, serialises every write transaction (BEGIN IMMEDIATE takes
+the write lock at once), so SQLite needs no retries: nothing can interleave with a
+compare-and-set. Reads have a connection of their own: under WAL a read sees the last commit and
+never waits for a writer, which is what lets the API answer reads without a thread hop (see
+Store.reads_inline). WAL with synchronous=NORMAL keeps committed transactions across a process
+crash (SIGKILL); only an OS crash may lose the last few.
 """
 
 from __future__ import annotations
@@ -56,28 +58,27 @@ class SqliteBackend:
             os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
             os.chmod(path, 0o600)
         try:
-            connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            connection.execute("PRAGMA journal_mode=WAL")
+            self._writer = _connect(path)
+            self._writer.execute("PRAGMA journal_mode=WAL")
+            # An in-memory database is private to its connection: reads share the writer's.
+            self._reader = self._writer if path == ":memory:" else _connect(path)
         except sqlite3.Error as error:
             raise StoreError(f"cannot open the SQLite database {path}: {error}") from error
-        connection.row_factory = _dict_row
-        connection.execute("PRAGMA synchronous=NORMAL")
-        connection.execute("PRAGMA foreign_keys=ON")
-        connection.execute("PRAGMA busy_timeout=5000")
-        self._connection = connection
-        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._read_lock = self._write_lock if self._reader is self._writer else threading.Lock()
         self.description = f"SQLite {path}"
 
     @contextlib.contextmanager
     def transaction(self, write: bool) -> Iterator[SqliteConnection]:
-        with self._lock:
-            self._connection.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        connection, lock = (self._writer, self._write_lock) if write else (self._reader, self._read_lock)
+        with lock:
+            connection.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
-                yield SqliteConnection(self._connection)
+                yield SqliteConnection(connection)
             except BaseException:
-                self._connection.execute("ROLLBACK")
+                connection.execute("ROLLBACK")
                 raise
-            self._connection.execute("COMMIT")
+            connection.execute("COMMIT")
 
     def retryable(self, error: BaseException) -> bool:
         return False  # one writer at a time: nothing to lose a race to
@@ -92,7 +93,18 @@ class SqliteBackend:
         return statement
 
     def close(self) -> None:
-        self._connection.close()
+        if self._reader is not self._writer:
+            self._reader.close()
+        self._writer.close()
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    connection.row_factory = _dict_row
+    connection.execute("PRAGMA synchronous=NORMAL")
+    connection.execute("PRAGMA foreign_keys=ON")
+    connection.execute("PRAGMA busy_timeout=5000")
+    return connection
 
 
 def sqlite_path(url: str) -> str | None:

@@ -5,6 +5,11 @@ transaction, commits, and replays it when PostgreSQL reports that it lost a seri
 (so `work` must be free of side effects outside the database; `tx.after_commit` defers them
 until the commit). A transact inside another joins the outer one. `run` does the same on the
 store's worker threads, for the event loop, which must never wait on the database itself.
+
+One exception, measured (bench/bench_api.py): SQLite reads. They come from a read connection of
+their own that never waits for a writer and take about a hundred microseconds, less than the
+hop to a thread costs, so `reads_inline` lets the API and the endpoint read on the loop. Every
+write, and all PostgreSQL work, stays off it; `bind_loop_thread` makes that a checked rule.
 """
 
 from __future__ import annotations
@@ -90,6 +95,7 @@ class Store:
         self.backend = _open_backend(url, pool_size, connect_timeout)
         self.description = self.backend.description
         self._current = threading.local()
+        self._loop_thread: int | None = None
         # PostgreSQL work runs side by side on pooled connections; SQLite's one connection
         # serialises anyway, and a few threads keep reads from queueing behind the loop.
         workers = pool_size if isinstance(self.backend, PostgresBackend) else 4
@@ -104,11 +110,23 @@ class Store:
     def backend_name(self) -> str:
         return self.backend.name
 
+    @property
+    def reads_inline(self) -> bool:
+        """Whether a read may run on the event loop itself (SQLite; see the module docstring)."""
+        return isinstance(self.backend, SqliteBackend)
+
+    def bind_loop_thread(self) -> None:
+        """Called on the event loop's thread: from now on a write there (or a PostgreSQL read) is
+        a programming error, raised at once rather than stalling every connection."""
+        self._loop_thread = threading.get_ident()
+
     def transact(self, work: Callable[[Tx], T], write: bool = True) -> T:
         """Run work(tx) in a transaction and commit it; see the module docstring."""
         outer: Tx | None = getattr(self._current, "tx", None)
         if outer is not None:
             return work(outer)
+        if threading.get_ident() == self._loop_thread and (write or not self.reads_inline):
+            raise RuntimeError("database work on the event loop: run it with Store.run")
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
                 with self.backend.transaction(write) as connection:
