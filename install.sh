@@ -2,7 +2,7 @@
 # Installs everything openmicrovm needs on Debian 12, as root: the system packages of the sandbox
 # drivers and the image builder, and a Python virtual environment in .venv with the project in it.
 #   ./install.sh          what the server needs
-#   ./install.sh --dev    also what the tests need (pytest, moto, the AWS CLI, ruff, PostgreSQL)
+#   ./install.sh --dev    also what the tests need (pytest, moto, the AWS CLI, ruff, PostgreSQL, kubectl)
 set -eu
 cd "$(dirname "$0")"
 
@@ -24,6 +24,9 @@ if [ "$extras" = "[dev]" ]; then
     # The tests run their servers on SQLite and on a PostgreSQL cluster of their own, which they
     # start from this package's programs (tests/support/postgres.py); the server needs no local one.
     packages="$packages postgresql"
+    # tests/deploy reads deploy/kubernetes/ with kubectl: Debian's is kubernetes-client. Any kubectl
+    # already on PATH does (another package's /usr/bin/kubectl would clash with Debian's).
+    command -v kubectl >/dev/null 2>&1 || packages="$packages kubernetes-client"
 fi
 missing=""
 for package in $packages; do

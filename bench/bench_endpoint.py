@@ -17,44 +17,13 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from bench.common import build_image, http_get, percentile
+from bench.common import Opener, build_image, http_get, load, percentile
 from tests.support.images import ALL_HOOKS, REPO, SAMPLE_APP
 from tests.support.server import ServerProcess
-
-Opener = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
-
-
-async def _load(
-    open_connection: Opener, request: bytes, seconds: float, concurrency: int
-) -> dict[str, float]:
-    latencies: list[float] = []
-    deadline = time.perf_counter() + seconds
-
-    async def worker() -> None:
-        reader, writer = await open_connection()
-        try:
-            while time.perf_counter() < deadline:
-                started = time.perf_counter()
-                status, _ = await http_get(reader, writer, request)
-                if status != 200:
-                    raise RuntimeError(f"status {status}")
-                latencies.append(time.perf_counter() - started)
-        finally:
-            writer.close()
-
-    began = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - began
-    return {
-        "requests_per_second": round(len(latencies) / elapsed),
-        "p50_ms": round(statistics.median(latencies) * 1000, 3),
-        "p99_ms": round(percentile(latencies, 0.99) * 1000, 3),
-    }
 
 
 async def _throughput(open_connection: Opener, request: bytes) -> float:
@@ -95,7 +64,7 @@ async def _measure(
     results: dict[str, Any] = {}
     for name, opener, token_or_none in (("direct", direct, None), ("endpoint", endpoint, token)):
         small = _request("/headers", host, token_or_none)
-        runs = [await _load(opener, small, args.seconds, args.concurrency) for _ in range(3)]
+        runs = [await load(opener, small, args.seconds, args.concurrency) for _ in range(3)]
         big = _request(f"/download?bytes={args.megabytes * 1024 * 1024}", host, token_or_none)
         rates = [await _throughput(opener, big) for _ in range(3)]
         results[name] = {

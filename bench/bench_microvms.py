@@ -14,7 +14,6 @@ running MicroVMs of the sample app fit in this machine's memory; and `python3 ap
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import subprocess
@@ -26,29 +25,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from bench.common import build_image, summary
+from bench.common import build_image, first_200, summary
 from tests.support.images import ALL_HOOKS, SAMPLE_APP
 from tests.support.server import ServerProcess, free_port
-
-
-def _first_200(port: int, host: str, token: str | None = None, timeout: float = 30.0) -> None:
-    headers = {"Host": host}
-    if token:
-        headers["X-aws-proxy-auth"] = token
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-            connection.request("GET", "/", headers=headers)
-            response = connection.getresponse()
-            response.read()
-            connection.close()
-            if response.status == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.002)
-    raise RuntimeError("no 200 in time")
 
 
 def _baseline(runs: int) -> list[float]:
@@ -62,7 +41,7 @@ def _baseline(runs: int) -> list[float]:
             stdout=subprocess.DEVNULL,
         )
         try:
-            _first_200(port, f"127.0.0.1:{port}")
+            first_200(port, f"127.0.0.1:{port}")
             samples.append(time.perf_counter() - started)
         finally:
             process.terminate()
@@ -132,13 +111,13 @@ def main() -> None:
                 vm = client.run_microvm(imageIdentifier=arn)
                 token = _token(client, vm["microvmId"])
                 host = f"{vm['endpoint']}:{server.port}"
-                _first_200(server.port, host, token)  # held while PENDING, then served
+                first_200(server.port, host, token)  # held while PENDING, then served
                 samples["RunMicrovm -> first 200 (warm pool)"].append(time.perf_counter() - started)
                 rss_running.append(_rss_of(server, vm["microvmId"]))
 
                 started = time.perf_counter()
                 second = client.run_microvm(imageIdentifier=arn)  # the pool was just used
-                _first_200(
+                first_200(
                     server.port, f"{second['endpoint']}:{server.port}", _token(client, second["microvmId"])
                 )
                 samples["RunMicrovm -> first 200 (pool empty: back-to-back run)"].append(
@@ -154,7 +133,7 @@ def main() -> None:
                 started = time.perf_counter()
                 client.resume_microvm(microvmIdentifier=vm["microvmId"])
                 _wait_state(client, vm["microvmId"], "RUNNING")
-                _first_200(server.port, host, token)
+                first_200(server.port, host, token)
                 samples["ResumeMicrovm -> first 200 (suspended < suspend_to_disk_after)"].append(
                     time.perf_counter() - started
                 )
@@ -166,7 +145,7 @@ def main() -> None:
                 started = time.perf_counter()
                 client.resume_microvm(microvmIdentifier=vm["microvmId"])
                 _wait_state(client, vm["microvmId"], "RUNNING")
-                _first_200(server.port, host, token)
+                first_200(server.port, host, token)
                 samples["ResumeMicrovm -> first 200 (from disk)"].append(time.perf_counter() - started)
                 client.terminate_microvm(microvmIdentifier=vm["microvmId"])
         finally:

@@ -4,10 +4,11 @@ percentiles, and a minimal keep-alive HTTP/1.1 client that works over any asynci
 from __future__ import annotations
 
 import asyncio
+import http.client
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,3 +89,56 @@ async def http_get(
     if length:
         await reader.readexactly(length)
     return status, length
+
+
+def first_200(port: int, host: str, token: str | None = None, timeout: float = 30.0) -> None:
+    """Poll GET / on 127.0.0.1:port with this Host (and endpoint token) until it answers 200."""
+    headers = {"Host": host}
+    if token:
+        headers["X-aws-proxy-auth"] = token
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+            connection.request("GET", "/", headers=headers)
+            response = connection.getresponse()
+            response.read()
+            connection.close()
+            if response.status == 200:
+                return
+            last = response.status
+        except OSError as error:
+            last = error
+        time.sleep(0.002)
+    raise RuntimeError(f"no 200 from {host} within {timeout:g} s (last: {last!r})")
+
+
+Opener = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+
+
+async def load(open_connection: Opener, request: bytes, seconds: float, concurrency: int) -> dict[str, float]:
+    """`concurrency` keep-alive clients sending `request` for `seconds`: requests/s, p50/p99 ms."""
+    latencies: list[float] = []
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        reader, writer = await open_connection()
+        try:
+            while time.perf_counter() < deadline:
+                started = time.perf_counter()
+                status, _ = await http_get(reader, writer, request)
+                if status != 200:
+                    raise RuntimeError(f"status {status}")
+                latencies.append(time.perf_counter() - started)
+        finally:
+            writer.close()
+
+    began = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - began
+    return {
+        "requests_per_second": round(len(latencies) / elapsed),
+        "p50_ms": round(statistics.median(latencies) * 1000, 3),
+        "p99_ms": round(percentile(latencies, 0.99) * 1000, 3),
+    }

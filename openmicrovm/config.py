@@ -53,6 +53,17 @@ class Settings:
     # Connections to PostgreSQL kept per server, and how long to wait for one.
     database_pool_size: int = 8
     database_connect_timeout_seconds: float = 5.0
+    # Many hosts (see "From one host to many" in the README). The secret replicas and agents
+    # prove to each other on every agent connection; empty on a one-host server. At least 32 bytes.
+    cluster_secret: str = ""
+    # How long an agent's lease lasts without a heartbeat: past it the host counts as lost and its
+    # MicroVMs are TERMINATED; the agent itself stops its sandboxes before then (fencing).
+    host_lease_seconds: float = 10.0
+    # Where image version outputs go so that any host can run any version: s3://bucket/prefix
+    # (empty: they stay on the host that built them). Credentials and region come from the usual
+    # AWS settings (environment, ~/.aws); snapshot_store_endpoint_url names a non-AWS S3 server.
+    snapshot_store_url: str = ""
+    snapshot_store_endpoint_url: str = ""
     # Shared, rebuildable artefacts (the Debian base root filesystem, buildah layers).
     cache_dir: Path = field(default_factory=default_cache_dir)
     # A second port serving the API and the endpoints over TLS with a local CA (0: none).

@@ -1,4 +1,5 @@
-"""Wiring: settings → store → service → engines → one aiohttp server for the API and endpoints."""
+"""Wiring: settings → store → service → dispatcher (and this host's agent) → one aiohttp server for
+the API and endpoints."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import asyncio
 import contextlib
 import fcntl
 import logging
+import secrets
 import signal
 from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -16,15 +19,16 @@ from aiohttp import web
 from openmicrovm.api.app import ControlPlane
 from openmicrovm.api.guard import request_guard
 from openmicrovm.builder.build_network import cleanup_build_networks
+from openmicrovm.cluster.agent import HostAgent
+from openmicrovm.cluster.dispatch import Dispatcher
+from openmicrovm.cluster.identity import host_id_of
+from openmicrovm.cluster.watch import ClusterWatch
 from openmicrovm.config import Settings
 from openmicrovm.endpoint.backend import EndpointBackend
 from openmicrovm.endpoint.front_door import FrontDoor, endpoint_hostname, start_front_door
 from openmicrovm.endpoint.proxy import Counters
 from openmicrovm.endpoint.shell import shell_handler
 from openmicrovm.endpoint.tls import all_regions, server_context, tls_dir
-from openmicrovm.lifecycle.build_engine import BuildEngine
-from openmicrovm.lifecycle.microvm_engine import MicrovmEngine
-from openmicrovm.lifecycle.recovery import recover_microvms
 from openmicrovm.lifecycle.timers import Timers
 from openmicrovm.logs.cloudwatch import CloudWatchShipper
 from openmicrovm.logs.route import LOGS_ROUTE, make_logs_handler
@@ -32,12 +36,14 @@ from openmicrovm.logs.store import LogStore
 from openmicrovm.metrics import Metrics, metrics_handler
 from openmicrovm.private_files import private_dir
 from openmicrovm.runtime import make_driver
+from openmicrovm.runtime.driver import SandboxDriver
 from openmicrovm.service import Service
 from openmicrovm.store import Store
 
 log = logging.getLogger("openmicrovm.server")
 # The catch-all route: the API, and the shell WebSocket of MicroVM endpoint Hosts.
 _DISPATCH_ROUTE = "dispatch"
+MIN_SECRET_BYTES = 32
 
 
 def open_store(settings: Settings) -> Store:
@@ -78,9 +84,40 @@ class DataDirBusy(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class Roles:
+    """What one process does. `openmicrovm serve`: both; `serve --no-agent`: an API replica only;
+    `openmicrovm agent`: a host agent only. Only a shared database (PostgreSQL) has room for more
+    than one process, so the split roles need one."""
+
+    api: bool = True  # the API, endpoint front door, logs and metrics, the cluster watch
+    agent: bool = True  # a host agent: builds and sandboxes on this host
+    # The agent's relay for other processes (PostgreSQL only): where it listens, and where
+    # replicas are told to reach it (default: the address it listens on).
+    listen: tuple[str, int] = ("127.0.0.1", 0)
+    advertise_url: str = ""
+
+
+class HostFenced(Exception):
+    """The host agent stopped its sandboxes because it lost its lease; restart it to rejoin."""
+
+
+def cluster_secret(settings: Settings, store: Store) -> bytes:
+    """The secret replicas and agents prove to each other: the setting, else one kept in the
+    database (which every process of the cluster can already read)."""
+    if settings.cluster_secret:
+        if len(settings.cluster_secret.encode()) < MIN_SECRET_BYTES:
+            raise ValueError(f"cluster_secret must be at least {MIN_SECRET_BYTES} bytes long")
+        return settings.cluster_secret.encode()
+    return bytes.fromhex(
+        store.transact(lambda tx: tx.meta.add_if_absent("cluster_secret", secrets.token_bytes(32).hex()))
+    )
+
+
 class Server:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, roles: Roles = Roles()) -> None:
         self.settings = settings
+        self.roles = roles
         # 0700: both hold what other users of the host must not read (keys, MicroVM memory, layers).
         private_dir(settings.data_dir, "data dir")
         private_dir(settings.cache_dir, "cache dir")
@@ -92,33 +129,51 @@ class Server:
             undo.callback(self.lock.release)
             self.store = open_store(settings)
             undo.callback(self.store.close)
+            if not (roles.api and roles.agent) and not self.store.shared:
+                raise ValueError(
+                    f"an API replica without an agent, or an agent alone, needs a database several "
+                    f"processes share (--database-url postgresql://...), not {self.store.description}"
+                )
             self.service = Service(self.store, settings)
             self.logs = LogStore(settings.data_dir / "logs", settings.log_max_bytes, settings.log_keep_files)
-            self.driver = make_driver(
-                settings.driver,
-                settings.data_dir / "sandboxes",
-                settings.cache_dir,
-                memory_reserve_mib=settings.host_memory_reserve_mib or None,
-                suspend_to_disk_after=settings.suspend_to_disk_after_seconds,
-                restore_pool_size=settings.restore_pool_size,
-                runsc_platform=settings.gvisor_platform or None,
-                egress_allow_networks=settings.egress_allow_networks,
-            )
-            self.build_engine = BuildEngine(self.service, self.driver, self.logs)
-            self.microvm_engine = MicrovmEngine(self.service, self.driver, self.logs)
-            self.service.builds = self.build_engine
-            self.service.microvms = self.microvm_engine
-            self.timers = Timers(self.service)
+            secret = cluster_secret(settings, self.store)
+            self.driver: SandboxDriver | None = None
+            self.agent: HostAgent | None = None
+            if roles.agent:
+                self.driver = make_driver(
+                    settings.driver,
+                    settings.data_dir / "sandboxes",
+                    settings.cache_dir,
+                    memory_reserve_mib=settings.host_memory_reserve_mib or None,
+                    suspend_to_disk_after=settings.suspend_to_disk_after_seconds,
+                    restore_pool_size=settings.restore_pool_size,
+                    runsc_platform=settings.gvisor_platform or None,
+                    egress_allow_networks=settings.egress_allow_networks,
+                )
+                self.agent = HostAgent(
+                    self.service,
+                    self.driver,
+                    self.logs,
+                    host_id_of(settings.data_dir),
+                    secret,
+                    roles.advertise_url,
+                    roles.listen,
+                )
+            self.dispatcher = Dispatcher(self.service, self.agent, self.logs, secret)
+            self.service.builds = self.dispatcher
+            self.service.microvms = self.dispatcher
+            self.watch = ClusterWatch(self.service, Timers(self.service))
             self.control_plane = ControlPlane(self.service)
-            self.endpoints = EndpointBackend(self.service, self.microvm_engine)
+            self.endpoints = EndpointBackend(self.service, self.dispatcher)
             self.metrics = Metrics(
                 self.store,
                 self.logs,
-                sandboxes=self.microvm_engine.live_sandboxes,
-                sandbox_stats=self.driver.stats,
+                sandboxes=self.agent.microvms.live_sandboxes if self.agent else None,
+                sandbox_stats=self.driver.stats if self.driver else None,
             )
-            self.microvm_engine.listeners.append(self.metrics.microvm_state_changed)
-            self.microvm_engine.transition_observers.append(self.metrics.observe_transition)
+            if self.agent is not None:
+                self.agent.microvms.listeners.append(self.metrics.microvm_state_changed)
+                self.agent.microvms.transition_observers.append(self.metrics.observe_transition)
             self.shipper = CloudWatchShipper(self.store, self.logs, observer=self.metrics)
             self.endpoint_counters = Counters(
                 on_bytes=self.metrics.endpoint_bytes_relayed, on_request=self.metrics.endpoint_request_served
@@ -130,7 +185,9 @@ class Server:
                 middlewares=[request_guard(settings, endpoint_hostname, endpoint_routes={_DISPATCH_ROUTE})],
             )
             # Before the catch-all: aiohttp tries routes in the order they were added.
-            self.app.router.add_get(LOGS_ROUTE, make_logs_handler(self.service, self.logs))
+            self.app.router.add_get(
+                LOGS_ROUTE, make_logs_handler(self.service, self.logs, self.dispatcher.read_log)
+            )
             self.app.router.add_get("/metrics", metrics_handler(self.metrics, settings))
             # [\s\S]: a path may hold an encoded line break, which '.' would not match.
             self.app.router.add_route("*", r"/{tail:[\s\S]*}", self.dispatch, name=_DISPATCH_ROUTE)
@@ -151,8 +208,10 @@ class Server:
         lines = [
             f"data dir {self.settings.data_dir}",
             f"state in {self.store.description}",
-            f"sandbox driver: {self.driver.name}",
+            f"sandbox driver: {self.driver.name}" if self.driver else "no host agent (--no-agent)",
         ]
+        if self.agent is not None and self.store.shared:
+            lines.append(f"host agent {self.agent.host_id}")
         if self.settings.signature_required:
             lines.append(f"SigV4 required: {len(self.settings.access_keys)} access key(s) configured")
         else:
@@ -163,13 +222,17 @@ class Server:
         return lines
 
     async def start(self) -> None:
-        self.service.bind_loop(asyncio.get_running_loop())
-        # Build networks a crashed server left behind (live builds of other servers are kept).
-        await cleanup_build_networks()
-        await recover_microvms(self.microvm_engine)
-        await self.build_engine.resume_pending_work()
-        self._background.append(asyncio.get_running_loop().create_task(self.timers.run()))
-        self._background.append(asyncio.get_running_loop().create_task(self.shipper.run()))
+        loop = asyncio.get_running_loop()
+        self.service.bind_loop(loop)
+        if self.agent is not None:
+            # Build networks a crashed server left behind (live builds of other servers are kept).
+            await cleanup_build_networks()
+            await self.agent.start()
+            self._background.append(loop.create_task(self.shipper.run()))
+        if not self.roles.api:
+            return
+        await self.dispatcher.resume_deletions()
+        self._background.append(loop.create_task(self.watch.run()))
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
         self._listener, self._front_door = await start_front_door(
@@ -179,7 +242,7 @@ class Server:
             context = server_context(
                 tls_dir(self.settings.data_dir), all_regions(self.settings.default_region)
             )
-            self._tls_listener = await asyncio.get_running_loop().create_server(
+            self._tls_listener = await loop.create_server(
                 self._front_door.protocol,
                 self.settings.host,
                 self.settings.tls_port,
@@ -198,32 +261,49 @@ class Server:
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        await self.build_engine.close()
-        await self.microvm_engine.close()
-        await self.driver.close()
+        if self.roles.api:
+            with suppress(Exception):  # the database may be away: the lease then simply lapses
+                await self.service.run(self.watch.release)
+        await self.dispatcher.close()
+        if self.agent is not None:
+            await self.agent.close()
+        if self.driver is not None:
+            await self.driver.close()
         self.logs.close()
         self.store.close()
         self.lock.release()
 
 
-async def serve(settings: Settings) -> None:
-    server = Server(settings)
+async def serve(settings: Settings, roles: Roles = Roles()) -> None:
+    server = Server(settings, roles)
     for line in server.describe():
         log.info(line)
     await server.start()
-    print(f"openmicrovm listening on http://{settings.host}:{settings.port}", flush=True)
-    if settings.tls_port:
+    if roles.api:
+        print(f"openmicrovm listening on http://{settings.host}:{settings.port}", flush=True)
+    if roles.api and settings.tls_port:
         print(
             f"openmicrovm listening on https://{settings.host}:{settings.tls_port} "
             f"(CA: {tls_dir(settings.data_dir) / 'ca.pem'})",
             flush=True,
+        )
+    if server.agent is not None and not roles.api:
+        print(
+            f"openmicrovm agent {server.agent.host_id} listening on {server.agent.advertise_url}", flush=True
         )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         with suppress(NotImplementedError):
             loop.add_signal_handler(signum, stop.set)
+    waits = [loop.create_task(stop.wait())]
+    if server.agent is not None:
+        waits.append(loop.create_task(server.agent.fenced.wait()))
     try:
-        await stop.wait()
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        for waiting in waits:
+            waiting.cancel()
         await server.close()
+    if server.agent is not None and server.agent.fenced.is_set():
+        raise HostFenced(f"host {server.agent.host_id} fenced itself: {server.agent.fence_reason}")

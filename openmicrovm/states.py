@@ -108,6 +108,20 @@ MICROVM_MOVES: Mapping[MicrovmState, frozenset[MicrovmState]] = {
     _M.TERMINATED: frozenset(),
 }
 
+
+class HostState(StrEnum):
+    """A host agent, as the cluster sees it (store/repositories/hosts.py)."""
+
+    ACTIVE = "ACTIVE"  # holds its lease: MicroVMs and builds may be placed on it
+    LOST = "LOST"  # its lease expired: its MicroVMs were terminated, its builds handed on
+
+
+HOST_MOVES: Mapping[HostState, frozenset[HostState]] = {
+    # A lost host that comes back registers again: a new incarnation with nothing on it.
+    HostState.ACTIVE: frozenset({HostState.LOST}),
+    HostState.LOST: frozenset({HostState.ACTIVE}),
+}
+
 # MicroVMs that hold memory and count against the quota, and that keep their image in use.
 LIVE_MICROVM_STATES = frozenset(state for state in MicrovmState if state is not MicrovmState.TERMINATED)
 # Images whose versions are building or draining: version calls get a ConflictException.

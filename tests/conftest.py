@@ -3,7 +3,8 @@
 Every test that starts a server runs once per database backend, SQLite and PostgreSQL (a private
 cluster this session starts on first use): a server fixture or test asks for `database_backend` and
 makes its servers with `database_backend.server(...)`. OPENMICROVM_TEST_DATABASES=sqlite (or
-postgresql; a comma-separated list, both by default) runs the servers' tests on one backend only."""
+postgresql, or cluster; a comma-separated list, all by default) runs the servers' tests on those
+backends only."""
 
 from __future__ import annotations
 
@@ -21,7 +22,10 @@ from tests.support.moto import MotoServer
 from tests.support.postgres import PostgresCluster, temporary_cluster
 from tests.support.server import DatabaseBackend, ServerProcess
 
-DATABASE_BACKENDS = ("sqlite", "postgresql")
+DATABASE_BACKENDS = ("sqlite", "postgresql", "cluster")
+# Modules that set CLUSTER_TESTED = True run on a cluster too ("cluster": API replicas and host
+# agents on PostgreSQL, tests/support/cluster.py); the others on SQLite and PostgreSQL.
+ONE_SERVER_BACKENDS = ("sqlite", "postgresql")
 
 
 def selected_database_backends() -> list[str]:
@@ -47,7 +51,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     # scope makes pytest run all of one backend's tests before the other's, so that each backend's
     # servers and the PostgreSQL cluster are set up once, not once per alternation.
     if "database_backend" in metafunc.fixturenames:
-        metafunc.parametrize("database_backend", selected_database_backends(), indirect=True, scope="session")
+        names = selected_database_backends()
+        if not getattr(metafunc.module, "CLUSTER_TESTED", False):
+            names = [name for name in names if name in ONE_SERVER_BACKENDS]
+        metafunc.parametrize("database_backend", names, indirect=True, scope="session")
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +70,7 @@ def postgres_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postg
 def database_backend(request: pytest.FixtureRequest) -> DatabaseBackend:
     """The backend this run of the test is on (its id in the test's name: [sqlite], [postgresql])."""
     name: str = request.param
-    if name == "postgresql":
+    if name in ("postgresql", "cluster"):
         # Asked for here rather than as an argument, so that a run without PostgreSQL tests never
         # starts the cluster (nor needs it installed).
         return DatabaseBackend(name, request.getfixturevalue("postgres_cluster"))

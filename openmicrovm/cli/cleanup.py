@@ -20,14 +20,18 @@ REASON = "Terminated by `openmicrovm cleanup` while the server was stopped."
 
 
 async def _cleanup(settings: Settings) -> tuple[int, list[str]]:
+    from openmicrovm.cluster.identity import host_id_of
     from openmicrovm.runtime import make_driver
     from openmicrovm.service import microvms
     from openmicrovm.service.core import Service
 
+    host_id = host_id_of(settings.data_dir)
     store = open_store(settings)
     try:
         service = Service(store, settings)
-        live = [microvm.id for microvm in store.read(lambda tx: tx.microvms.live())]
+        # This data dir's host only: on a shared database, other hosts' MicroVMs are theirs.
+        store.transact(lambda tx: tx.microvms.adopt_unplaced(host_id))
+        live = [microvm.id for microvm in store.read(lambda tx: tx.microvms.live(host_id))]
         for microvm_id in live:
             microvms.mark_terminated(service, microvm_id, REASON)
     finally:

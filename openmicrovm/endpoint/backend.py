@@ -1,13 +1,14 @@
 """What the endpoint needs from the rest of the server: which MicroVM a hostname names, whether it
-is running (resuming it when it may), a connection into its sandbox, and where to count traffic."""
+is running (resuming it when it may), a connection into its sandbox (on this host or relayed to
+the one holding it), and where to count traffic."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import Protocol
 
-from openmicrovm.lifecycle.microvm_engine import MicrovmEngine
 from openmicrovm.runtime.driver import DriverError, PortNotListening, PtySession, TooManyConnections
 from openmicrovm.service.core import Service
 from openmicrovm.service.tokens import HTTP_INGRESS_KINDS, SHELL_INGRESS_KINDS
@@ -44,21 +45,25 @@ class Unreachable(Exception):
     """The MicroVM cannot take the request (suspended without auto-resume, terminated, ...)."""
 
 
+class SandboxAccess(Protocol):
+    """What the endpoint needs of the MicroVMs' sandboxes, wherever they run (the MicroVM engine on
+    this host, or a cluster dispatcher relaying to the owning host)."""
+
+    async def resume(self, microvm_id: str) -> bool: ...
+
+    async def connect(
+        self, microvm_id: str, port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]: ...
+
+    async def open_shell(self, microvm_id: str, rows: int, cols: int) -> PtySession: ...
+
+
 class EndpointBackend:
-    def __init__(self, service: Service, engine: MicrovmEngine) -> None:
+    def __init__(self, service: Service, sandboxes: SandboxAccess) -> None:
         self.service = service
-        self.engine = engine
+        self.sandboxes = sandboxes
         self._last_write: dict[str, float] = {}
         self._activity_writes: set[asyncio.Future[None]] = set()
-        # Open connections into each MicroVM: cut at once when it stops, so that a request in
-        # flight gets its 502 now rather than after TCP gives up on a sandbox that is gone.
-        self._upstreams: dict[str, list[asyncio.StreamWriter]] = {}
-        engine.listeners.append(self._state_changed)
-
-    def _state_changed(self, microvm_id: str, state: MicrovmState) -> None:
-        if state in (MicrovmState.TERMINATED, MicrovmState.SUSPENDED):
-            for writer in self._upstreams.pop(microvm_id, []):
-                writer.transport.abort()
 
     async def lookup(self, hostname: str) -> Target | None:
         microvm = await self.service.fetch(lambda tx: tx.microvms.by_endpoint(hostname.lower()))
@@ -91,7 +96,7 @@ class EndpointBackend:
                 if not target.auto_resume:
                     raise Unreachable("MicroVM is suspended and auto-resume is off")
                 # All requests arriving during one resume wait for that one resume.
-                if not await self.engine.resume(target.microvm_id):
+                if not await self.sandboxes.resume(target.microvm_id):
                     if await self._state(target.microvm_id) is not MicrovmState.RUNNING:
                         raise Unreachable("the MicroVM could not be resumed")
                 return
@@ -100,24 +105,18 @@ class EndpointBackend:
             await asyncio.sleep(0.02)
 
     async def connect(self, microvm_id: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        sandbox = self.engine.sandbox(microvm_id)
-        if sandbox is None:
-            raise Unreachable("the MicroVM has no running sandbox")
         try:
-            reader, writer = await self.engine.driver.connect(sandbox, port)
+            return await self.sandboxes.connect(microvm_id, port)
         except (PortNotListening, TooManyConnections):
             raise
         except (DriverError, OSError) as error:
             raise Unreachable(str(error)) from error
-        open_now = [w for w in self._upstreams.get(microvm_id, []) if not w.is_closing()]
-        self._upstreams[microvm_id] = [*open_now, writer]
-        return reader, writer
 
     async def open_shell(self, microvm_id: str, rows: int, cols: int) -> PtySession:
-        sandbox = self.engine.sandbox(microvm_id)
-        if sandbox is None:
-            raise Unreachable("the MicroVM has no running sandbox")
-        return await self.engine.driver.exec_pty(sandbox, ["/bin/sh", "-l"], None, rows, cols)
+        try:
+            return await self.sandboxes.open_shell(microvm_id, rows, cols)
+        except (DriverError, OSError) as error:
+            raise Unreachable(str(error)) from error
 
     def record_activity(self, microvm_id: str) -> None:
         """Bytes went through the endpoint: the idle timer starts again (spec §5.5)."""

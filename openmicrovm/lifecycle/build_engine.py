@@ -1,8 +1,8 @@
-"""Runs image builds in the background and reports to the service (the BuildEngine seam).
+"""Runs the builds this host took (cluster/agent.py claims them) and reports to the service.
 
-Builds run at most `quotas.concurrent_builds` at a time; the rest wait PENDING. A build that was
-running when the server stopped is started again from the beginning at the next start, so no
-build stays IN_PROGRESS forever.
+Builds run at most `quotas.concurrent_builds` at a time on a host; the rest wait PENDING for a
+host with a free slot. A build that was running when the agent stopped is started again from the
+beginning at the next start, so no build stays IN_PROGRESS forever.
 """
 
 from __future__ import annotations
@@ -10,32 +10,44 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from openmicrovm.builder.build_network import allowed_networks
 from openmicrovm.builder.errors import INTERNAL_PLATFORM_ERROR, BuildFailed
-from openmicrovm.builder.outputs import delete_build_outputs_async
+from openmicrovm.builder.outputs import SNAPSHOT_DIR, delete_build_outputs_async
 from openmicrovm.builder.pipeline import BuildRequest, run_build
 from openmicrovm.builder.unpack import UnpackLimits
+from openmicrovm.lifecycle.version_outputs import VersionOutputs
 from openmicrovm.logs.store import LogStore
+from openmicrovm.objects import ObjectStoreError
 from openmicrovm.runtime.driver import SandboxDriver
 from openmicrovm.service import builds as build_records
-from openmicrovm.service import versions as version_records
 from openmicrovm.service.core import Service
 from openmicrovm.service.image_config import memory_mib
-from openmicrovm.states import ImageState, VersionState
-from openmicrovm.store import Tx
 from openmicrovm.store.records import Build
 
 log = logging.getLogger("openmicrovm.builds")
 
 
 class BuildEngine:
-    def __init__(self, service: Service, driver: SandboxDriver, logs: LogStore) -> None:
+    def __init__(
+        self,
+        service: Service,
+        driver: SandboxDriver,
+        logs: LogStore,
+        host_id: str,
+        outputs: VersionOutputs,
+        on_slot_free: Callable[[], None] | None = None,
+    ) -> None:
         self.service = service
         self.driver = driver
         self.logs = logs
+        self.host_id = host_id
+        self.outputs = outputs
+        # Told when a build ends, so that the host agent can take the next waiting one.
+        self.on_slot_free = on_slot_free or (lambda: None)
         self.builds_dir = service.settings.data_dir / "builds"
         self.work_dir = service.settings.data_dir / "work"
         self._slots = asyncio.Semaphore(max(service.settings.quotas.concurrent_builds, 1))
@@ -50,32 +62,12 @@ class BuildEngine:
         if build_id not in self._running:
             self._running[build_id] = self._spawn(self._build(build_id))
 
-    def schedule_version_deletion(self, image_arn: str, version_number: int) -> None:
-        self._spawn(self._delete_version(image_arn, version_number))
-
-    def schedule_image_deletion(self, image_arn: str) -> None:
-        self._spawn(self._delete_image(image_arn))
-
     # -- start-up and shut-down ----------------------------------------------------------------
-    async def resume_pending_work(self) -> None:
-        """Restart interrupted builds and finish interrupted deletions (called at start-up)."""
-
-        def pending(tx: Tx) -> tuple[list[str], list[str], list[tuple[str, int]]]:
-            deleting_images = tx.images.arns_in_state(ImageState.DELETING)
-            deleting_versions = [
-                (version.image_arn, version.number)
-                for version in tx.versions.in_state(VersionState.DELETING)
-                if version.image_arn not in deleting_images
-            ]
-            return tx.builds.unfinished_ids(), deleting_images, deleting_versions
-
-        builds, images, versions = await self.service.persist(self.service.read, pending)
+    async def resume_pending_work(self, host_id: str) -> None:
+        """Restart this host's interrupted builds (at start-up)."""
+        builds = await self.service.persist(self.service.read, lambda tx: tx.builds.unfinished_ids(host_id))
         for build_id in builds:
             self.schedule_build(build_id)
-        for arn in images:
-            self.schedule_image_deletion(arn)
-        for arn, number in versions:
-            self.schedule_version_deletion(arn, number)
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -98,6 +90,7 @@ class BuildEngine:
                 await self._build_now(build_id)
         finally:
             self._running.pop(build_id, None)
+            self.on_slot_free()
 
     async def _build_now(self, build_id: str) -> None:
         job = await self.service.persist(self.service.read, lambda tx: tx.builds.job(build_id))
@@ -144,12 +137,7 @@ class BuildEngine:
         try:
             result = await run_build(request, self.driver, write, lambda stage: write(f"stage: {stage}"))
         except BuildFailed as failure:
-            write(f"build failed: {failure.state_reason}")
-            await self.service.persist(
-                build_records.build_finished, self.service, build_id, False, failure.state_reason, None
-            )
-            await delete_build_outputs_async(output)
-            return
+            return await self._failed(build_id, output, failure.state_reason, write)
         except asyncio.CancelledError:
             raise  # server shutting down: the build is restarted at the next start
         except Exception as error:
@@ -157,36 +145,47 @@ class BuildEngine:
             reason = (
                 f"{INTERNAL_PLATFORM_ERROR}: the build stopped on an internal error ({error}); try again."
             )
-            write(f"build failed: {reason}")
-            await self.service.persist(
-                build_records.build_finished, self.service, build_id, False, reason, None
-            )
-            await delete_build_outputs_async(output)
-            return
+            return await self._failed(build_id, output, reason, write)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+        record = result.to_record()
+        try:
+            record.update(await self.outputs.publish(output, lambda line: write(f"stage: {line}")))
+        except ObjectStoreError as error:
+            reason = (
+                f"{INTERNAL_PLATFORM_ERROR}: the build's outputs could not be stored ({error}); try again."
+            )
+            return await self._failed(build_id, output, reason, write)
         write("build succeeded")
+        # This host holds the outputs before the version says SUCCESSFUL, so that a run placed
+        # the moment it does finds them.
         await self.service.persist(
-            build_records.build_finished, self.service, build_id, True, None, result.to_record()
+            self.service.transact,
+            lambda tx: tx.hosts.add_version(self.host_id, job.build.image_arn, job.build.version_number),
         )
+        await self.service.persist(build_records.build_finished, self.service, build_id, True, None, record)
+
+    async def _failed(self, build_id: str, output: Path, reason: str, write: Callable[[str], None]) -> None:
+        write(f"build failed: {reason}")
+        await self.service.persist(build_records.build_finished, self.service, build_id, False, reason, None)
+        await delete_build_outputs_async(output)
 
     # -- deleting ------------------------------------------------------------------------------
-    async def _delete_builds(self, builds: list[Build]) -> None:
-        for build in builds:
-            running = self._running.get(build.build_id)
+    async def forget_builds(self, build_ids: list[str]) -> None:
+        """These builds' version is deleted: stop them, free this host's outputs and logs."""
+        for build_id in build_ids:
+            if "/" in build_id or build_id.startswith("."):
+                continue  # a wake-up names builds by id, never by path
+            running = self._running.get(build_id)
             if running is not None:
                 running.cancel()
-            await delete_build_outputs_async(self.output_dir(build.build_id))
-            self.logs.delete(f"builds/{build.build_id}")
+            await delete_build_outputs_async(self.output_dir(build_id))
+            self.logs.delete(f"builds/{build_id}")
 
-    async def _delete_version(self, image_arn: str, number: int) -> None:
-        await self._delete_builds(
-            await self.service.persist(self.service.read, lambda tx: tx.builds.of_version(image_arn, number))
-        )
-        await self.service.persist(version_records.version_deleted, self.service, image_arn, number)
-
-    async def _delete_image(self, image_arn: str) -> None:
-        await self._delete_builds(
-            await self.service.persist(self.service.read, lambda tx: tx.builds.of_image(image_arn))
-        )
-        await self.service.persist(version_records.image_deleted, self.service, image_arn)
+    def versions_on_disk(self, builds: list[Build]) -> list[tuple[str, int]]:
+        """(image ARN, version number) of the successful builds whose outputs are on this host."""
+        return [
+            (build.image_arn, build.version_number)
+            for build in builds
+            if (self.output_dir(build.build_id) / SNAPSHOT_DIR).is_dir()
+        ]

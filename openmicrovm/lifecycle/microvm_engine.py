@@ -12,14 +12,22 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from openmicrovm.lifecycle.app_output import AppOutput
 from openmicrovm.lifecycle.hook_calls import call_lifecycle_hook
+from openmicrovm.lifecycle.version_outputs import VersionOutputs
 from openmicrovm.logs.store import LogStore
-from openmicrovm.runtime.driver import CapacityError, DriverError, Sandbox, SandboxDriver
+from openmicrovm.runtime.driver import (
+    CapacityError,
+    DriverError,
+    PtySession,
+    Sandbox,
+    SandboxDriver,
+    SnapshotError,
+)
 from openmicrovm.runtime.host import MemoryGate
 from openmicrovm.service import microvms as records
 from openmicrovm.service.core import Service
@@ -52,13 +60,19 @@ class _Live:
     lock: asyncio.Lock | None = None
     resuming: asyncio.Future[bool] | None = None
     watcher: asyncio.Task[None] | None = None  # notices a sandbox that died under a live MicroVM
+    # Open connections into the sandbox (endpoint traffic): cut at once when it stops, so that a
+    # request in flight gets its 502 now rather than after TCP gives up on a sandbox that is gone.
+    upstreams: list[asyncio.StreamWriter] = field(default_factory=list)
 
 
 class MicrovmEngine:
-    def __init__(self, service: Service, driver: SandboxDriver, logs: LogStore) -> None:
+    def __init__(
+        self, service: Service, driver: SandboxDriver, logs: LogStore, outputs: VersionOutputs
+    ) -> None:
         self.service = service
         self.driver = driver
         self.logs = logs
+        self.outputs = outputs
         self._live: dict[str, _Live] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.app_output = AppOutput(logs)
@@ -128,13 +142,9 @@ class MicrovmEngine:
         return version.config if version else {}
 
     async def snapshot_dir(self, microvm: Microvm) -> Path | None:
-        """The snapshot of the MicroVM's version built for this host's architecture."""
-        artifacts = await self._read(
-            lambda tx: tx.builds.successful_artifacts(
-                microvm.image_arn, microvm.version_number, host_architecture()
-            )
-        )
-        return Path(artifacts[0]["snapshotDir"]) if artifacts else None
+        """The snapshot of the MicroVM's version built for this host's architecture (fetched from
+        the snapshot store when another host built it). Raises SnapshotError."""
+        return await self.outputs.snapshot_dir(microvm.image_arn, microvm.version_number, host_architecture())
 
     async def _move(
         self, microvm_id: str, to: MicrovmState, expect: MicrovmState, **fields: Any
@@ -158,6 +168,11 @@ class MicrovmEngine:
 
     def _changed(self, microvm: Microvm) -> None:
         self._event(microvm, f"state: {microvm.state.wire}")
+        entry = self._live.get(microvm.id)
+        if entry is not None and microvm.state in (MicrovmState.TERMINATED, MicrovmState.SUSPENDED):
+            upstreams, entry.upstreams = entry.upstreams, []
+            for writer in upstreams:
+                writer.transport.abort()
         for listener in self.listeners:
             listener(microvm.id, microvm.state)
 
@@ -221,12 +236,41 @@ class MicrovmEngine:
         entry = self._live.get(microvm_id)
         return entry.sandbox if entry else None
 
+    def busy(self, microvm_id: str) -> bool:
+        """Whether an operation on the MicroVM is under way (or waiting for its turn)."""
+        entry = self._live.get(microvm_id)
+        return entry is not None and (
+            entry.resuming is not None or (entry.lock is not None and entry.lock.locked())
+        )
+
+    # -- reaching the app (the endpoint) --------------------------------------------------------
+    async def connect(self, microvm_id: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A connection to `port` in the MicroVM's sandbox, cut when the MicroVM is suspended or
+        terminated. Raises PortNotListening, TooManyConnections, or DriverError (no sandbox)."""
+        entry = self._live.get(microvm_id)
+        if entry is None or entry.sandbox is None:
+            raise DriverError("the MicroVM has no running sandbox")
+        reader, writer = await self.driver.connect(entry.sandbox, port)
+        entry.upstreams = [w for w in entry.upstreams if not w.is_closing()] + [writer]
+        return reader, writer
+
+    async def open_shell(self, microvm_id: str, rows: int, cols: int) -> PtySession:
+        """A login shell on a terminal in the MicroVM's sandbox."""
+        sandbox = self.sandbox(microvm_id)
+        if sandbox is None:
+            raise DriverError("the MicroVM has no running sandbox")
+        return await self.driver.exec_pty(sandbox, ["/bin/sh", "-l"], None, rows, cols)
+
     # -- operations -----------------------------------------------------------------------------
     async def _start(self, microvm_id: str, entry: _Live) -> None:
         microvm = await self._microvm(microvm_id)
         if microvm is None or microvm.state is not MicrovmState.PENDING:
             return
-        snapshot = await self.snapshot_dir(microvm)
+        try:
+            snapshot = await self.snapshot_dir(microvm)
+        except SnapshotError as error:
+            await self._fail(microvm_id, entry, f"The MicroVM could not be started: {error}")
+            return
         if snapshot is None:
             await self._fail(microvm_id, entry, "The image version's snapshot for this host is missing.")
             return
@@ -272,10 +316,15 @@ class MicrovmEngine:
             await self._fail(microvm_id, entry, outcome.reason or "Suspend lifecycle hook failed.")
             return
         await self.driver.suspend(entry.sandbox)
-        if await self._move(
-            microvm_id, MicrovmState.SUSPENDED, MicrovmState.SUSPENDING, suspended_at=self.service.clock()
-        ):
+        if await self.suspended(microvm_id):
             self._observe("suspend", time.monotonic() - started)
+
+    async def suspended(self, microvm_id: str) -> Microvm | None:
+        """Its sandbox is suspended: SUSPENDING → SUSPENDED (also for recovery.py, which finds one
+        a crash interrupted after the sandbox was already suspended)."""
+        return await self._move(
+            microvm_id, MicrovmState.SUSPENDED, MicrovmState.SUSPENDING, suspended_at=self.service.clock()
+        )
 
     async def resume(self, microvm_id: str) -> bool:
         """Resume a SUSPENDED MicroVM; concurrent callers (API, auto-resume) share one resume.

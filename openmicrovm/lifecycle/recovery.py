@@ -18,11 +18,12 @@ log = logging.getLogger("openmicrovm.recovery")
 LOST = "The MicroVM's sandbox was gone when the server restarted."
 
 
-async def recover_microvms(engine: MicrovmEngine) -> None:
+async def recover_microvms(engine: MicrovmEngine, host_id: str) -> None:
+    """Recover the MicroVMs of this host (`host_id`); the driver's other sandboxes go."""
     service, driver = engine.service, engine.driver
     keep: set[str] = set()
     starts: list[str] = []
-    for microvm in await service.fetch(lambda tx: tx.microvms.live()):
+    for microvm in await service.fetch(lambda tx: tx.microvms.live(host_id)):
         state = microvm.state
         if state is MicrovmState.PENDING:
             starts.append(microvm.id)  # the start never finished: it begins again below
@@ -42,14 +43,7 @@ async def recover_microvms(engine: MicrovmEngine) -> None:
             engine.schedule_resume(microvm.id)
         elif state is MicrovmState.SUSPENDING:
             if suspended:
-                await service.commit(
-                    lambda tx, microvm_id=microvm.id: tx.microvms.transition(
-                        microvm_id,
-                        MicrovmState.SUSPENDED,
-                        expect=[MicrovmState.SUSPENDING],
-                        suspended_at=service.clock(),
-                    )
-                )
+                await engine.suspended(microvm.id)
             else:
                 engine.schedule_suspend(microvm.id)
         elif state is MicrovmState.SUSPENDED and not suspended:

@@ -7,20 +7,13 @@ after it moved a MicroVM on, the condition no longer holds for that state.
 
 from __future__ import annotations
 
-import asyncio
-import logging
-
 from openmicrovm.service import microvms as records
 from openmicrovm.service.core import Service
-from openmicrovm.store import StoreUnavailable
-
-log = logging.getLogger("openmicrovm.timers")
 
 
 class Timers:
-    def __init__(self, service: Service, interval: float = 0.25) -> None:
+    def __init__(self, service: Service) -> None:
         self.service = service
-        self.interval = interval
 
     def tick(self) -> None:
         """One pass over the timers (blocking: it runs on a store thread)."""
@@ -45,12 +38,3 @@ class Timers:
                 microvm.id,
                 f"The MicroVM stayed suspended for its suspendedDurationSeconds ({microvm.suspended_ttl_seconds:g} s).",
             )
-
-    async def run(self) -> None:
-        while True:
-            try:
-                await self.service.run(self.tick)
-            except Exception as error:
-                # A database outage is expected now and then: one line, not a traceback each tick.
-                log.warning("timer tick failed: %s", error, exc_info=not isinstance(error, StoreUnavailable))
-            await asyncio.sleep(self.interval)

@@ -31,7 +31,7 @@ from openmicrovm.api.protocol import (
     UNAVAILABLE_STATUS,
     error_response,
 )
-from openmicrovm.logs.store import LogStore
+from openmicrovm.logs.store import LogChunk, LogStore
 from openmicrovm.service.core import Service
 from openmicrovm.states import FINISHED_BUILD_STATES, MicrovmState
 from openmicrovm.store import StoreUnavailable, Tx
@@ -87,8 +87,12 @@ def _number(request: web.Request, name: str, default: float, low: float, high: f
     return value
 
 
-def make_logs_handler(service: Service, logs: LogStore) -> Handler:
-    """The aiohttp handler for LOGS_ROUTE."""
+LogReader = Callable[[str, int, int], Awaitable[LogChunk]]
+
+
+def make_logs_handler(service: Service, logs: LogStore, read_log: LogReader) -> Handler:
+    """The aiohttp handler for LOGS_ROUTE; read_log(stream, after, limit) reads a chunk wherever
+    the log is kept (this host, or the host agent that writes it)."""
 
     def owner(tx: Tx, kind: str, resource_id: str) -> _Owner | None:
         if kind == "builds":
@@ -131,11 +135,11 @@ def make_logs_handler(service: Service, logs: LogStore) -> Handler:
             # The state is read before the lines: once it says finished, every line is written.
             status = await resource(kind, resource_id, caller.account, caller.region)
             deadline = asyncio.get_running_loop().time() + wait
-            chunk = await asyncio.to_thread(logs.read_from, stream, after, limit)
+            chunk = await read_log(stream, after, limit)
             while not chunk.lines and not status["finished"] and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(_POLL_SECONDS)
                 status = await resource(kind, resource_id, caller.account, caller.region)
-                chunk = await asyncio.to_thread(logs.read_from, stream, after, limit)
+                chunk = await read_log(stream, after, limit)
         except AuthError as error:
             return _error(error.code, error.message)
         except _Refused as error:

@@ -121,12 +121,10 @@ def write_private(path: Path, text: str) -> None:
     write_private_file(path, text.encode())
 
 
-def read_snapshot_meta(snapshot_dir: Path, driver: str) -> SnapshotMeta:
-    if not snapshot_dir.is_dir():
-        raise SnapshotError(f"snapshot {snapshot_dir} does not exist")
-    meta_file = snapshot_dir / SNAPSHOT_FILE
+def _meta_json(snapshot_dir: Path) -> dict[str, Any]:
+    """The snapshot's meta file as JSON; SnapshotError saying what is wrong with it."""
     try:
-        data = json.loads(meta_file.read_text())
+        data = json.loads((snapshot_dir / SNAPSHOT_FILE).read_text())
     except FileNotFoundError:
         raise SnapshotError(f"snapshot {snapshot_dir} is incomplete: {SNAPSHOT_FILE} is missing") from None
     except (OSError, ValueError) as error:
@@ -135,6 +133,13 @@ def read_snapshot_meta(snapshot_dir: Path, driver: str) -> SnapshotMeta:
         ) from None
     if not isinstance(data, dict):
         raise SnapshotError(f"snapshot {snapshot_dir} is corrupt: {SNAPSHOT_FILE} is not an object")
+    return data
+
+
+def read_snapshot_meta(snapshot_dir: Path, driver: str) -> SnapshotMeta:
+    if not snapshot_dir.is_dir():
+        raise SnapshotError(f"snapshot {snapshot_dir} does not exist")
+    data = _meta_json(snapshot_dir)
     if data.get("format") != SNAPSHOT_FORMAT:
         raise SnapshotError(
             f"snapshot {snapshot_dir} has format {data.get('format')!r}, expected {SNAPSHOT_FORMAT}"
@@ -160,6 +165,17 @@ def read_snapshot_meta(snapshot_dir: Path, driver: str) -> SnapshotMeta:
             f"snapshot {snapshot_dir} needs the image root filesystem {meta.spec.rootfs}, which is gone"
         )
     return meta
+
+
+def relocate_snapshot(snapshot_dir: Path, rootfs: Path) -> None:
+    """Point a snapshot copied from elsewhere (another host's outputs, fetched from the object
+    store) at the image root filesystem `rootfs`: its meta file names the path the snapshot was
+    made with. Only spec.rootfs changes; the rewrite is atomic (write_private)."""
+    data = _meta_json(snapshot_dir)
+    if not isinstance(data.get("spec"), dict):
+        raise SnapshotError(f"snapshot {snapshot_dir} is corrupt: {SNAPSHOT_FILE} has no spec")
+    data["spec"]["rootfs"] = str(rootfs)
+    write_private(snapshot_dir / SNAPSHOT_FILE, json.dumps(data, indent=1))
 
 
 def prepare_snapshot_dir(snapshot_dir: Path) -> None:

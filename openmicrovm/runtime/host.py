@@ -44,6 +44,10 @@ class MemoryGate:
             reserve_mib = max(256, meminfo().get("MemTotal", 0) // MIB // 20)
         self.reserve_bytes = reserve_mib * MIB
 
+    def available_mib(self) -> int:
+        """What new sandboxes may still take: MemAvailable less the reserve."""
+        return max(0, (meminfo().get("MemAvailable", 0) - self.reserve_bytes) // MIB)
+
     def check(self, action: str, footprint_bytes: int, tier_mib: int) -> None:
         need = footprint_bytes + tier_mib * MIB // 8
         available = meminfo().get("MemAvailable", 0)

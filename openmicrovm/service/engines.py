@@ -7,10 +7,25 @@ plugged in, nothing moves: versions and MicroVMs stay in their first state, as t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
+
+from openmicrovm.store import Tx
+from openmicrovm.store.records import Version
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a new MicroVM goes, decided inside the RunMicrovm transaction."""
+
+    host_id: str | None  # the host agent that will hold it (None: no hosts, nothing will run it)
+    admission_mib: int  # memory admitted for its start, counted against that host until RUNNING
 
 
 class BuildEngine(Protocol):
+    def sandbox_driver(self) -> str | None:
+        """The name of the sandbox driver builds run on here ("gvisor", "process"), where known."""
+
     def schedule_build(self, build_id: str) -> None:
         """Build this (PENDING) build in the background."""
 
@@ -22,9 +37,9 @@ class BuildEngine(Protocol):
 
 
 class MicrovmEngine(Protocol):
-    def check_capacity(self, memory_mib: int, snapshot_memory_bytes: int) -> None:
-        """Raise InsufficientCapacityError when this host cannot hold another MicroVM restored from
-        a snapshot holding this much memory, limited to memory_mib."""
+    def place(self, tx: Tx, version: Version, memory_mib: int) -> Placement:
+        """Choose the host for a new MicroVM of `version` limited to memory_mib; raise
+        InsufficientCapacityError when no host can hold it."""
 
     def schedule_start(self, microvm_id: str) -> None: ...
 
@@ -37,6 +52,9 @@ class MicrovmEngine(Protocol):
 
 class IdleBuildEngine:
     """No builder: builds stay PENDING."""
+
+    def sandbox_driver(self) -> str | None:
+        return None
 
     def schedule_build(self, build_id: str) -> None:
         pass
@@ -51,8 +69,8 @@ class IdleBuildEngine:
 class IdleMicrovmEngine:
     """No sandbox runtime: MicroVMs stay PENDING."""
 
-    def check_capacity(self, memory_mib: int, snapshot_memory_bytes: int) -> None:
-        pass
+    def place(self, tx: Tx, version: Version, memory_mib: int) -> Placement:
+        return Placement(None, 0)
 
     def schedule_start(self, microvm_id: str) -> None:
         pass

@@ -96,11 +96,6 @@ def _check_os_capabilities(capabilities: list[str] | None, sandbox_driver: str |
         )
 
 
-def sandbox_driver_name(builds: object) -> str | None:
-    """The name of the sandbox driver behind a build engine (None for a service without one)."""
-    return getattr(getattr(builds, "driver", None), "name", None)
-
-
 def build_targets(config: dict[str, Any]) -> list[str]:
     """One build per architecture asked for; this host's when none is."""
     configurations = config.get("cpuConfigurations")

@@ -10,7 +10,7 @@ from openmicrovm.service.context import RequestContext
 from openmicrovm.service.core import Params, Result, Service, operation
 from openmicrovm.service.errors import ConflictError, QuotaExceededError, ValidationError
 from openmicrovm.service.idempotency import idempotent
-from openmicrovm.service.image_config import build_targets, sandbox_driver_name, version_config
+from openmicrovm.service.image_config import build_targets, version_config
 from openmicrovm.service.managed import CHIPSETS
 from openmicrovm.service.pagination import paginate
 from openmicrovm.service.views import image_detail, image_summary, load_image
@@ -39,7 +39,7 @@ def add_version(service: Service, tx: Tx, arn: str, config: dict[str, Any]) -> V
 
 @operation("CreateMicrovmImage")
 def create_image(service: Service, context: RequestContext, params: Params) -> Result:
-    config = version_config(context, params, sandbox_driver_name(service.builds))
+    config = version_config(context, params, service.builds.sandbox_driver())
     arn = image_arn(context, params["name"])
 
     def perform(tx: Tx) -> Result:
@@ -98,7 +98,7 @@ def update_image(service: Service, context: RequestContext, params: Params) -> R
         image = load_image(tx, context, params["imageIdentifier"])
         if image.state in BUSY_IMAGE_STATES:
             raise busy_conflict(image)
-        config = version_config(context, params, sandbox_driver_name(service.builds))
+        config = version_config(context, params, service.builds.sandbox_driver())
         quota = service.settings.quotas.versions_per_image
         if tx.versions.count(image.arn) >= quota:
             raise QuotaExceededError(

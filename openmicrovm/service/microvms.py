@@ -130,14 +130,6 @@ def _resolve_version(tx: Tx, context: RequestContext, identifier: str, label: st
     return version
 
 
-def _snapshot_memory_bytes(tx: Tx, version: Version) -> int:
-    sizes = [
-        artifacts.get("memorySnapshotSizeInBytes", 0)
-        for artifacts in tx.builds.successful_artifacts(version.image_arn, version.number)
-    ]
-    return max(sizes, default=0)
-
-
 @operation("RunMicrovm")
 def run_microvm(service: Service, context: RequestContext, params: Params) -> Result:
     _check_idle_policy(service, params.get("idlePolicy"))
@@ -159,7 +151,7 @@ def run_microvm(service: Service, context: RequestContext, params: Params) -> Re
             raise QuotaExceededError(
                 "The base maximum allocated memory limit has been reached for this account."
             )
-        service.microvms.check_capacity(memory, _snapshot_memory_bytes(tx, version))
+        placement = service.microvms.place(tx, version, memory)
         microvm_id = f"microvm-{uuid.uuid4()}"
         # The endpoint has a UUID of its own, as on AWS.
         endpoint = f"{uuid.uuid4()}.lambda-microvm.{context.region}.localhost"
@@ -185,6 +177,8 @@ def run_microvm(service: Service, context: RequestContext, params: Params) -> Re
             duration,
             params.get("idlePolicy"),
             run_config,
+            placement.host_id,
+            placement.admission_mib,
         )
         service.after_commit(tx, lambda: service.microvms.schedule_start(microvm_id))
         return microvm_detail(microvm)

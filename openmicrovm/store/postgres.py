@@ -9,13 +9,16 @@ leave the pool, so once the database is back after a restart the next request ge
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
@@ -25,6 +28,16 @@ from openmicrovm.store.errors import StoreError
 
 # Any fixed number: the advisory lock every starting server takes while it migrates.
 _MIGRATION_LOCK = 0x6F6D76
+log = logging.getLogger("openmicrovm.store")
+# A connection whose peer went silent (a cut link drops packets; nothing refuses them) fails within
+# seconds rather than after the kernel's retransmissions give up, about 15 minutes.
+DEAD_PEER_SETTINGS = {
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10_000,  # milliseconds unacknowledged before the connection is dropped
+}
 _RETRYABLE = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected, pg_errors.UniqueViolation)
 
 
@@ -61,6 +74,8 @@ class PostgresBackend:
     name = "postgresql"
 
     def __init__(self, url: str, pool_size: int, connect_timeout: float) -> None:
+        self.url = url
+        self.connect_timeout = connect_timeout
         self.description = f"PostgreSQL {describe_url(url)}"
         try:
             urlsplit(url).port  # noqa: B018 -- raises on a port that is not a number
@@ -86,7 +101,11 @@ class PostgresBackend:
             max_size=pool_size,
             open=False,
             timeout=connect_timeout,
-            kwargs={"row_factory": dict_row, "connect_timeout": max(int(connect_timeout), 1)},
+            kwargs={
+                "row_factory": dict_row,
+                "connect_timeout": max(int(connect_timeout), 1),
+                **DEAD_PEER_SETTINGS,
+            },
             configure=self._configure,
             check=ConnectionPool.check_connection,
             name="openmicrovm",
@@ -109,8 +128,22 @@ class PostgresBackend:
         # A lost connection, a pool with no connection to give, a server shutting down.
         return isinstance(error, psycopg.OperationalError | psycopg.InterfaceError)
 
-    def migration_lock(self, connection: PostgresConnection) -> None:
-        connection.execute("SELECT pg_advisory_xact_lock(?)", (_MIGRATION_LOCK,))
+    @contextlib.contextmanager
+    def migration_lock(self) -> Iterator[None]:
+        """Held by one starting server at a time, from before its migration transaction begins: a
+        SERIALIZABLE transaction that waited for a lock inside itself would still see the database
+        as it was before the other server's migration (its snapshot is older), and migrate again."""
+        try:
+            conn = psycopg.connect(
+                self.url, autocommit=True, connect_timeout=max(int(self.connect_timeout), 1)
+            )
+            conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
+        except psycopg.Error as error:
+            raise StoreError(f"cannot prepare the database {self.description}: {error}") from None
+        try:
+            yield
+        finally:
+            conn.close()  # the lock is the session's: it goes with the connection
 
     def ddl(self, statement: str) -> str:
         # SQLite's REAL is an 8-byte float; PostgreSQL's is 4 bytes, too few for epoch seconds.
@@ -118,3 +151,52 @@ class PostgresBackend:
 
     def close(self) -> None:
         self._pool.close()
+
+
+class PostgresListener:
+    """Wake-ups (NOTIFY) on a few channels, read by one thread on a connection of its own.
+
+    `deliver(channel, payload)` is called on that thread for each one. A wake-up sent while the
+    connection was down is lost, so `reconnected()` is called after every (re)connection: the
+    receiver then looks at the database for whatever it may have missed."""
+
+    def __init__(
+        self,
+        url: str,
+        channels: Sequence[str],
+        deliver: Callable[[str, str], None],
+        reconnected: Callable[[], None],
+        connect_timeout: float,
+    ) -> None:
+        self._url = url
+        self._channels = list(channels)
+        self._deliver = deliver
+        self._reconnected = reconnected
+        self._connect_timeout = max(int(connect_timeout), 1)
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="wakeups", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        pause = 0.25
+        while not self._stopping.is_set():
+            try:
+                with psycopg.connect(
+                    self._url, autocommit=True, connect_timeout=self._connect_timeout, **DEAD_PEER_SETTINGS
+                ) as conn:
+                    for channel in self._channels:
+                        conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                    pause = 0.25
+                    self._reconnected()
+                    while not self._stopping.is_set():
+                        for note in conn.notifies(timeout=0.5):
+                            self._deliver(note.channel, note.payload)
+            except psycopg.Error as error:
+                log.warning("listening for wake-ups: %s; connecting again in %.1f s", error, pause)
+            if self._stopping.wait(pause):
+                return
+            pause = min(pause * 2, 5.0)
+
+    def close(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=5)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from openmicrovm.states import BuildState, ImageState, MicrovmState, VersionState, VersionStatus
+from openmicrovm.states import BuildState, HostState, ImageState, MicrovmState, VersionState, VersionStatus
 
 
 def version_label(number: int | None) -> str | None:
@@ -71,6 +71,8 @@ class Build:
     updated_at: float
     artifacts: dict[str, Any] | None
     """Where the builder put the rootfs and snapshot, the image config, snapshot sizes."""
+    host_id: str | None = None
+    """The host agent running (or that ran) the build; None until one takes it."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,11 @@ class Microvm:
     auto_resume: bool
     config: dict[str, Any]
     """The run's configuration (RUN_CONFIG_MEMBERS, the connectors, a pending runHookPayload)."""
+    host_id: str | None = None
+    """The host agent holding the MicroVM's sandbox (None: written before hosts existed)."""
+    admission_mib: int = 0
+    """Memory admitted for its start (snapshot footprint + 1/8 of its tier, runtime/host.py
+    MemoryGate), counted against its host until it is RUNNING."""
 
     @property
     def version_number(self) -> int:
@@ -146,3 +153,26 @@ class LogSource:
     created_at: float
     finished_at: float | None
     """When it reached its final state; None while it runs."""
+
+
+@dataclass(frozen=True)
+class Host:
+    """A host agent: where builds and sandboxes run (see openmicrovm/cluster/)."""
+
+    id: str
+    advertise_url: str
+    """Where replicas reach the agent (http://IP:PORT)."""
+    architecture: str
+    """x86_64 or arm64 (the API's names)."""
+    state: HostState
+    state_reason: str | None
+    available_mib: int
+    """Memory MicroVMs may still take on it (RAM available less the reserve), at the last heartbeat."""
+    build_slots: int
+    """How many builds it runs at once."""
+    registered_at: float
+    heartbeat_at: float
+    lease_expires_at: float
+    """Past this, without a heartbeat, the host is lost (it stops its own sandboxes before then)."""
+    incarnation: int
+    """Counts its registrations: a lost host that comes back starts a new incarnation."""

@@ -110,4 +110,42 @@ MIGRATIONS: list[list[str]] = [
             created_at REAL NOT NULL
         )""",
     ],
+    [
+        # Many hosts: host agents hold leases; MicroVMs and builds belong to one host each (NULL:
+        # rows written before hosts existed, which the one-host server adopts as its own).
+        """CREATE TABLE hosts (
+            id TEXT PRIMARY KEY,
+            advertise_url TEXT NOT NULL,
+            architecture TEXT NOT NULL,
+            state TEXT NOT NULL,
+            state_reason TEXT,
+            -- memory MicroVMs may still take (RAM available less the reserve) at the last heartbeat
+            available_mib INTEGER NOT NULL,
+            build_slots INTEGER NOT NULL,
+            registered_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            heartbeat_at REAL NOT NULL,
+            lease_expires_at REAL NOT NULL,
+            -- counts registrations: a host that was lost comes back as a new incarnation
+            incarnation INTEGER NOT NULL
+        )""",
+        "ALTER TABLE microvms ADD COLUMN host_id TEXT",
+        # Memory admitted for a start (runtime/host.py MemoryGate), counted against its host until RUNNING.
+        "ALTER TABLE microvms ADD COLUMN admission_mib INTEGER NOT NULL DEFAULT 0",
+        "CREATE INDEX microvms_by_host ON microvms (host_id, state)",
+        "ALTER TABLE builds ADD COLUMN host_id TEXT",
+        # Which hosts hold which version's outputs on their disk (placement prefers them).
+        """CREATE TABLE host_versions (
+            host_id TEXT NOT NULL,
+            image_arn TEXT NOT NULL,
+            version_number INTEGER NOT NULL,
+            PRIMARY KEY (host_id, image_arn, version_number)
+        )""",
+        # Work one replica does for all (the timers, noticing lost hosts): one holder at a time.
+        """CREATE TABLE leases (
+            name TEXT PRIMARY KEY,
+            holder TEXT NOT NULL,
+            expires_at REAL NOT NULL
+        )""",
+    ],
 ]

@@ -86,8 +86,8 @@ class SqliteBackend:
     def unavailable(self, error: BaseException) -> bool:
         return False
 
-    def migration_lock(self, connection: SqliteConnection) -> None:
-        pass  # BEGIN IMMEDIATE already excludes every other writer
+    def migration_lock(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()  # BEGIN IMMEDIATE already excludes every other writer
 
     def ddl(self, statement: str) -> str:
         return statement

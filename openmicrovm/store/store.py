@@ -27,14 +27,16 @@ from typing import Any, TypeVar
 
 from openmicrovm.store.connection import Connection, scalar
 from openmicrovm.store.errors import StoreError, StoreUnavailable
-from openmicrovm.store.postgres import PostgresBackend, describe_url
+from openmicrovm.store.postgres import PostgresBackend, PostgresListener, describe_url
 from openmicrovm.store.repositories.builds import BuildsRepository
 from openmicrovm.store.repositories.client_tokens import ClientTokensRepository
+from openmicrovm.store.repositories.hosts import HostsRepository, LeasesRepository
 from openmicrovm.store.repositories.images import ImagesRepository
 from openmicrovm.store.repositories.log_sources import LogSourcesRepository
 from openmicrovm.store.repositories.microvms import MicrovmsRepository
 from openmicrovm.store.repositories.settings import MetaRepository, TokenKeysRepository
 from openmicrovm.store.repositories.versions import VersionsRepository
+from openmicrovm.store.repositories.wakeups import WakeupsRepository
 from openmicrovm.store.schema import MIGRATIONS
 from openmicrovm.store.sqlite import SqliteBackend, sqlite_path
 
@@ -63,6 +65,9 @@ class Tx:
         self.meta = MetaRepository(connection)
         self.token_keys = TokenKeysRepository(connection)
         self.log_sources = LogSourcesRepository(connection)
+        self.hosts = HostsRepository(connection, clock)
+        self.leases = LeasesRepository(connection, clock)
+        self.wakeups = WakeupsRepository(connection)
         self.committed: list[Callable[[], None]] = []
 
     def after_commit(self, callback: Callable[[], None]) -> None:
@@ -107,8 +112,20 @@ class Store:
             raise
 
     @property
-    def backend_name(self) -> str:
-        return self.backend.name
+    def shared(self) -> bool:
+        """Whether several servers may use this database at once (PostgreSQL; SQLite is one
+        server's own file)."""
+        return isinstance(self.backend, PostgresBackend)
+
+    def listen(
+        self, channels: list[str], deliver: Callable[[str, str], None], reconnected: Callable[[], None]
+    ) -> PostgresListener:
+        """Receive wake-ups sent on `channels` (Tx.wakeups); PostgreSQL only. See PostgresListener."""
+        if not isinstance(self.backend, PostgresBackend):
+            raise StoreError(f"{self.description} carries no wake-ups: only PostgreSQL does")
+        return PostgresListener(
+            self.backend.url, channels, deliver, reconnected, self.backend.connect_timeout
+        )
 
     @property
     def reads_inline(self) -> bool:
@@ -165,7 +182,6 @@ class Store:
 
     def _migrate(self) -> None:
         def migrate(tx: Tx) -> None:
-            self.backend.migration_lock(tx.connection)  # type: ignore[arg-type]
             tx.connection.execute(
                 "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
             )
@@ -183,7 +199,8 @@ class Store:
                 tx.meta.put("schema_version", str(version))
 
         try:
-            self.transact(migrate)
+            with self.backend.migration_lock():
+                self.transact(migrate)
         except StoreUnavailable as error:
             raise StoreError(f"cannot prepare the database {self.description}: {error}") from error
 

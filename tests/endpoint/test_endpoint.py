@@ -24,6 +24,9 @@ from tests.support.server import ServerProcess
 
 NO_INGRESS = "arn:aws:lambda:us-east-1:aws:network-connector:aws-network-connector:NO_INGRESS"
 
+# Also run on a cluster of API replicas and host agents (tests/conftest.py).
+CLUSTER_TESTED = True
+
 
 def _all_ports_token(server: ServerProcess, vm: dict[str, Any]) -> str:
     return auth_token(server.client(), vm["microvmId"], [{"allPorts": {}}])

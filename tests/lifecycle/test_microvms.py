@@ -29,6 +29,9 @@ from tests.support.images import (
 from tests.support.moto import MotoServer
 from tests.support.server import ServerProcess
 
+# Also run on a cluster of API replicas and host agents (tests/conftest.py).
+CLUSTER_TESTED = True
+
 
 def test_two_microvms_share_the_snapshot_but_not_their_state(
     server: ServerProcess, sample_image: str

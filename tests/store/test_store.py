@@ -158,6 +158,33 @@ def test_concurrent_writers_of_one_quota_cannot_both_win(store_url: str) -> None
             opened.close()
 
 
+def test_servers_starting_together_on_an_empty_database_migrate_it_once(store_url: str) -> None:
+    """Four servers open one empty database at the same moment (a cluster's agents starting): one
+    migrates, the others wait and find it done, none fails on a table that is already there."""
+    barrier = threading.Barrier(4)
+    opened: list[Store] = []
+    failures: list[BaseException] = []
+
+    def open_store() -> None:
+        barrier.wait()
+        try:
+            opened.append(Store(store_url))
+        except BaseException as error:
+            failures.append(error)
+
+    threads = [threading.Thread(target=open_store) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert failures == []
+        assert {s.read(lambda tx: tx.meta.get("schema_version")) for s in opened} == {str(len(MIGRATIONS))}
+    finally:
+        for store in opened:
+            store.close()
+
+
 def test_an_old_sqlite_database_is_migrated_and_its_resume_becomes_a_state(tmp_path: Path) -> None:
     path = tmp_path / "openmicrovm.db"
     old = sqlite3.connect(path)

@@ -64,10 +64,15 @@ class ServerProcess:
         settings: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
         database_url: str | None = None,
+        role: str = "serve",
+        args: list[str] | None = None,
     ) -> None:
         """database_url: the server's database (settings' database_url, which `openmicrovm cleanup`
-        reads too); without it, the server's own SQLite file in data_dir."""
+        reads too); without it, the server's own SQLite file in data_dir. role: "serve" (the API on
+        `port`), or "agent" (a host agent whose relay listens on `port`); args: more flags."""
         self.data_dir = data_dir
+        self.role = role
+        self.args = list(args or [])
         self.port = free_port()
         self.settings = dict(settings or {})
         if database_url is not None:
@@ -98,11 +103,10 @@ class ServerProcess:
                     sys.executable,
                     "-m",
                     "openmicrovm",
-                    "serve",
-                    "--port",
-                    str(self.port),
+                    *self._role_args(),
                     "--data-dir",
                     str(self.data_dir),
+                    *self.args,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -121,6 +125,11 @@ class ServerProcess:
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError(f"server did not listen within {timeout}s:\n{self.log()}")
+
+    def _role_args(self) -> list[str]:
+        if self.role == "agent":
+            return ["agent", "--advertise-url", f"http://127.0.0.1:{self.port}"]
+        return ["serve", "--port", str(self.port)]
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -203,8 +212,9 @@ class ServerProcess:
 
 class DatabaseBackend:
     """Where the servers of a test keep their records: "sqlite" (each server's own file in its data
-    dir, the server's default) or "postgresql" (a fresh database per server on the session's cluster,
-    dropped when the server is done with)."""
+    dir, the server's default), "postgresql" (a fresh database per server on the session's cluster,
+    dropped when the server is done with), or "cluster": the "server" is then a cluster of API
+    replicas and host agents on a fresh PostgreSQL database (tests/support/cluster.py)."""
 
     def __init__(self, name: str, cluster: PostgresCluster | None = None) -> None:
         self.name = name
@@ -228,7 +238,14 @@ class DatabaseBackend:
         """A ServerProcess on a database of its own, not started yet. On leaving, it is stopped, the
         sandboxes it left are cleaned up, and its database is dropped."""
         database_url = self.create_database()
-        process = ServerProcess(data_dir, settings, env=env, database_url=database_url)
+        process: Any
+        if self.name == "cluster":
+            from tests.support.cluster import ClusterUnderTest
+
+            assert database_url is not None
+            process = ClusterUnderTest(data_dir, database_url, settings, env, hosts=3)
+        else:
+            process = ServerProcess(data_dir, settings, env=env, database_url=database_url)
         try:
             yield process
         finally:

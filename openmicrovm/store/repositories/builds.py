@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from openmicrovm.states import BUILD_MOVES, UNFINISHED_BUILD_STATES, BuildState
-from openmicrovm.store.connection import Connection, Row, placeholders
+from openmicrovm.store.connection import Connection, Row, placeholders, scalar
 from openmicrovm.store.records import Build, BuildJob
 from openmicrovm.store.repositories.moves import KEEP, count_by_state, move
 
@@ -32,6 +32,7 @@ def _build(row: Row) -> Build:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         artifacts=json.loads(row["artifacts"]) if row["artifacts"] else None,
+        host_id=row["host_id"],
     )
 
 
@@ -98,11 +99,65 @@ class BuildsRepository:
         rows = self.connection.all(sql + " ORDER BY created_at, build_id LIMIT ?", [*params, limit])
         return [_build(row) for row in rows]
 
-    def unfinished_ids(self) -> list[str]:
+    def unfinished_ids(self, host_id: str | None = None) -> list[str]:
+        """Builds not finished yet: all of them, or those a host has taken."""
+        states = [state.value for state in UNFINISHED_BUILD_STATES]
+        sql = f"SELECT build_id FROM builds WHERE state IN ({placeholders(len(states))})"
+        if host_id is not None:
+            sql += " AND host_id = ?"
+            states.append(host_id)
+        rows = self.connection.all(sql + " ORDER BY created_at", states)
+        return [row["build_id"] for row in rows]
+
+    def unclaimed_ids(self, architectures: list[str], limit: int) -> list[str]:
+        """Unfinished builds for these architectures that no host holds (new ones, and those of a
+        lost host), oldest first."""
+        if not architectures or limit <= 0:
+            return []
         states = [state.value for state in UNFINISHED_BUILD_STATES]
         rows = self.connection.all(
-            f"SELECT build_id FROM builds WHERE state IN ({placeholders(len(states))}) ORDER BY created_at",
+            f"SELECT build_id FROM builds WHERE state IN ({placeholders(len(states))}) AND host_id IS NULL "
+            f"AND architecture IN ({placeholders(len(architectures))}) ORDER BY created_at LIMIT ?",
+            (*states, *architectures, limit),
+        )
+        return [row["build_id"] for row in rows]
+
+    def unclaimed_architectures(self) -> set[str]:
+        states = [state.value for state in UNFINISHED_BUILD_STATES]
+        rows = self.connection.all(
+            f"SELECT DISTINCT architecture FROM builds WHERE host_id IS NULL "
+            f"AND state IN ({placeholders(len(states))})",
             states,
+        )
+        return {row["architecture"] for row in rows}
+
+    def claim(self, build_id: str, host_id: str) -> bool:
+        """Take an unfinished build no host holds: True when this host got it."""
+        states = [state.value for state in UNFINISHED_BUILD_STATES]
+        changed = self.connection.execute(
+            f"UPDATE builds SET host_id = ? WHERE build_id = ? AND host_id IS NULL "
+            f"AND state IN ({placeholders(len(states))})",
+            (host_id, build_id, *states),
+        )
+        return changed == 1
+
+    def running_on(self, host_id: str) -> int:
+        """How many builds a host holds and has not finished."""
+        states = [state.value for state in UNFINISHED_BUILD_STATES]
+        return scalar(
+            self.connection,
+            f"SELECT COUNT(*) FROM builds WHERE host_id = ? AND state IN ({placeholders(len(states))})",
+            (host_id, *states),
+        )
+
+    def release(self, host_id: str) -> list[str]:
+        """A lost host's unfinished builds are let go, for another host to take and start again
+        from the beginning (IN_PROGRESS → IN_PROGRESS, as after a restart)."""
+        states = [state.value for state in UNFINISHED_BUILD_STATES]
+        rows = self.connection.all(
+            f"UPDATE builds SET host_id = NULL WHERE host_id = ? "
+            f"AND state IN ({placeholders(len(states))}) RETURNING build_id",
+            (host_id, *states),
         )
         return [row["build_id"] for row in rows]
 
@@ -134,6 +189,10 @@ class BuildsRepository:
             params.append(architecture)
         rows = self.connection.all(sql + " AND artifacts IS NOT NULL", params)
         return [json.loads(row["artifacts"]) for row in rows]
+
+    def successful(self) -> list[Build]:
+        rows = self.connection.all("SELECT * FROM builds WHERE state = ?", (BuildState.SUCCESSFUL.value,))
+        return [_build(row) for row in rows]
 
     def all_successful_artifacts(self) -> list[dict[str, Any]]:
         rows = self.connection.all(

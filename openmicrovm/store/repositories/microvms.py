@@ -36,6 +36,8 @@ def _microvm(row: Row) -> Microvm:
         suspended_ttl_seconds=row["suspended_ttl_seconds"],
         auto_resume=bool(row["auto_resume"]),
         config=json.loads(row["config"]),
+        host_id=row["host_id"],
+        admission_mib=row["admission_mib"],
     )
 
 
@@ -56,14 +58,16 @@ class MicrovmsRepository:
         maximum_duration_seconds: float,
         idle_policy: dict[str, Any] | None,
         config: dict[str, Any],
+        host_id: str | None = None,
+        admission_mib: int = 0,
     ) -> Microvm:
-        """A new PENDING MicroVM; its timers start now."""
+        """A new PENDING MicroVM on a host; its timers start now."""
         now = self.clock()
         row = self.connection.one(
             "INSERT INTO microvms (id, account, region, image_arn, image_version, state, state_reason, "
             "state_changed_at, endpoint, memory_mib, started_at, terminated_at, deadline_at, last_activity_at, "
-            "suspended_at, max_idle_seconds, suspended_ttl_seconds, auto_resume, config) "
-            "VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, NULL, ?, ?, NULL, ?, ?, ?, ?) RETURNING *",
+            "suspended_at, max_idle_seconds, suspended_ttl_seconds, auto_resume, config, host_id, admission_mib) "
+            "VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, NULL, ?, ?, NULL, ?, ?, ?, ?, ?, ?) RETURNING *",
             (
                 microvm_id,
                 account,
@@ -81,6 +85,8 @@ class MicrovmsRepository:
                 idle_policy["suspendedDurationSeconds"] if idle_policy else None,
                 1 if idle_policy and idle_policy["autoResumeEnabled"] else 0,
                 json.dumps(config),
+                host_id,
+                admission_mib,
             ),
         )
         assert row is not None
@@ -150,9 +156,31 @@ class MicrovmsRepository:
             params.append(image_version)
         return scalar(self.connection, sql, params)
 
-    def live(self) -> list[Microvm]:
-        rows = self.connection.all(f"SELECT * FROM microvms WHERE {_LIVE_IN}", _LIVE)
-        return [_microvm(row) for row in rows]
+    def live(self, host_id: str | None = None) -> list[Microvm]:
+        """Live MicroVMs: all of them, or those on one host."""
+        sql, params = f"SELECT * FROM microvms WHERE {_LIVE_IN}", list(_LIVE)
+        if host_id is not None:
+            sql += " AND host_id = ?"
+            params.append(host_id)
+        return [_microvm(row) for row in self.connection.all(sql, params)]
+
+    def adopt_unplaced(self, host_id: str) -> int:
+        """MicroVMs from before hosts existed (host_id NULL) become this host's: the one-host
+        server that wrote them is the one starting now."""
+        return self.connection.execute("UPDATE microvms SET host_id = ? WHERE host_id IS NULL", (host_id,))
+
+    def host_of(self, microvm_id: str) -> str | None:
+        return scalar(self.connection, "SELECT host_id FROM microvms WHERE id = ?", (microvm_id,))
+
+    def starting_mib_by_host(self) -> dict[str, int]:
+        """Per host, the snapshot memory of MicroVMs placed there and not yet RUNNING: taken since
+        the host last said how much it has free, so placement counts it against the host."""
+        rows = self.connection.all(
+            "SELECT host_id, COALESCE(SUM(admission_mib), 0) AS mib FROM microvms "
+            "WHERE state IN (?, ?) AND host_id IS NOT NULL GROUP BY host_id",
+            (MicrovmState.PENDING.value, MicrovmState.RESUMING.value),
+        )
+        return {row["host_id"]: row["mib"] for row in rows}
 
     def past_deadline(self, now: float) -> list[Microvm]:
         """Live MicroVMs (not yet terminating) past their maximum duration."""
