@@ -215,12 +215,14 @@ class Dispatcher:
                 self.service.read, lambda tx: tx.builds.of_version(image_arn, version_number)
             )
         ids = [build.build_id for build in builds]
+        if self.local is not None:
+            # This host's disk is free before the version is gone (and before the wake-up below,
+            # which this host's agent hears too, finds nothing left to do here).
+            await self.local.builds.forget_builds(ids)
         if self.shared:
             # A NOTIFY payload holds under 8000 bytes: a hundred build ids at a time.
             for start in range(0, len(ids), 100):
                 await self._broadcast(wakeups.message(wakeups.FORGET_BUILDS, *ids[start : start + 100]))
-        if self.local is not None:
-            await self.local.builds.forget_builds(ids)
         if version_number is None:
             await self.service.persist(version_records.image_deleted, self.service, image_arn)
         else:

@@ -45,17 +45,24 @@ async def _request(
         if not greeting.startswith(wire.GREETING):
             raise wire.RelayError(f"not an openmicrovm agent: {greeting[:40]!r}")
         challenge = greeting[len(wire.GREETING) :].decode()
+        request = dict(request, nonce=wire.new_challenge())
         signed = dict(request, proof=wire.proof(secret, challenge, request))
         writer.write(wire.json_line(signed))
         answer = await wire.read_json(reader)
     except (wire.RelayError, UnicodeDecodeError, ConnectionError, OSError) as error:
         writer.transport.abort()
         raise DriverError(f"the host agent at {advertise_url} broke off: {error}") from None
+    error = answer.get("error")
+    if error != wire.DENIED and not wire.answer_proven(secret, challenge, request["nonce"], answer):
+        writer.transport.abort()
+        raise DriverError(
+            f"whatever answers at {advertise_url} could not prove the cluster secret: it is not a host "
+            "agent of this cluster"
+        )
     if answer.get("ok") is True:
         return reader, writer, answer
     writer.transport.abort()
-    message = str(answer.get("message") or answer.get("error"))
-    error = answer.get("error")
+    message = str(answer.get("message") or error)
     if error == wire.PORT_NOT_LISTENING:
         raise PortNotListening(message)
     if error == wire.TOO_MANY_CONNECTIONS:

@@ -7,7 +7,8 @@
 
 The proof is HMAC-SHA256 over the challenge and the request, keyed with the cluster secret: only
 a process that knows the secret gets past the first line, and a recorded request is worth
-nothing on another connection. The bytes that follow are not encrypted: run agents on a private
+nothing on another connection. The agent proves the secret back over the replica's nonce and its
+answer, so that a replica never relays a client's bytes to a stranger at an agent's address. The bytes that follow are not encrypted: run agents on a private
 network (as the deployment files do) or reach them through a tunnel.
 """
 
@@ -55,6 +56,17 @@ def proof(secret: bytes, challenge: str, request: dict[str, Any]) -> str:
 def proven(secret: bytes, challenge: str, request: dict[str, Any]) -> bool:
     offered = request.get("proof")
     return isinstance(offered, str) and hmac.compare_digest(offered, proof(secret, challenge, request))
+
+
+def answer_proof(secret: bytes, challenge: str, nonce: str, answer: dict[str, Any]) -> str:
+    """The agent's side: the same secret, over the replica's nonce (fresh per connection)."""
+    return proof(secret, f"agent\n{challenge}\n{nonce}", answer)
+
+
+def answer_proven(secret: bytes, challenge: str, nonce: str, answer: dict[str, Any]) -> bool:
+    offered = answer.get("proof")
+    expected = answer_proof(secret, challenge, nonce, answer)
+    return isinstance(offered, str) and hmac.compare_digest(offered, expected)
 
 
 async def read_line(reader: asyncio.StreamReader) -> bytes:

@@ -33,6 +33,28 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         writer.transport.abort()
 
 
+class _Answers:
+    """The agent's answer line on one proven connection, signed over the replica's nonce."""
+
+    def __init__(self, secret: bytes, challenge: str, nonce: str, writer: asyncio.StreamWriter) -> None:
+        self.secret = secret
+        self.challenge = challenge
+        self.nonce = nonce
+        self.writer = writer
+
+    def _write(self, answer: dict[str, Any]) -> None:
+        proof = wire.answer_proof(self.secret, self.challenge, self.nonce, answer)
+        self.writer.write(wire.json_line(dict(answer, proof=proof)))
+
+    def accept(self, **fields: Any) -> None:
+        self._write({"ok": True, **fields})
+
+    async def refuse(self, error: str, message: str) -> None:
+        self._write({"ok": False, "error": error, "message": message})
+        with contextlib.suppress(ConnectionError, OSError):
+            await self.writer.drain()
+
+
 class RelayServer:
     def __init__(self, engine: MicrovmEngine, logs: LogStore, secret: bytes) -> None:
         self.engine = engine
@@ -60,10 +82,10 @@ class RelayServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._connections.add(writer)
         try:
-            request = await self._authenticate(reader, writer)
-            if request is not None:
-                await self._dispatch(request, reader, writer)
-        except wire.RelayError as error:
+            proven = await self._authenticate(reader, writer)
+            if proven is not None:
+                await self._dispatch(*proven, reader, writer)
+        except (wire.RelayError, ValueError, TypeError) as error:
             log.info("relay connection refused: %s", error)
         except (ConnectionError, OSError):
             pass
@@ -73,7 +95,7 @@ class RelayServer:
 
     async def _authenticate(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> dict[str, Any] | None:
+    ) -> tuple[dict[str, Any], _Answers] | None:
         if self._unproven >= MAX_UNPROVEN:
             return None
         self._unproven += 1
@@ -90,31 +112,29 @@ class RelayServer:
                 )
             )
             raise wire.RelayError("a request without a valid proof of the cluster secret")
-        return request
+        return request, _Answers(self.secret, challenge, str(request.get("nonce", "")), writer)
 
     async def _dispatch(
-        self, request: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        request: dict[str, Any],
+        answers: _Answers,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
     ) -> None:
         op, microvm_id = request.get("op"), str(request.get("microvm", ""))
         if op == "connect":
-            await self._connect(microvm_id, int(request.get("port", 0)), reader, writer)
+            await self._connect(microvm_id, int(request.get("port", 0)), answers, reader, writer)
         elif op == "logs":
-            await self._logs(str(request.get("stream", "")), request, writer)
+            await self._logs(str(request.get("stream", "")), request, answers, writer)
         elif op == "shell":
-            await self._shell(
-                microvm_id, int(request.get("rows", 24)), int(request.get("cols", 80)), reader, writer
-            )
+            rows, cols = int(request.get("rows", 24)), int(request.get("cols", 80))
+            await self._shell(microvm_id, rows, cols, answers, reader, writer)
         else:
-            writer.write(
-                wire.json_line({"ok": False, "error": wire.UNREACHABLE, "message": f"unknown op {op!r}"})
-            )
+            await answers.refuse(wire.UNREACHABLE, f"unknown op {op!r}")
 
-    async def _refuse(self, writer: asyncio.StreamWriter, error: str, message: str) -> None:
-        writer.write(wire.json_line({"ok": False, "error": error, "message": message}))
-        with contextlib.suppress(ConnectionError, OSError):
-            await writer.drain()
-
-    async def _logs(self, stream: str, request: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+    async def _logs(
+        self, stream: str, request: dict[str, Any], answers: _Answers, writer: asyncio.StreamWriter
+    ) -> None:
         """A chunk of one of this host's logs: its size on the first line, then the JSON."""
         try:
             self.logs.path(stream)  # refuses a stream name that is not a build's or a MicroVM's
@@ -122,24 +142,30 @@ class RelayServer:
                 self.logs.read_from, stream, int(request.get("after", 0)), int(request.get("limit", 0))
             )
         except (ValueError, TypeError) as error:
-            return await self._refuse(writer, wire.UNREACHABLE, f"no such log: {error}")
+            return await answers.refuse(wire.UNREACHABLE, f"no such log: {error}")
         body = json.dumps(dataclasses.asdict(chunk)).encode()
-        writer.write(wire.json_line({"ok": True, "bytes": len(body)}) + body)
+        answers.accept(bytes=len(body))
+        writer.write(body)
         writer.close()  # flushes the chunk, then ends the connection: the replica reads to the end
         await writer.wait_closed()
 
     async def _connect(
-        self, microvm_id: str, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        microvm_id: str,
+        port: int,
+        answers: _Answers,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
     ) -> None:
         try:
             app_reader, app_writer = await self.engine.connect(microvm_id, port)
         except PortNotListening as error:
-            return await self._refuse(writer, wire.PORT_NOT_LISTENING, str(error))
+            return await answers.refuse(wire.PORT_NOT_LISTENING, str(error))
         except TooManyConnections as error:
-            return await self._refuse(writer, wire.TOO_MANY_CONNECTIONS, str(error))
+            return await answers.refuse(wire.TOO_MANY_CONNECTIONS, str(error))
         except (DriverError, OSError) as error:
-            return await self._refuse(writer, wire.UNREACHABLE, str(error))
-        writer.write(wire.json_line({"ok": True}))
+            return await answers.refuse(wire.UNREACHABLE, str(error))
+        answers.accept()
         try:
             await asyncio.gather(_pump(reader, app_writer), _pump(app_reader, writer))
         finally:
@@ -150,14 +176,15 @@ class RelayServer:
         microvm_id: str,
         rows: int,
         cols: int,
+        answers: _Answers,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
     ) -> None:
         try:
             session = await self.engine.open_shell(microvm_id, rows, cols)
         except (DriverError, OSError) as error:
-            return await self._refuse(writer, wire.UNREACHABLE, str(error))
-        writer.write(wire.json_line({"ok": True}))
+            return await answers.refuse(wire.UNREACHABLE, str(error))
+        answers.accept()
         output = asyncio.ensure_future(self._shell_output(session, writer))
         try:
             while (received := await wire.read_frame(reader)) is not None:

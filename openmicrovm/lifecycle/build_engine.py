@@ -179,8 +179,11 @@ class BuildEngine:
             running = self._running.get(build_id)
             if running is not None:
                 running.cancel()
-            await delete_build_outputs_async(self.output_dir(build_id))
-            self.logs.delete(f"builds/{build_id}")
+            try:
+                await delete_build_outputs_async(self.output_dir(build_id))
+                self.logs.delete(f"builds/{build_id}")
+            except OSError as error:  # one build's leftovers must not keep the others
+                log.warning("freeing the outputs of build %s: %s", build_id, error)
 
     def versions_on_disk(self, builds: list[Build]) -> list[tuple[str, int]]:
         """(image ARN, version number) of the successful builds whose outputs are on this host."""
