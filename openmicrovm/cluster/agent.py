@@ -28,6 +28,7 @@ from openmicrovm.runtime.driver import SandboxDriver
 from openmicrovm.service.core import Service
 from openmicrovm.states import MicrovmState
 from openmicrovm.store import StoreUnavailable, Tx
+from openmicrovm.store.postgres import PostgresListener
 from openmicrovm.store.records import Host
 
 log = logging.getLogger("openmicrovm.agent")
@@ -82,7 +83,7 @@ class HostAgent:
         self.fence_reason = ""
         self._renewed_at = 0.0
         self._tasks: list[asyncio.Task[None]] = []
-        self._listener: Any = None
+        self._listener: PostgresListener | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._claiming = False
 
@@ -131,7 +132,7 @@ class HostAgent:
 
     async def close(self) -> None:
         if self._listener is not None:
-            self._listener.close()
+            await asyncio.to_thread(self._listener.close)  # joins its thread: not on the loop
         if self.shared and not self.fenced.is_set():
             with contextlib.suppress(Exception):  # the database may be away: the lease then lapses
                 await self.service.commit(lambda tx: tx.hosts.withdraw(self.host_id, self.incarnation))

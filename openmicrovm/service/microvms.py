@@ -234,22 +234,31 @@ def list_microvms(service: Service, context: RequestContext, params: Params) -> 
     return {"items": items, "nextToken": token}
 
 
+def _must_move(microvm: Microvm, verb: str, source: MicrovmState, *reached: MicrovmState) -> bool:
+    """The guard of Suspend and Resume: True when the MicroVM is in `source` and must move; False
+    when it is on its way or there already (nothing to do); an error for any other state."""
+    state = microvm.state
+    if state in (MicrovmState.TERMINATING, MicrovmState.TERMINATED):
+        raise ValidationError(terminated_message(microvm.id))
+    if state in reached:
+        return False
+    if state is not source:
+        raise ConflictError(
+            f"The MicroVM {microvm.id} is {state.wire} and cannot be {verb} until it is {source.wire}.",
+            resourceId=microvm.id,
+            resourceType="Microvm",
+        )
+    return True
+
+
 @operation("SuspendMicrovm")
 def suspend_microvm(service: Service, context: RequestContext, params: Params) -> Result:
     def perform(tx: Tx) -> None:
         microvm = load_microvm(tx, context, params["microvmIdentifier"])
-        state = microvm.state
-        if state in (MicrovmState.TERMINATING, MicrovmState.TERMINATED):
-            raise ValidationError(terminated_message(microvm.id))
-        if state in (MicrovmState.SUSPENDING, MicrovmState.SUSPENDED):
-            return
-        if state is not MicrovmState.RUNNING:
-            raise ConflictError(
-                f"The MicroVM {microvm.id} is {state.wire} and cannot be suspended until it is RUNNING.",
-                resourceId=microvm.id,
-                resourceType="Microvm",
-            )
-        request_suspend(service, microvm.id)
+        if _must_move(
+            microvm, "suspended", MicrovmState.RUNNING, MicrovmState.SUSPENDING, MicrovmState.SUSPENDED
+        ):
+            request_suspend(service, microvm.id)
 
     service.transact(perform)
     return {}
@@ -271,17 +280,10 @@ def request_suspend(service: Service, microvm_id: str) -> bool:
 def resume_microvm(service: Service, context: RequestContext, params: Params) -> Result:
     def perform(tx: Tx) -> None:
         microvm = load_microvm(tx, context, params["microvmIdentifier"])
-        state = microvm.state
-        if state in (MicrovmState.TERMINATING, MicrovmState.TERMINATED):
-            raise ValidationError(terminated_message(microvm.id))
-        if state in (MicrovmState.RUNNING, MicrovmState.RESUMING):
+        if not _must_move(
+            microvm, "resumed", MicrovmState.SUSPENDED, MicrovmState.RESUMING, MicrovmState.RUNNING
+        ):
             return
-        if state is not MicrovmState.SUSPENDED:
-            raise ConflictError(
-                f"The MicroVM {microvm.id} is {state.wire} and cannot be resumed until it is SUSPENDED.",
-                resourceId=microvm.id,
-                resourceType="Microvm",
-            )
         # Recorded before answering, so that a restart finishes a resume that was acknowledged.
         begin_resume(service, microvm.id)
         service.after_commit(tx, lambda: service.microvms.schedule_resume(microvm.id))

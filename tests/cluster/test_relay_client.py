@@ -66,9 +66,7 @@ def test_an_agent_that_proves_the_secret_is_believed_and_its_refusals_mean_what_
     async def scenario() -> None:
         server, _ = await _agent(signed({"ok": True}))
         async with server:
-            _, writer = await open_relay(
-                _url(server), SECRET, {"op": "connect", "microvm": "m", "port": 1}
-            )
+            _, writer = await open_relay(_url(server), SECRET, {"op": "connect", "microvm": "m", "port": 1})
             writer.close()
         refusal = {"ok": False, "error": wire.PORT_NOT_LISTENING, "message": "nothing listens on port 1"}
         server, _ = await _agent(signed(refusal))

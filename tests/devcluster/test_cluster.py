@@ -74,6 +74,24 @@ class Up:
     def state(self) -> dict[str, Any]:
         return json.loads((self.directory / "cluster.json").read_text())
 
+    def stop_leftovers(self) -> None:
+        """After a test, whatever it left: `up` SIGTERMed (killed if it hangs), then `down` and a
+        sweep of its namespaces and links."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(STOP_TIMEOUT_SECONDS)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if (self.directory / "cluster.json").exists():
+            subprocess.run(
+                [sys.executable, "-m", "openmicrovm.devcluster", "down", "--dir", str(self.directory)],
+                capture_output=True,
+                timeout=STOP_TIMEOUT_SECONDS,
+            )
+            network.sweep(network.Naming(self.state()["id"]))
+
 
 @pytest.fixture
 def start_up(tmp_path: Path) -> Iterator[Any]:
@@ -87,20 +105,7 @@ def start_up(tmp_path: Path) -> Iterator[Any]:
 
     yield start
     for up in started:
-        if up.process.poll() is None:
-            up.process.terminate()
-            try:
-                up.process.wait(STOP_TIMEOUT_SECONDS)
-            except subprocess.TimeoutExpired:
-                up.process.kill()
-                up.process.wait()
-        if (up.directory / "cluster.json").exists():
-            subprocess.run(
-                [sys.executable, "-m", "openmicrovm.devcluster", "down", "--dir", str(up.directory)],
-                capture_output=True,
-                timeout=STOP_TIMEOUT_SECONDS,
-            )
-            network.sweep(network.Naming(up.state()["id"]))
+        up.stop_leftovers()
 
 
 def recorded_processes(state: dict[str, Any]) -> list[processes.ProcessIdentity]:

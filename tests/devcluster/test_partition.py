@@ -8,7 +8,6 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -67,24 +66,10 @@ def up_cluster(tmp_path: Path) -> Iterator[Up]:
     try:
         yield up
     finally:
-        state_path = up.directory / "cluster.json"
-        state = up.state() if state_path.exists() else None
-        for agent in (state or {}).get("agents", []):
+        state = up.state() if (up.directory / "cluster.json").exists() else {}
+        for agent in state.get("agents", []):
             subprocess.run(["ip", "link", "set", agent["link"], "up"], capture_output=True, timeout=30)
-        if up.process.poll() is None:
-            up.process.terminate()
-            try:
-                up.process.wait(STOP_TIMEOUT_SECONDS)
-            except subprocess.TimeoutExpired:
-                up.process.kill()
-                up.process.wait()
-        if state is not None:
-            subprocess.run(
-                [sys.executable, "-m", "openmicrovm.devcluster", "down", "--dir", str(up.directory)],
-                capture_output=True,
-                timeout=STOP_TIMEOUT_SECONDS,
-            )
-            network.sweep(network.Naming(state["id"]))
+        up.stop_leftovers()
 
 
 def call_endpoint(endpoint_url: str, vm: dict[str, Any], token: str) -> RawResponse:
