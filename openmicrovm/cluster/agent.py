@@ -151,7 +151,9 @@ class HostAgent:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(max(0.0, min(interval, self._fence_at() - boot_clock())))
-            renewal = loop.create_task(self.service.run(self._renew))
+            # A thread of its own, not the store's queue: behind a burst of API calls that wait out a
+            # database outage, a renewal would otherwise wait its turn until the lease was gone.
+            renewal = loop.create_task(asyncio.to_thread(self._renew))
             done, _ = await asyncio.wait({renewal}, timeout=max(0.0, self._fence_at() - boot_clock()))
             if not done:
                 renewal.add_done_callback(lambda task: task.cancelled() or task.exception())
