@@ -1,6 +1,7 @@
 """Settings: built-in defaults, then the settings file, then OPENMICROVM_* environment variables.
 
-The settings file is TOML, found at --config, $OPENMICROVM_CONFIG, or <data dir>/settings.toml.
+The settings file is TOML, found at --config, $OPENMICROVM_CONFIG, <data dir>/settings.toml, or
+else the system-wide /etc/openmicrovm/openmicrovm.toml (the first of these that is given or exists).
 Every key is documented in the README; the environment variable for a key is OPENMICROVM_<KEY>
 in upper case (nested quota keys: OPENMICROVM_QUOTA_<NAME>).
 """
@@ -12,6 +13,12 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+# The settings file of a server run as a system service (deploy/openmicrovm.service), read when
+# no other is given or found, so that the service and every local user's CLI (which has no
+# --config and its own home) agree on the data dir and the artifact roots. Tests point
+# $OPENMICROVM_SYSTEM_CONFIG elsewhere, as they cannot write /etc.
+SYSTEM_CONFIG_FILE = Path("/etc/openmicrovm/openmicrovm.toml")
 
 
 def default_data_dir() -> Path:
@@ -245,15 +252,47 @@ def load_settings(
     if data_dir_hint is not None:
         settings = replace(settings, data_dir=Path(os.path.expanduser(str(data_dir_hint))))
     path = config_file or (Path(env["OPENMICROVM_CONFIG"]) if env.get("OPENMICROVM_CONFIG") else None)
-    if path is None and (settings.data_dir / "settings.toml").exists():
-        path = settings.data_dir / "settings.toml"
+    if path is None:
+        path = _found_settings_file(settings.data_dir, env)
     if path is not None:
         try:
             with open(path, "rb") as handle:
                 settings = _apply(settings, tomllib.load(handle), str(path))
         except FileNotFoundError:
             raise ValueError(f"settings file {path} does not exist") from None
+        except PermissionError:
+            raise ValueError(
+                f"settings file {path} cannot be read by this user: make it readable to the users "
+                f"who run openmicrovm (chmod 0644 {path}), or set OPENMICROVM_CONFIG to a settings "
+                "file this user can read"
+            ) from None
         except tomllib.TOMLDecodeError as error:
             raise ValueError(f"settings file {path} is not valid TOML: {error}") from None
+        except OSError as error:
+            raise ValueError(f"cannot read the settings file {path}: {error.strerror}") from None
     settings = _apply(settings, from_env, "environment")
     return _apply(settings, explicit, "command line")
+
+
+def system_config_file(environ: dict[str, str] | None = None) -> Path:
+    """The system-wide settings file: $OPENMICROVM_SYSTEM_CONFIG, else SYSTEM_CONFIG_FILE."""
+    override = (os.environ if environ is None else environ).get("OPENMICROVM_SYSTEM_CONFIG")
+    return Path(override) if override else SYSTEM_CONFIG_FILE
+
+
+def _found_settings_file(data_dir: Path, environ: dict[str, str]) -> Path | None:
+    """<data dir>/settings.toml when it exists, else the system-wide file when it exists."""
+    own = data_dir / "settings.toml"
+    try:
+        if own.exists():
+            return own
+    except PermissionError:
+        # A data dir this user may not enter (a system service's, 0700): what it holds is the
+        # service's business; the system-wide file is the one meant for everyone.
+        pass
+    system = system_config_file(environ)
+    try:
+        return system if system.exists() else None
+    except PermissionError:
+        # /etc/openmicrovm itself closed to this user: reading the file says so, with what to do.
+        return system

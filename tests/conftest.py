@@ -44,6 +44,8 @@ def pytest_configure(config: pytest.Config) -> None:
     # Each server's database is its backend's choice, written in its settings file: a database URL
     # from the caller's shell must not send the servers (and `openmicrovm cleanup`) anywhere else.
     os.environ.pop("OPENMICROVM_DATABASE_URL", None)
+    # Nor may a host's system-wide settings file (/etc/openmicrovm/openmicrovm.toml) reach them.
+    os.environ["OPENMICROVM_SYSTEM_CONFIG"] = "/nonexistent/openmicrovm.toml"
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -192,10 +192,10 @@ def _within(path: str, roots: Sequence[str]) -> bool:
 
 def _open_allowed(location: ArtifactLocation, roots: Sequence[Path]) -> int:
     """Open a file:// artifact for reading, but only a regular file that really lies below one of
-    `roots` once every symlink and `..` is resolved. The check is made on what was opened (the
-    O_PATH descriptor's /proc path), so swapping a path component for a symlink between a check
-    and the open cannot redirect the read; O_PATH opens nothing (no device is touched) until the
-    check passed."""
+    `roots` once every symlink and `..` is resolved, and that has no other name (hard link). The
+    checks are made on what was opened (the O_PATH descriptor's /proc path and fstat), so swapping
+    a path component for a symlink between a check and the open cannot redirect the read; O_PATH
+    opens nothing (no device is touched) until the checks passed."""
     real_roots = [os.path.realpath(root) for root in roots]
     # Before touching the file system: a path outside every root is refused whether it exists or
     # not, so the refusal does not tell callers which host files exist.
@@ -210,7 +210,8 @@ def _open_allowed(location: ArtifactLocation, roots: Sequence[Path]) -> int:
             S3_NO_SUCH_KEY, f"The code artifact {location} does not exist or is not a regular file."
         ) from None
     try:
-        mode = os.fstat(handle).st_mode
+        info = os.fstat(handle)
+        mode = info.st_mode
         if stat.S_ISLNK(mode):
             raise _not_allowed(location, "it is a symlink")
         if not _within(os.readlink(f"/proc/self/fd/{handle}"), real_roots):
@@ -221,6 +222,12 @@ def _open_allowed(location: ArtifactLocation, roots: Sequence[Path]) -> int:
             raise BuildFailed.because(
                 S3_NO_SUCH_KEY, f"The code artifact {location} does not exist or is not a regular file."
             )
+        # A second name for a file elsewhere: in a directory other users may write to (a shared
+        # upload directory), a hard link would let them have a file they may not read, the
+        # server's or another user's, built into their image, where the kernel does not forbid
+        # such links (fs.protected_hardlinks=0). `openmicrovm deploy` never makes one.
+        if info.st_nlink > 1:
+            raise _not_allowed(location, "it has more than one hard link")
         # Reopening the O_PATH descriptor through /proc opens the very file that was checked.
         return os.open(f"/proc/self/fd/{handle}", os.O_RDONLY | os.O_CLOEXEC)
     finally:

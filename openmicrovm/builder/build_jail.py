@@ -90,6 +90,9 @@ class JailSpec:
     binds: list[Bind] = field(default_factory=list)
     environment: dict[str, str] = field(default_factory=dict)
     id_base: int = ID_BASE
+    # cgroup.procs files the launcher joins first, so that buildah and every RUN step are limited
+    # and killed with the build's cgroup (see SandboxDriver.job_cgroup); none: the caller's cgroup.
+    cgroup_procs: list[str] = field(default_factory=list)
 
     def encode(self) -> str:
         return json.dumps(asdict(self))
@@ -311,6 +314,9 @@ def _init(spec: JailSpec, argv: list[str]) -> None:
 
 
 def run(spec: JailSpec, argv: list[str]) -> int:
+    for procs in spec.cgroup_procs:
+        with open(procs, "w") as joining:
+            joining.write(str(os.getpid()))
     if spec.netns:
         with open(spec.netns) as netns:
             _check(_libc.setns(netns.fileno(), CLONE_NEWNET), "joining the build's network namespace")

@@ -79,7 +79,10 @@ class BuildahStore:
         return ["buildah", *storage, *args]
 
     def jail(
-        self, network: BuildNetwork | None = None, binds: Sequence[build_jail.Bind] = ()
+        self,
+        network: BuildNetwork | None = None,
+        binds: Sequence[build_jail.Bind] = (),
+        cgroup_procs: Sequence[str] = (),
     ) -> build_jail.JailSpec:
         environment = {"BUILDAH_ISOLATION": "chroot"}  # no daemon, no OCI runtime, works on cgroup v1 hosts
         all_binds = list(binds)
@@ -94,13 +97,19 @@ class BuildahStore:
             resolv_conf=str(network.resolv_conf) if network is not None else None,
             binds=all_binds,
             environment=environment,
+            cgroup_procs=list(cgroup_procs),
         )
 
     def command(
-        self, *args: str, network: BuildNetwork | None = None, binds: Sequence[build_jail.Bind] = ()
+        self,
+        *args: str,
+        network: BuildNetwork | None = None,
+        binds: Sequence[build_jail.Bind] = (),
+        cgroup_procs: Sequence[str] = (),
     ) -> list[str]:
-        """The host command line of `buildah <args>` in the jail (without network unless given)."""
-        return build_jail.command(self.jail(network, binds), self.buildah_argv(*args))
+        """The host command line of `buildah <args>` in the jail (without network unless given,
+        in the caller's cgroup unless `cgroup_procs` names others)."""
+        return build_jail.command(self.jail(network, binds, cgroup_procs), self.buildah_argv(*args))
 
     def shell_command(self, script: str, *arguments: str, binds: Sequence[build_jail.Bind] = ()) -> list[str]:
         """A shell script in the jail, where `buildah` runs on this storage with its flags."""
@@ -244,14 +253,15 @@ async def run_buildah(
     watchdog: Callable[[BuildahProcess], asyncio.Future[None]] | None = None,
     network: BuildNetwork | None = None,
     binds: Sequence[build_jail.Bind] = (),
+    cgroup_procs: Sequence[str] = (),
 ) -> CommandResult:
     """Run `buildah <args>` on `store` in the build jail; each output line goes to `on_line` as it
     arrives. With a `network`, the jail joins that build network (for `bud`, whose RUN steps and
-    pulls may reach out); without, it has none.
+    pulls may reach out); without, it has none. `cgroup_procs`: the cgroups it runs in.
 
     Cancelling the caller stops buildah and its children before the CancelledError propagates.
     """
-    argv = store.command(*args, network=network, binds=binds)
+    argv = store.command(*args, network=network, binds=binds, cgroup_procs=cgroup_procs)
     return await run_in_jail(argv, on_line=on_line, watchdog=watchdog)
 
 

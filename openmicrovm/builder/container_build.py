@@ -22,6 +22,7 @@ import asyncio
 import os
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from openmicrovm.builder import build_jail
@@ -152,10 +153,12 @@ async def build_image(
     pull_timeout: float = DEFAULT_PULL_TIMEOUT_SECONDS,
     build_timeout: float = DEFAULT_DOCKERFILE_TIMEOUT_SECONDS,
     egress_allow: tuple[IPNetwork, ...] = (),
+    cgroup_procs: Sequence[str] = (),
 ) -> str:
     """Build `context_dir/Dockerfile`; returns the image id. The image stays untagged: it is read
     once to make the version's root filesystem, and its layers stay behind as the build cache.
-    egress_allow: the private networks the build may reach (build_network.open_build_network)."""
+    egress_allow: the private networks the build may reach (build_network.open_build_network).
+    cgroup_procs: the cgroup (one cgroup.procs file per hierarchy) buildah and its RUN steps run in."""
     watch = _PullWatch(pull_timeout, build_timeout)
 
     def on_line(line: str) -> None:
@@ -201,6 +204,7 @@ async def build_image(
             watchdog=lambda process: asyncio.ensure_future(watch.watch(process)),
             network=network,
             binds=binds,
+            cgroup_procs=cgroup_procs,
         )
     finally:
         await run_to_completion(network.close())

@@ -59,6 +59,9 @@ logger = logging.getLogger(__name__)
 STAGES = ("fetch", "unpack", "build", "start", "ready", "snapshot", "validate")
 DEFAULT_HOOK_TIMEOUT_SECONDS = 30  # spec §4.5: "default reported 30 s"
 DEFAULT_APP_PORT = 8080
+# A Dockerfile build's memory limit (its cgroup): the MicroVM's own memory, but never less than this,
+# for package managers and compilers that need more while building than the app needs to run.
+BUILD_MEMORY_FLOOR_MIB = 4096
 _APP_LOG_CHUNK = 64 * 1024  # at most this much app output per relay into the build log
 
 LogSink = Callable[[str], None]
@@ -283,15 +286,22 @@ class _Build:
             await ensure_base_image(store, request.cache_dir, self.log)
         with self.stage("build.dockerfile", announce=False):
             dockerfile_text = (context_dir / "Dockerfile").read_text(errors="replace")
-            image_id = await build_image(
-                store,
-                context_dir,
-                request.work_dir / "image-id",
-                self.log,
-                pull_timeout=request.pull_timeout_seconds,
-                build_timeout=request.dockerfile_timeout_seconds,
-                egress_allow=request.egress_allow_networks,
-            )
+            memory_mib = max(request.memory_mib, BUILD_MEMORY_FLOOR_MIB)
+            cgroup = await self.driver.job_cgroup(f"build-{request.build_id}", memory_mib)
+            try:
+                image_id = await build_image(
+                    store,
+                    context_dir,
+                    request.work_dir / "image-id",
+                    self.log,
+                    pull_timeout=request.pull_timeout_seconds,
+                    build_timeout=request.dockerfile_timeout_seconds,
+                    egress_allow=request.egress_allow_networks,
+                    cgroup_procs=[str(path) for path in cgroup.procs_files()] if cgroup else (),
+                )
+            finally:
+                if cgroup is not None:  # whatever a RUN step left running dies with it
+                    await run_to_completion(cgroup.remove())
             config = await read_image_config(store, image_id, dockerfile_text)
         with self.stage("build.export", announce=False):
             export = await export_rootfs(store, image_id, rootfs, f"openmicrovm-export-{request.build_id}")

@@ -68,6 +68,12 @@ def _database_check(settings: Settings) -> Check:
         version = schema_version_of(url, settings.database_connect_timeout_seconds)
     except StoreError as error:
         return Check("database", FAIL, str(error))
+    except PermissionError:
+        return Check(
+            "database",
+            WARN,
+            f"{settings.data_dir} is not readable by this user; `sudo openmicrovm doctor` checks it",
+        )
     where = describe_url(url)
     if version > len(MIGRATIONS):
         return Check(

@@ -7,12 +7,15 @@ The runtime knows best which drivers can run (runtime.host.describe_host); when 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from openmicrovm.runtime import cgroup_scope
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 # Binary, Debian package, why it matters, and whether the server cannot work without it.
@@ -95,7 +98,8 @@ def driver_check(configured: str) -> Check:
         packages = tuple(sorted({p for state in available.values() for p in _packages(state)}))
         return Check(
             "sandbox driver",
-            FAIL,
+            # The server runs as root; a user's view of its drivers is only a hint.
+            FAIL if os.geteuid() == 0 else WARN,
             f"{chosen or 'none'} cannot run: {why or 'unknown driver'}; {others}",
             packages,
         )
@@ -124,7 +128,7 @@ def cgroup_check(root: Path = Path("/sys/fs/cgroup"), mounts_file: Path = Path("
             if (root / "cgroup.controllers").exists()
             else []
         )
-        return Check("cgroups", OK, f"v2 (unified) at {root}; controllers: {' '.join(controllers) or 'none'}")
+        return _v2_check(root, controllers)
     if v1:
         hybrid = types.get(str(root / "unified")) == "cgroup2"
         layout = (
@@ -133,14 +137,47 @@ def cgroup_check(root: Path = Path("/sys/fs/cgroup"), mounts_file: Path = Path("
         missing = {"memory", "cpu", "pids", "freezer"} - set(" ".join(v1).replace(",", " ").split())
         if missing:
             return Check("cgroups", FAIL, f"{layout}; missing controllers: {' '.join(sorted(missing))}")
-        return Check("cgroups", OK, f"{layout}; controllers: {' '.join(v1)}")
+        owner = (
+            "systemd runs here but does not delegate v1 hierarchies; sandboxes' cgroups are made "
+            "at each hierarchy's root (openmicrovm-*)"
+            if cgroup_scope.SYSTEMD_RUNTIME_DIR.is_dir()
+            else "not delegated: no systemd manages the tree, so sandboxes' cgroups are made at each "
+            "hierarchy's root (openmicrovm-*)"
+        )
+        return Check("cgroups", OK, f"{layout}; controllers: {' '.join(v1)}; {owner}")
     return Check(
         "cgroups", FAIL, "no cgroup file system is mounted; sandboxes need cgroups for limits and freezing"
     )
 
 
+def _v2_check(root: Path, controllers: list[str]) -> Check:
+    layout = f"v2 (unified) at {root}; controllers: {' '.join(controllers) or 'none'}"
+    missing = [c for c in cgroup_scope.CONTROLLERS if c not in controllers]
+    if missing:
+        return Check("cgroups", FAIL, f"{layout}; missing controllers: {' '.join(missing)}")
+    if not cgroup_scope.systemd_manages(root):
+        return Check(
+            "cgroups", OK, f"{layout}; not delegated: no systemd manages the tree, so sandboxes' cgroups "
+            "are made at its root (openmicrovm-*)",
+        )  # fmt: skip
+    if shutil.which("systemd-run") is None:
+        return Check(
+            "cgroups", FAIL, f"{layout}; systemd manages the tree, but systemd-run, which makes the "
+            "delegated scope for sandboxes, is missing (apt-get install systemd)",
+        )  # fmt: skip
+    return Check(
+        "cgroups", OK, f"{layout}; delegated: systemd manages the tree, and sandboxes go into a "
+        f"scope of their own with Delegate=yes ({cgroup_scope.SLICE}/openmicrovm-<data dir>.scope)",
+    )  # fmt: skip
+
+
 def _existing_ancestor(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
+    while path != path.parent:
+        # A directory this user may not enter (a root server's data dir) counts as not there: its
+        # nearest visible ancestor is most likely on the same file system.
+        with contextlib.suppress(PermissionError):
+            if path.exists():
+                return path
         path = path.parent
     return path
 

@@ -4,12 +4,20 @@ The zip is reproducible (sorted entries, fixed dates), so deploying an unchanged
 the same bytes under the same content-addressed name. It goes to S3 when a bucket is given,
 else to a local folder whose file:// URI the server, running on the same machine, may read: one
 of its setting artifact_file_roots (by default <data dir>/artifacts).
+
+A server run as a system service keeps its data dir to itself, so a user other than root writes
+into a shared upload directory among those roots instead (root-owned, mode 1733: anyone may add a
+file, nobody but root may list or delete others'). There the zip gets an unguessable name,
+created with O_EXCL and mode 0600: another user can neither read it, nor swap it between the
+upload and the build, nor plant a file or a symlink under the name beforehand.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
+import secrets
 import shutil
 import stat
 import tempfile
@@ -20,7 +28,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from openmicrovm.cli.connection import CliError
-from openmicrovm.config import load_settings
+from openmicrovm.config import load_settings, system_config_file
 
 _SKIPPED_DIRECTORIES = {".git", ".hg", ".svn"}
 _FIXED_DATE = (1980, 1, 1, 0, 0, 0)
@@ -70,10 +78,33 @@ def _digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _writable_dir(path: Path) -> bool:
+    """Whether this user can create files in `path`, an existing directory. A directory it may not
+    even look at (below a data dir of mode 0700) counts as not writable, not as an error."""
+    try:
+        is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+    except OSError:
+        return False
+    return is_dir and os.access(path, os.W_OK | os.X_OK)
+
+
+def _creatable(path: Path, any_depth: bool) -> bool:
+    """Whether `path` is missing and this user could make it: its nearest existing ancestor is
+    writable (only its parent when not `any_depth`)."""
+    if os.path.lexists(path):
+        return False
+    ancestor = path.parent
+    while any_depth and not os.path.lexists(ancestor) and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    return _writable_dir(ancestor)
+
+
 def artifact_dir(explicit: Path | None) -> Path:
     """--artifact-dir, $OPENMICROVM_ARTIFACT_DIR, else the first directory the server reads file://
-    artifacts from: the setting artifact_file_roots, by default <data dir>/artifacts (read the same
-    way the server reads them: $OPENMICROVM_CONFIG, <data dir>/settings.toml, the environment)."""
+    artifacts from that this user can write into: one of the setting artifact_file_roots, by
+    default <data dir>/artifacts (read the way the server reads them: $OPENMICROVM_CONFIG,
+    <data dir>/settings.toml, /etc/openmicrovm/openmicrovm.toml, the environment). A missing
+    directory is made only when it is the first of them, as the place meant for the CLI's zips."""
     if explicit is not None:
         return explicit
     if os.environ.get("OPENMICROVM_ARTIFACT_DIR"):
@@ -82,19 +113,59 @@ def artifact_dir(explicit: Path | None) -> Path:
         settings = load_settings()
     except ValueError as error:
         raise CliError(f"cannot read the server's settings to find its artifact dir: {error}", 2) from None
-    if settings.artifact_file_roots:
-        return settings.artifact_file_roots[0]  # configured on purpose: deploy may create it
-    data_dir = settings.data_dir
-    if data_dir.is_dir() and os.access(data_dir, os.W_OK):
-        return data_dir / "artifacts"
+    roots = settings.effective_artifact_file_roots
+    # A configured first root may be made with its parents; the default one only inside an
+    # existing data dir (a missing data dir means no server has run with it).
+    configured = bool(settings.artifact_file_roots)
+    for index, root in enumerate(roots):
+        if _writable_dir(root) or (index == 0 and _creatable(root, any_depth=configured)):
+            return root
     # No temp-dir fallback: the server would refuse a zip from there (and /tmp is shared).
+    if not configured and not os.path.lexists(settings.data_dir):
+        raise CliError(
+            f"no server data dir at {settings.data_dir}, so there is no artifact dir the server reads "
+            "zips from. Start `openmicrovm serve` first (or set OPENMICROVM_DATA_DIR to its data dir), "
+            "or pass --artifact-dir DIR and add DIR to the server's setting artifact_file_roots "
+            "(OPENMICROVM_ARTIFACT_FILE_ROOTS), or deploy through S3 with --bucket.",
+            2,
+        )
+    listed = ", ".join(str(root) for root in roots)
     raise CliError(
-        f"no server data dir at {data_dir}, so there is no artifact dir the server reads zips from. "
-        "Start `openmicrovm serve` first (or set OPENMICROVM_DATA_DIR to its data dir), or pass "
-        "--artifact-dir DIR and add DIR to the server's setting artifact_file_roots "
-        "(OPENMICROVM_ARTIFACT_FILE_ROOTS), or deploy through S3 with --bucket.",
+        f"this user can write to none of the directories the server reads zips from ({listed}). "
+        "A server run as a system service needs a shared upload directory among its "
+        "artifact_file_roots (root-owned, mode 1733; README: Run it as a system service) in "
+        f"{system_config_file()}, which every user's CLI reads; or pass --artifact-dir DIR for a "
+        "directory of those you can write to, or deploy through S3 with --bucket.",
         2,
     )
+
+
+def _shared(directory: Path) -> bool:
+    """Whether others may create files in `directory` too (a shared upload directory): it is
+    not this user's own, or its group or everyone may write to it."""
+    info = os.stat(directory)
+    return info.st_uid != os.geteuid() or bool(info.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+
+
+def _file_stem(name: str) -> str:
+    """The image name as the start of a file name: the zip is stored before the server sees (and
+    validates) the name, so a `/` or a leading dot in it must not lead out of the directory."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip(".") or "artifact"
+
+
+def _store_private(archive: Path, directory: Path, name: str) -> Path:
+    """Copy the zip into a shared directory under a fresh unguessable name, readable by its owner
+    (and root, the server) only. O_EXCL|O_NOFOLLOW: nothing another user put there is reused."""
+    target = directory / f"{_file_stem(name)}-{secrets.token_hex(16)}.zip"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    handle = os.open(target, flags, 0o600)
+    try:
+        with os.fdopen(handle, "wb") as out, open(archive, "rb") as source:
+            shutil.copyfileobj(source, out)
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    return target
 
 
 def package(folder: Path, name: str, bucket: str | None, s3: Any | None, local_dir: Path | None) -> str:
@@ -102,10 +173,10 @@ def package(folder: Path, name: str, bucket: str | None, s3: Any | None, local_d
     with tempfile.TemporaryDirectory(prefix="openmicrovm-deploy-") as scratch:
         archive = Path(scratch) / "artifact.zip"
         zip_folder(folder, archive)
-        file_name = f"{name}-{_digest(archive)[:16]}.zip"
+        digest = _digest(archive)
         if bucket is not None:
             assert s3 is not None
-            key = f"openmicrovm/{name}/{file_name}"
+            key = f"openmicrovm/{name}/{name}-{digest[:16]}.zip"
             try:
                 s3.upload_file(str(archive), bucket, key)
             except ClientError as error:
@@ -117,9 +188,14 @@ def package(folder: Path, name: str, bucket: str | None, s3: Any | None, local_d
         target_dir = artifact_dir(local_dir)
         try:
             target_dir.mkdir(parents=True, exist_ok=True)
-            target = target_dir / file_name
-            shutil.copyfile(archive, target)
-            target.chmod(0o644)  # the server may run as another user
+            if _shared(target_dir):
+                target = _store_private(archive, target_dir, name)
+            else:
+                # This user's own directory: a content-addressed name, so that redeploying an
+                # unchanged folder stores nothing new.
+                target = target_dir / f"{_file_stem(name)}-{digest[:16]}.zip"
+                shutil.copyfile(archive, target)
+                target.chmod(0o644)  # the server may run as another user
         except OSError as error:
             raise CliError(
                 f"cannot store the artifact in {target_dir}: {error}; try --artifact-dir with a "

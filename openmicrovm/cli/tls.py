@@ -25,7 +25,16 @@ def _init(args: argparse.Namespace) -> int:
 
 def _ca(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, {"data_dir": args.data_dir})
-    sys.stdout.write(ensure_ca(tls_dir(settings.data_dir)).read_text())
+    try:
+        sys.stdout.write(ensure_ca(tls_dir(settings.data_dir)).read_text())
+    except PermissionError:
+        print(
+            f"openmicrovm tls ca: {settings.data_dir} is not readable by this user. The CA certificate "
+            "is public: ask the server's administrator for <data dir>/tls/ca.pem, or run "
+            "`sudo openmicrovm tls ca`.",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -15,17 +15,18 @@ import contextlib
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from openmicrovm.private_files import write_private_file
 
-from . import agent_client, cgroups, names, netns, proc, rootfs
+from . import agent_client, cgroup_scope, cgroups, names, netns, proc, rootfs
 from .agent_client import AgentAddress
 from .driver import (
     AppStatus,
@@ -46,6 +47,9 @@ SNAPSHOT_FORMAT = 1
 RECORD_FILE = "record.json"
 SNAPSHOT_FILE = "snapshot.json"
 MIN_MEMORY_MIB = 64
+# Processes a job cgroup (a Dockerfile build: buildah, its RUN steps) may hold: room for parallel
+# compilers and package managers, not for a fork bomb.
+JOB_PIDS_MAX = 4096
 
 
 def spec_to_dict(spec: SandboxSpec) -> dict[str, Any]:
@@ -232,10 +236,12 @@ class BaseDriver(SandboxDriver):
             raise DriverError(
                 "the cgroup controllers memory, cpu, cpuacct, pids and freezer are not available"
             )
-        self.layout = layout
         self.state_root = state_root
         self.cache_dir = cache_dir
         self.scope = names.scope_for(state_root, self.name)
+        # Where systemd owns the cgroup v2 tree, ours is a delegated scope (made on first use).
+        self.delegated = cgroup_scope.for_host(layout.mounts.get("unified", Path()), self.scope)
+        self.layout = replace(layout, base=self.delegated.relative) if self.delegated else layout
         self.gate = MemoryGate(memory_reserve_mib)
         self.start_timeout = start_timeout
         self.exit_grace = exit_grace
@@ -281,6 +287,24 @@ class BaseDriver(SandboxDriver):
 
     def cgroup_of(self, sandbox: Sandbox) -> cgroups.Cgroup:
         return self.cgroup_for(self.names_of(sandbox))
+
+    async def create_cgroup(self, host: names.HostNames, limits: cgroups.Limits) -> cgroups.Cgroup:
+        """The sandbox's cgroup with its limits, below the delegated scope (made if need be)."""
+        return await self._create_cgroup(host.cgroup, limits)
+
+    async def _create_cgroup(self, relative: str, limits: cgroups.Limits) -> cgroups.Cgroup:
+        if self.delegated is not None and not self.delegated.exists():
+            await asyncio.to_thread(self.delegated.ensure)
+        cgroup = cgroups.Cgroup(self.layout, relative)
+        cgroup.create(limits)
+        return cgroup
+
+    async def job_cgroup(self, name: str, memory_mib: int) -> cgroups.Cgroup:
+        """See SandboxDriver.job_cgroup. Beside the sandboxes' cgroups: the startup sweep
+        (cleanup_strays) removes one a crash left behind, and with it what still runs inside."""
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+        limits = cgroups.Limits(memory_mib * MIB, float(os.cpu_count() or 1), JOB_PIDS_MAX)
+        return await self._create_cgroup(f"{names.cgroup_parent(self.scope)}/{safe}", limits)
 
     def lock(self, sandbox_id: str) -> asyncio.Lock:
         """Serialises state changes of one sandbox (suspend, resume, the disk tier, destroy)."""
@@ -619,4 +643,13 @@ class BaseDriver(SandboxDriver):
         await self.remove_orphans(keep_keys)
         if not keep_keys:
             cgroups.remove_parent_if_empty(self.layout, parent)
+            await self.release_scope()
         return removed
+
+    async def close(self) -> None:
+        await self.release_scope()
+
+    async def release_scope(self) -> None:
+        """End the delegated scope when it holds no sandbox any more (the keeper goes too)."""
+        if self.delegated is not None and not cgroups.children(self.layout, names.cgroup_parent(self.scope)):
+            await asyncio.to_thread(self.delegated.release)

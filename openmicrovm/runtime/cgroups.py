@@ -37,19 +37,31 @@ class Layout:
     version: int
     # v1: controller -> mount point of its hierarchy; v2: {"unified": root}
     mounts: dict[str, Path]
+    # Where our cgroups go below each root: "" where the tree is ours (v1, or v2 without systemd),
+    # else the cgroup systemd delegated to us (see cgroup_scope).
+    base: str = ""
 
     def dirs(self, relative: str) -> list[Path]:
         """One directory per distinct hierarchy (cpu and cpuacct may share one)."""
         seen: list[Path] = []
         for mount in self.mounts.values():
-            path = mount / relative
+            path = mount / self.base / relative
             if path not in seen:
                 seen.append(path)
         return seen
 
+    def everywhere(self, relative: str) -> list[Path]:
+        """`relative` in our hierarchies and, on v1, in every other mounted one: runtimes (runsc)
+        also create our paths in controllers we do not use (cpuset, devices, blkio, ...) and
+        leave them behind there. Pure v2 has one hierarchy."""
+        paths = self.dirs(relative)
+        if self.version == 1:
+            paths += [mount / relative for mount in all_hierarchies() if mount / relative not in paths]
+        return paths
+
     def controller_dir(self, controller: str, relative: str) -> Path:
         mount = self.mounts["unified"] if self.version == 2 else self.mounts[controller]
-        return mount / relative
+        return mount / self.base / relative
 
 
 def _v1_mounts(mountinfo: str) -> dict[str, Path]:
@@ -115,7 +127,7 @@ class Cgroup:
     @property
     def path(self) -> str:
         """The cgroup path as runtimes spell it (OCI linux.cgroupsPath)."""
-        return "/" + self.relative
+        return "/" + "/".join(part for part in (self.layout.base, self.relative) if part)
 
     def exists(self) -> bool:
         return any(path.is_dir() for path in self.layout.dirs(self.relative))
@@ -152,7 +164,7 @@ class Cgroup:
     def _enable_v2_controllers(self) -> None:
         # In v2 a controller works in a cgroup only when every ancestor delegates it.
         wanted = " ".join(f"+{c}" for c in V2_CONTROLLERS)
-        current = CGROUP_ROOT
+        current = self.layout.mounts["unified"] / self.layout.base
         for part in Path(self.relative).parts[:-1]:
             enabled = set((current / "cgroup.subtree_control").read_text().split())
             if not set(V2_CONTROLLERS) <= enabled:
@@ -279,9 +291,7 @@ class Cgroup:
         a crash leaves it behind. Directories a runtime made below it go too."""
         await self.kill_all(timeout)
         deadline = time.monotonic() + timeout
-        paths = self.layout.dirs(self.relative)
-        paths += [mount / self.relative for mount in all_hierarchies() if mount / self.relative not in paths]
-        for path in paths:
+        for path in self.layout.everywhere(self.relative):
             await _remove_tree(path, deadline)
 
 
@@ -335,11 +345,11 @@ def children(layout: Layout, parent: str) -> list[str]:
 
 def children_everywhere(layout: Layout, parent: str) -> list[str]:
     """Names of the cgroups directly below `parent` in every mounted hierarchy: ours and the ones
-    only runtimes create cgroups in (see all_hierarchies)."""
-    names: set[str] = set(children(layout, parent))
-    for mount in all_hierarchies():
+    only runtimes create cgroups in (see Layout.everywhere)."""
+    names: set[str] = set()
+    for path in layout.everywhere(parent):
         with contextlib.suppress(OSError):
-            names.update(entry.name for entry in (mount / parent).iterdir() if entry.is_dir())
+            names.update(entry.name for entry in path.iterdir() if entry.is_dir())
     return sorted(names)
 
 
@@ -373,12 +383,12 @@ def v1_controller_mount(controller: str) -> Path | None:
     return None
 
 
-def leftover_dirs(parent: str) -> list[Path]:
-    return [mount / parent for mount in all_hierarchies() if (mount / parent).is_dir()]
+def leftover_dirs(layout: Layout, parent: str) -> list[Path]:
+    return [path for path in layout.everywhere(parent) if path.is_dir()]
 
 
 def remove_parent_if_empty(layout: Layout, parent: str) -> None:
     """rmdir `parent` in every hierarchy where it has no children left (cheap; fails harmlessly)."""
-    for path in {*layout.dirs(parent), *(mount / parent for mount in all_hierarchies())}:
+    for path in layout.everywhere(parent):
         with contextlib.suppress(OSError):
             path.rmdir()

@@ -11,6 +11,10 @@ import abc
 import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .cgroups import Cgroup
 
 
 class DriverError(Exception):
@@ -214,6 +218,13 @@ class SandboxDriver(abc.ABC):
             if status.state in ("exited", "failed", "stopped"):
                 return status
             await asyncio.sleep(interval)
+
+    async def job_cgroup(self, name: str, memory_mib: int) -> Cgroup | None:
+        """A cgroup of its own for work the server runs beside its sandboxes (a Dockerfile build),
+        with a memory and pids limit, where this driver keeps its sandboxes' cgroups (so a crash's
+        leftovers are swept with theirs). The caller puts its processes in and removes it at the
+        end, which kills whatever is left inside. None: this driver keeps no cgroups."""
+        return None
 
     async def close(self) -> None:
         """Stop the driver's background work (timers, warm pools) and destroy what only that work

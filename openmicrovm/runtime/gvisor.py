@@ -398,8 +398,8 @@ class GVisorDriver(BaseDriver):
         return AgentAddress(open_socket, record_of(sandbox).token)
 
     async def _create_host_side(self, sandbox: Sandbox) -> None:
-        self.cgroup_of(sandbox).create(self.cgroup_limits(sandbox.spec, PIDS_HEADROOM))
         host = self.names_of(sandbox)
+        await self.create_cgroup(host, self.cgroup_limits(sandbox.spec, PIDS_HEADROOM))
         await netns.create_pair(host.netns, host.peer_netns, SANDBOX_CIDR, PEER_CIDR, SANDBOX_DEV, PEER_DEV)
 
     def _write_bundle(self, sandbox: Sandbox, agent_binary: Path) -> Path:
@@ -995,3 +995,4 @@ class GVisorDriver(BaseDriver):
         for sandbox_id in list(self._disk_timers):
             self._cancel_disk_tier(sandbox_id)
         await self.pool.close()
+        await super().close()

@@ -347,8 +347,7 @@ class ProcessDriver(BaseDriver):
         """Cold-start the sandbox on the writable layer in its state dir (fresh: an empty one)."""
         spec = sandbox.spec
         host = self.names_of(sandbox)
-        cgroup = self.cgroup_for(host)
-        cgroup.create(self.cgroup_limits(spec))
+        cgroup = await self.create_cgroup(host, self.cgroup_limits(spec))
         join = [*cgroup.procs_files(), *self._device_cgroup(host)]
         await netns.create(host.netns)
         await netns.call_in_namespace(host.netns, _open_low_ports)

@@ -1,52 +1,55 @@
-"""Installs a newer runsc (gVisor) than Debian 12 ships, from Debian 13's package, into the cache.
+"""Puts the pinned runsc (gVisor) into the server's cache dir, fetched through apt.
 
-    python -m openmicrovm.runtime.runsc_install        (as root; install.sh runs it)
+    python -m openmicrovm.runtime.runsc_install [--record FILE] [--apt-source FILE]
+                                                           (as root; install.sh runs it)
 
 Debian 12's runsc (0.0~20221219) runs only on the slow ptrace platform, and its checkpoint fails
 for every asyncio app (an epoll instance watching a listening socket). Debian 13 (trixie) ships
 0.0~20240729: two more years of checkpoint/restore fixes, a faster netstack and the systrap
-platform. runsc is a
-static Go binary, so the one in trixie's .deb runs on Debian 12 as it is. The steps:
+platform. runsc is a static Go binary with no dependencies, so trixie's build runs on Debian 12 as
+it is.
 
-  1. fetch dists/<suite>/InRelease and check its signature with gpgv against Debian's archive
-     keyring (Debian 12's debian-archive-keyring holds the trixie keys);
-  2. fetch main/binary-<arch>/Packages.xz (or .gz) and check its SHA256 against InRelease;
-  3. find the `runsc` stanza whose version starts with VERSION_PREFIX (pinned: a later gVisor
-     could change checkpoint formats or flags; moving the pin is a deliberate, tested change);
-  4. download pool/.../runsc_<version>_<arch>.deb and check its size and SHA256 against Packages;
-  5. take usr/bin/runsc out of it (dpkg-deb), check that `runsc --version` runs and says the
-     pinned version, and move it into <cache dir>/runsc/<Debian version>/runsc in one rename.
+Where it comes from is apt's business, so that the host's mirrors, proxies and keyrings apply:
+  - on Debian 12, install.sh adds a trixie source (APT_SOURCE) pinned at -1, so that apt knows
+    trixie's runsc but never installs or upgrades anything from trixie by itself. This module
+    refreshes apt's index of that one source (the host's other sources are left alone) and
+    `apt-get download`s the pinned version, which apt checks against the signed index;
+  - on Debian 13, apt's own runsc (/usr/bin/runsc, which install.sh installs) is the pinned
+    version: nothing is fetched.
 
-Nothing is written outside the cache dir and no package is installed, so apt's runsc (which the
-driver falls back on, and which restores snapshots made before the upgrade) stays as it is.
-Running it again is a no-op once the pinned version is in the cache, without network access.
-When the download is impossible (no mirror, a bad signature or checksum) it logs why and leaves
-the driver on the runsc it finds on PATH. It exits 0 either way, so that install.sh goes on: with
-no working runsc at all it says so, and the server's "auto" driver is then the process driver.
+The .deb is downloaded, not installed: installing it would replace /usr/bin/runsc, and a snapshot
+restores only with the runsc that made it, so snapshots made by the host's runsc would no longer
+restore (see runsc.py). Instead usr/bin/runsc is taken out of the .deb (dpkg-deb), checked to run
+and to say the pinned version, and moved into <cache dir>/runsc/<Debian version>/runsc in one
+rename, beside a source.json saying where it came from. Pinned rather than "trixie's newest": a
+later gVisor could change checkpoint formats or flags; moving the pin is a deliberate, tested
+change (install.sh names the same pin in its plan).
 
-Settings: the cache dir is the server's (settings file / $OPENMICROVM_CACHE_DIR); the mirror is
-$OPENMICROVM_DEBIAN_MIRROR or the one apt uses; $OPENMICROVM_RUNSC_SUITE and
-$OPENMICROVM_RUNSC_VERSION_PREFIX override the suite and the pin.
+Running it again is a no-op once the pinned version is in the cache, without network access. When
+it cannot fetch (no network, no trixie source, apt refuses a signature or checksum) it says why
+and leaves the driver on the runsc it finds on PATH. It exits 0 either way, so that install.sh
+goes on: with no working runsc at all it says so, and the server's "auto" driver is then the
+process driver.
+
+Settings: the cache dir is the server's (settings file / $OPENMICROVM_CACHE_DIR);
+$OPENMICROVM_RUNSC_VERSION_PREFIX overrides the pin.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
-import hashlib
 import json
 import logging
-import lzma
 import os
-import platform
+import pwd
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
-import urllib.error
-import urllib.request
-import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,15 +57,12 @@ from . import runsc as runsc_binaries
 
 log = logging.getLogger("openmicrovm.runtime.runsc_install")
 
-SUITE = "trixie"
 PACKAGE = "runsc"
 VERSION_PREFIX = "0.0~20240729."
-DEFAULT_MIRROR = "http://deb.debian.org/debian"
-KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
+# The trixie source install.sh writes on Debian 12 (its pin sits in /etc/apt/preferences.d/).
+APT_SOURCE = Path("/etc/apt/sources.list.d/openmicrovm-trixie.sources")
 SOURCE_FILE = "source.json"  # beside the binary: where it came from
-ATTEMPTS = 3
-TIMEOUT = 30.0
-_ARCHES = {"x86_64": "amd64", "aarch64": "arm64"}
+APT_TIMEOUT = 600.0
 
 
 class InstallError(Exception):
@@ -77,110 +77,40 @@ class Package:
     sha256: str
 
 
+@dataclass(frozen=True)
+class Apt:
+    """How apt is called: the host's configuration plus `options` (`-o Name=value` pairs), which
+    the tests use to point apt at a repository and a state of their own."""
+
+    options: tuple[str, ...] = ()
+
+    def run(self, tool: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        argv = [tool, *(f"-o{option}" for option in self.options), *args]
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive", LC_ALL="C")
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, cwd=cwd, env=env, timeout=APT_TIMEOUT)
+        except FileNotFoundError:
+            raise InstallError(f"{tool} is missing: this needs a Debian system with apt") from None
+        except subprocess.TimeoutExpired:
+            raise InstallError(f"`{' '.join(argv)}` did not finish in {APT_TIMEOUT:.0f} s") from None
+
+
+# The host's apt as configured; tests put an Apt of their own here.
+HOST_APT = Apt()
+
+
+def _apt_errors(result: subprocess.CompletedProcess[str]) -> str:
+    """apt's own error and warning lines, which say what went wrong better than we could."""
+    lines = [line for line in result.stderr.splitlines() if line[:2] in ("E:", "W:")]
+    return " ".join(lines or result.stderr.strip().splitlines()[-3:]) or f"exit status {result.returncode}"
+
+
 # ---------------------------------------------------------------------------------- helpers
 
 
-def _mirrors() -> list[str]:
-    """$OPENMICROVM_DEBIAN_MIRROR alone when set; else the mirror apt uses, then deb.debian.org
-    (a local mirror may carry bookworm only)."""
-    override = os.environ.get("OPENMICROVM_DEBIAN_MIRROR")
-    if override:
-        return [override.rstrip("/")]
-    found: list[str] = []
-    sources = Path("/etc/apt/sources.list.d/debian.sources")
-    try:
-        for line in sources.read_text().splitlines():
-            if line.startswith("URIs:"):
-                uri = line.split(":", 1)[1].strip().split()[0].rstrip("/")
-                if not uri.endswith("security") and uri not in found:
-                    found.append(uri)
-    except OSError:
-        pass
-    return found[:1] + ([DEFAULT_MIRROR] if DEFAULT_MIRROR not in found[:1] else [])
-
-
-def _arch() -> str:
-    machine = platform.machine()
-    if machine not in _ARCHES:
-        raise InstallError(f"no Debian runsc for this machine ({machine})")
-    return _ARCHES[machine]
-
-
-def _fetch(url: str, target: Path | None = None) -> bytes:
-    """GET url (into target when given, returning b""), trying again on transient errors."""
-    last: Exception | None = None
-    for attempt in range(ATTEMPTS):
-        try:
-            with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
-                if target is None:
-                    return bytes(response.read())
-                with open(target, "wb") as out:
-                    shutil.copyfileobj(response, out, 1 << 20)
-                return b""
-        except urllib.error.HTTPError as error:
-            if error.code == 404:
-                raise InstallError(f"{url}: not found on the mirror") from None
-            last = error
-        except (urllib.error.URLError, OSError, TimeoutError) as error:
-            last = error
-        time.sleep(1.0 * (attempt + 1))
-    raise InstallError(f"cannot download {url}: {last}")
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def verified_release(signed: bytes) -> str:
-    """The text of an InRelease file whose signature gpgv accepts, from Debian's keyring."""
-    gpgv = shutil.which("gpgv")
-    if gpgv is None or not KEYRING.is_file():
-        raise InstallError(
-            f"cannot check the archive signature: gpgv or {KEYRING} is missing "
-            "(apt-get install gpgv debian-archive-keyring)"
-        )
-    with tempfile.TemporaryDirectory(prefix="omv-runsc-") as temp:
-        signed_path, plain_path = Path(temp) / "InRelease", Path(temp) / "Release"
-        signed_path.write_bytes(signed)
-        result = subprocess.run(
-            [gpgv, "--keyring", str(KEYRING), "--output", str(plain_path), str(signed_path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        if result.returncode != 0 or not plain_path.exists():
-            raise InstallError(f"the archive's InRelease signature does not verify: {result.stderr.strip()}")
-        return plain_path.read_text(errors="replace")
-
-
-def release_field(release: str, name: str) -> str:
-    for line in release.splitlines():
-        if line.startswith(f"{name}:"):
-            return line.split(":", 1)[1].strip()
-    return ""
-
-
-def release_sha256(release: str) -> dict[str, tuple[str, int]]:
-    """path -> (sha256, size) from the SHA256 section of a Release file."""
-    entries: dict[str, tuple[str, int]] = {}
-    in_section = False
-    for line in release.splitlines():
-        if not line.startswith(" "):
-            in_section = line.strip() == "SHA256:"
-            continue
-        if in_section:
-            parts = line.split()
-            if len(parts) == 3 and parts[1].isdigit():
-                entries[parts[2]] = (parts[0].lower(), int(parts[1]))
-    return entries
-
-
 def parse_packages(text: str, name: str) -> list[Package]:
-    """Every stanza of package `name` in a Packages index."""
+    """Every stanza of package `name` in a Packages index (or `apt-cache show` output) that says
+    where its .deb is; dpkg's status entry of an installed version does not, and is skipped."""
     found = []
     for stanza in text.split("\n\n"):
         fields: dict[str, str] = {}
@@ -209,22 +139,9 @@ def _compare_versions(a: str, b: str) -> int:
 def newest(packages: list[Package], prefix: str) -> Package:
     matching = [p for p in packages if p.version.startswith(prefix)]
     if not matching:
-        listed = ", ".join(sorted(p.version for p in packages)) or "none"
-        raise InstallError(f"the index has no {PACKAGE} {prefix}* (it has: {listed})")
+        listed = ", ".join(sorted({p.version for p in packages})) or "none"
+        raise InstallError(f"apt knows no {PACKAGE} {prefix}* (it has: {listed})")
     return max(matching, key=functools.cmp_to_key(lambda x, y: _compare_versions(x.version, y.version)))
-
-
-def _packages_index(mirror: str, suite: str, arch: str, files: dict[str, tuple[str, int]]) -> str:
-    for suffix, decompress in ((".xz", lzma.decompress), (".gz", lambda d: zlib.decompress(d, 47))):
-        path = f"main/binary-{arch}/Packages{suffix}"
-        if path not in files:
-            continue
-        data = _fetch(f"{mirror}/dists/{suite}/{path}")
-        sha256, size = files[path]
-        if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
-            raise InstallError(f"{path} does not match the checksum in the signed InRelease")
-        return decompress(data).decode("utf-8", errors="replace")
-    raise InstallError(f"InRelease of {suite} lists no main/binary-{arch}/Packages index")
 
 
 def _extract_runsc(deb: Path, target: Path) -> None:
@@ -248,6 +165,16 @@ def _extract_runsc(deb: Path, target: Path) -> None:
         raise InstallError(f"cannot extract runsc from {deb.name}")
 
 
+def _let_apt_write(directory: Path) -> None:
+    """apt downloads as its unprivileged _apt user: give it the download dir, else apt falls
+    back to downloading as root and warns about it."""
+    try:
+        user = pwd.getpwnam("_apt")
+    except KeyError:
+        return
+    os.chown(directory, user.pw_uid, -1)
+
+
 # ---------------------------------------------------------------------------------- the steps
 
 
@@ -261,52 +188,84 @@ def installed_version(cache_dir: Path, prefix: str) -> runsc_binaries.Runsc | No
     return None
 
 
+def system_is_pinned(prefix: str) -> runsc_binaries.Runsc | None:
+    """apt's installed runsc when it is the pinned version (Debian 13): nothing to fetch then."""
+    system = runsc_binaries.system_binary()
+    found = runsc_binaries.probe(system) if system else None
+    return found if found is not None and found.version.startswith(prefix) else None
+
+
+def refresh_source(apt: Apt, source: Path) -> None:
+    """`apt-get update` of this one source: quick, and it leaves the indexes of the host's other
+    sources as they are (List-Cleanup=0 keeps apt from deleting them as unknown)."""
+    result = apt.run(
+        "apt-get",
+        f"-oDir::Etc::sourcelist={source}",
+        "-oDir::Etc::sourceparts=-",
+        "-oAPT::Get::List-Cleanup=0",
+        "--error-on=any",
+        "update",
+    )
+    if result.returncode != 0:
+        # An index from an earlier update may still name the pinned version: go on with it.
+        log.warning(
+            "apt-get update of %s failed (%s); trying apt's existing index", source, _apt_errors(result)
+        )
+
+
+def candidates(apt: Apt) -> list[Package]:
+    result = apt.run("apt-cache", "show", PACKAGE)
+    if result.returncode != 0:
+        return []  # "No packages found": newest() then says what is missing
+    return parse_packages(result.stdout, PACKAGE)
+
+
 def install(
     cache_dir: Path,
     *,
-    mirror: str | None = None,
-    suite: str = SUITE,
+    apt: Apt | None = None,
+    source: Path | None = APT_SOURCE,
     prefix: str = VERSION_PREFIX,
 ) -> runsc_binaries.Runsc:
-    """Install the pinned runsc into cache_dir (a no-op when it is there). Raises InstallError."""
-    present = installed_version(cache_dir, prefix)
+    """Make the pinned runsc available (a no-op when it is cached or is apt's own). Raises
+    InstallError. `source`: the trixie source to refresh first, when that file exists."""
+    present = installed_version(cache_dir, prefix) or system_is_pinned(prefix)
     if present is not None:
-        log.info("%s is already installed", present.describe())
+        log.info("%s is already here", present.describe())
         return present
     if os.geteuid() != 0:
-        raise InstallError("must run as root (the driver runs runsc as root)")
-    problems = []
-    for candidate in [mirror.rstrip("/")] if mirror else _mirrors():
-        try:
-            return _install_from(cache_dir, candidate, suite, prefix)
-        except InstallError as error:
-            problems.append(str(error))
-            log.debug("%s", error)
-    raise InstallError("; ".join(problems))
-
-
-def _install_from(cache_dir: Path, mirror: str, suite: str, prefix: str) -> runsc_binaries.Runsc:
-    arch = _arch()
-    release = verified_release(_fetch(f"{mirror}/dists/{suite}/InRelease"))
-    if suite not in (release_field(release, "Codename"), release_field(release, "Suite")):
-        raise InstallError(f"{mirror}/dists/{suite}/InRelease is signed, but for another suite")
-    package = newest(
-        parse_packages(_packages_index(mirror, suite, arch, release_sha256(release)), PACKAGE), prefix
-    )
+        raise InstallError("must run as root (apt-get download and the driver's runsc need it)")
+    apt = apt or HOST_APT
+    if source is not None and source.is_file():
+        refresh_source(apt, source)
+    try:
+        package = newest(candidates(apt), prefix)
+    except InstallError as error:
+        raise InstallError(
+            f"{error}; on Debian 12 it comes from the trixie source that ./install.sh adds "
+            f"({APT_SOURCE}), on Debian 13 from the host's own sources"
+        ) from None
     root = cache_dir / runsc_binaries.CACHE_SUBDIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / package.version
-    with tempfile.TemporaryDirectory(prefix=".install-", dir=root) as temp:
-        work = Path(temp)
-        deb = work / Path(package.filename).name
-        url = f"{mirror}/{package.filename}"
-        log.info("downloading %s (%d bytes)", url, package.size)
-        _fetch(url, deb)
-        if deb.stat().st_size != package.size or _sha256_file(deb) != package.sha256:
-            raise InstallError(f"{deb.name} does not match the SHA256 in the signed package index")
-        staged = work / "dir"
+    # The .deb goes to a fresh dir under /tmp, which apt's _apt user can reach (the cache dir is
+    # often under /root); the binary is staged in the cache root, to be renamed into place.
+    with (
+        tempfile.TemporaryDirectory(prefix="omv-runsc-") as download,
+        tempfile.TemporaryDirectory(prefix=".install-", dir=root) as temp,
+    ):
+        _let_apt_write(Path(download))
+        wanted = f"{PACKAGE}={package.version}"
+        listed = apt.run("apt-get", "download", "--print-uris", wanted)
+        uri = listed.stdout.split()[0].strip("'") if listed.returncode == 0 and listed.stdout.strip() else ""
+        log.info("apt-get download %s (%d bytes)", wanted, package.size)
+        fetched = apt.run("apt-get", "download", wanted, cwd=Path(download))
+        debs = sorted(Path(download).glob(f"{PACKAGE}_*.deb"))
+        if fetched.returncode != 0 or not debs:
+            raise InstallError(f"apt-get download {wanted} failed: {_apt_errors(fetched)}")
+        staged = Path(temp) / "dir"
         staged.mkdir()
-        _extract_runsc(deb, staged / "runsc")
+        _extract_runsc(debs[0], staged / "runsc")
         found = runsc_binaries.probe(staged / "runsc")
         upstream = package.version.split("-")[0]
         if found is None or found.version != upstream:
@@ -319,8 +278,8 @@ def _install_from(cache_dir: Path, mirror: str, suite: str, prefix: str) -> runs
                 {
                     "package": PACKAGE,
                     "version": package.version,
-                    "suite": suite,
-                    "url": url,
+                    "fetched_with": "apt-get download",
+                    "url": uri,
                     "sha256": package.sha256,
                     "installed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 },
@@ -340,7 +299,7 @@ def _install_from(cache_dir: Path, mirror: str, suite: str, prefix: str) -> runs
     installed = runsc_binaries.probe(final / "runsc")
     if installed is None:
         raise InstallError(f"{final / 'runsc'} does not run after installing it")
-    log.info("installed %s from %s", installed.describe(), url)
+    log.info("installed %s from %s", installed.describe(), uri or "apt")
     return installed
 
 
@@ -354,27 +313,51 @@ def _cache_dir() -> Path:
         return runsc_binaries.default_cache_dirs()[0]
 
 
-def main() -> int:
+def record(path: Path, installed: runsc_binaries.Runsc, cache_dir: Path) -> None:
+    """Note the cache entry in install.sh's record, so that `install.sh --uninstall` removes it
+    (apt's /usr/bin/runsc is not noted: it is a package, recorded as one when install.sh adds it)."""
+    entry = Path(installed.path).parent
+    if entry.parent != cache_dir / runsc_binaries.CACHE_SUBDIR:
+        return
+    lines = path.read_text().splitlines() if path.exists() else []
+    if str(entry) not in lines:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as out:
+            out.write(f"{entry}\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m openmicrovm.runtime.runsc_install")
+    parser.add_argument("--record", type=Path, help="append the cache entry it uses to this file")
+    parser.add_argument(
+        "--apt-source",
+        type=Path,
+        default=APT_SOURCE,
+        help=f"the trixie source to refresh (default {APT_SOURCE})",
+    )
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="runsc_install: %(message)s")
     cache_dir = _cache_dir()
+    prefix = os.environ.get("OPENMICROVM_RUNSC_VERSION_PREFIX") or VERSION_PREFIX
     try:
-        result = install(
-            cache_dir,
-            suite=os.environ.get("OPENMICROVM_RUNSC_SUITE") or SUITE,
-            prefix=os.environ.get("OPENMICROVM_RUNSC_VERSION_PREFIX") or VERSION_PREFIX,
-        )
+        result = install(cache_dir, source=args.apt_source, prefix=prefix)
+        if args.record is not None:
+            record(args.record, result, cache_dir)
         log.info("the gvisor driver will use %s", result.describe())
         return 0
     except Exception as error:  # whatever went wrong, install.sh must go on with apt's runsc
         reason = str(error) if isinstance(error, InstallError) else f"{type(error).__name__}: {error}"
-        log.warning("runsc %s* not installed: %s", VERSION_PREFIX, reason)
+        log.warning("runsc %s* not installed: %s", prefix, reason)
     try:
         fallback = runsc_binaries.choose(cache_dirs=[cache_dir])
     except runsc_binaries.RunscError as error:
         log.error("no usable runsc either (%s); the server will use the process driver", error)
         return 0
     log.warning(
-        "the gvisor driver falls back to %s (%s platform)", fallback.describe(), fallback.default_platform
+        "the gvisor driver falls back to %s (%s platform); run ./install.sh again once apt can reach "
+        "its mirror to get the pinned one",
+        fallback.describe(),
+        fallback.default_platform,
     )
     return 0
 

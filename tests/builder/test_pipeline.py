@@ -342,3 +342,32 @@ def test_two_builds_at_once_do_not_collide(
     results = asyncio.run(both())
     assert [result.rootfs_path for result in results] == [r.output_dir / "rootfs" for r in requests]
     assert all((result.rootfs_path / "app/app.py").exists() for result in results)
+
+
+def test_run_steps_are_held_by_a_cgroup_of_the_build_and_its_memory_limit(
+    driver: SandboxDriver, builder_cache: Path, tmp_path: Path
+) -> None:
+    """buildah and every RUN step run in the build's own cgroup, beside the sandboxes' (below the
+    delegated scope on a systemd cgroup v2 host), under its memory limit; it is gone afterwards."""
+    from openmicrovm.builder.pipeline import BUILD_MEMORY_FLOOR_MIB
+    from openmicrovm.runtime import cgroups, names
+
+    grab = BUILD_MEMORY_FLOOR_MIB + 1024  # MiB, written to, so that it is really used
+    dockerfile = (
+        "FROM public.ecr.aws/lambda/microvms:al2023-minimal\n"
+        "RUN cat /proc/self/cgroup\n"
+        f"RUN python3 -c \"block = b'x' * ({grab} * 1024 * 1024); print('allocated', len(block))\"\n"
+    )
+    archive = write_zip(tmp_path / "greedy.zip", [file("Dockerfile", dockerfile)])
+    request = make_request(tmp_path, builder_cache, archive.as_uri())
+    outcome = build(driver, request)
+    parent = names.cgroup_parent(driver.scope)  # type: ignore[attr-defined]
+    job = f"{parent}/build-{request.build_id}"
+    assert outcome.logged(job), outcome.log
+    assert outcome.failure is not None, "a RUN step beyond the build's memory limit must not succeed"
+    assert not outcome.logged(f"allocated {grab * 1024 * 1024}"), outcome.log
+    assert "status 137" in outcome.failure.state_reason, (
+        outcome.failure.state_reason
+    )  # SIGKILL: out of memory
+    layout: cgroups.Layout = driver.layout  # type: ignore[attr-defined]
+    assert not any(path.exists() for path in layout.everywhere(job)), "the build's cgroup is removed"

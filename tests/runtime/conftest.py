@@ -206,7 +206,7 @@ def leftovers(driver: BaseDriver) -> list[str]:
     found += [f"netns {name}" for name in netns.list_names(names.netns_prefix(driver.scope))]
     parent = names.cgroup_parent(driver.scope)
     found += [f"cgroup {key}" for key in cgroups.children(driver.layout, parent)]
-    found += [f"cgroup dir {path}" for path in cgroups.leftover_dirs(parent)]
+    found += [f"cgroup dir {path}" for path in cgroups.leftover_dirs(driver.layout, parent)]
     found += [f"state dir {path.name}" for path in driver.sandboxes_dir.iterdir()]
     for lease in egress.STATE_DIR.glob("*.lease"):
         with contextlib.suppress(OSError):
