@@ -204,8 +204,12 @@ def test_an_agent_cut_off_from_the_database_fences_itself_and_nothing_comes_back
 
     # The database is back: the MicroVM ends, with the reason, and stays ended once the agent
     # (restarted, as its supervisor would) rejoins as a new incarnation.
+    # Every agent fenced itself, but one may still be on its way out (a call waiting out its pool
+    # timeout): restart each once it has exited, as a supervisor would, not only those already gone.
     for other in cluster.agents:
-        if other.process is not None and other.process.poll() is not None:
+        if other.process is not None:
+            other.process.wait(timeout=TEST_LEASE_SECONDS * 4)
+            assert other.process.returncode == 75, other.log()
             other.start()
     ended = wait_microvm(client, vm["microvmId"], {"TERMINATED"}, timeout=LOST_WITHIN)
     assert ended["stateReason"], ended
