@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from openmicrovm.runtime import cgroup_scope
+from openmicrovm.runtime import cgroup_scope, cgroups
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 # Binary, Debian package, why it matters, and whether the server cannot work without it.
@@ -152,7 +152,7 @@ def cgroup_check(root: Path = Path("/sys/fs/cgroup"), mounts_file: Path = Path("
 
 def _v2_check(root: Path, controllers: list[str]) -> Check:
     layout = f"v2 (unified) at {root}; controllers: {' '.join(controllers) or 'none'}"
-    missing = [c for c in cgroup_scope.CONTROLLERS if c not in controllers]
+    missing = [c for c in cgroups.V2_CONTROLLERS if c not in controllers]
     if missing:
         return Check("cgroups", FAIL, f"{layout}; missing controllers: {' '.join(missing)}")
     if not cgroup_scope.systemd_manages(root):

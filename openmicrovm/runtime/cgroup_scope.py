@@ -29,13 +29,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cgroups import V2_CONTROLLERS
 from .driver import DriverError
 
 log = logging.getLogger(__name__)
 
 SLICE = "openmicrovm.slice"
 KEEPER = "keeper"
-CONTROLLERS = ("memory", "cpu", "pids")
 SYSTEMD_RUNTIME_DIR = Path("/run/systemd/system")  # exists only while systemd is PID 1
 
 
@@ -125,7 +125,8 @@ class DelegatedScope:
         log.info("made systemd scope %s for the sandboxes (keeper pid %d)", self.unit, keeper.pid)
 
     def _prepare(self) -> None:
-        """Keeper into its leaf, then the controllers enabled for the sandboxes' cgroups."""
+        """Keeper into its leaf, so that the scope's cgroup may enable controllers for the cgroups
+        below it (Cgroup.create enables them), and a check that systemd delegated those."""
         keeper_dir = self.path / KEEPER
         try:
             keeper_dir.mkdir(exist_ok=True)
@@ -135,18 +136,12 @@ class DelegatedScope:
         except OSError as error:
             raise DriverError(f"cannot move the keeper of {self.unit} into {keeper_dir}: {error}") from None
         available = set(_read(self.path / "cgroup.controllers").split())
-        missing = [c for c in CONTROLLERS if c not in available]
+        missing = [c for c in V2_CONTROLLERS if c not in available]
         if missing:
             raise DriverError(
                 f"systemd did not delegate the cgroup controllers {' '.join(missing)} to {self.unit}; "
                 "check that they are enabled on the host (/sys/fs/cgroup/cgroup.controllers)"
             )
-        enabled = set(_read(self.path / "cgroup.subtree_control").split())
-        if not set(CONTROLLERS) <= enabled:
-            try:
-                (self.path / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in CONTROLLERS))
-            except OSError as error:
-                raise DriverError(f"cannot enable {' '.join(CONTROLLERS)} in {self.path}: {error}") from None
 
     def _holds_more_than_the_keeper(self) -> bool:
         with contextlib.suppress(OSError):
