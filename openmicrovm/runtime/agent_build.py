@@ -49,6 +49,14 @@ async def ensure_shim(cache_dir: Path) -> Path:
     return await ensure_binary(cache_dir, SHIM)
 
 
+async def shim_prefix(cache_dir: Path, join: list[Path], wait: bool) -> list[str]:
+    """omv-shim's argv up to the command it runs (see agent/shim.c): wait for the command's exit
+    status or not; first move into the cgroups whose cgroup.procs files `join` lists."""
+    shim = await ensure_shim(cache_dir)
+    joins = [option for path in join for option in ("--join", str(path))]
+    return [str(shim), *(["--wait"] if wait else []), *joins, "--"]
+
+
 async def ensure_idmap(cache_dir: Path) -> Path:
     return await ensure_binary(cache_dir, IDMAP)
 

@@ -131,22 +131,21 @@ RESTORE_DONE = "restore.done"
 # How long adopt() waits for a checkpoint or restore that a killed server left running.
 HELPER_WAIT_SECONDS = 300.0
 
-# Runs every runsc command: hides /proc/sys/net (see the module docstring) and, for run/restore,
-# first joins the sandbox's cgroups and mounts its root (see _root_options), with the host's
-# resolvers in its /etc/resolv.conf when the host has reachable ones ($OMV_RESOLV, written to the
-# root's throwaway upper layer, never to the image; the link is removed first so that a symlink
-# in the image cannot point the write at a host file). With $OMV_IDMAP set (an image owned by
-# shifted host ids, SandboxSpec.rootfs_id_base) the overlay's lower layer is an idmapped mount of
-# the image that shows those files with container ids (omv-idmap, agent/idmap.c); the overlay is
-# then nosuid and nodev too, since through it an image's setuid file now looks owned by host root,
-# and the host kernel would honour it (gVisor applies setuid bits itself, from the mode bits, and
-# runs no host binary from the image). The mounts live in the
-# launcher's private mount namespace, which runsc's processes inherit, so the host never sees them
-# and they vanish with the sandbox. With $OMV_DONE set it stays to write its pid to $OMV_DONE.pid
-# first and the marker $OMV_DONE once the command succeeded (crash safety, see above).
+# Runs every runsc command: hides /proc/sys/net (see the module docstring) and, for run/restore (in
+# the sandbox's cgroups already: the shim joined them), first mounts the sandbox's root (see
+# _root_options), with the host's resolvers in its /etc/resolv.conf when the host has reachable ones
+# ($OMV_RESOLV, written to the root's throwaway upper layer, never to the image; the link is removed
+# first so that a symlink in the image cannot point the write at a host file). With $OMV_IDMAP set
+# (an image owned by shifted host ids, SandboxSpec.rootfs_id_base) the overlay's lower layer is an
+# idmapped mount of the image that shows those files with container ids (omv-idmap, agent/idmap.c);
+# the overlay is then nosuid and nodev too, since through it an image's setuid file now looks owned
+# by host root, and the host kernel would honour it (gVisor applies setuid bits itself, from the
+# mode bits, and runs no host binary from the image). The mounts live in the launcher's private
+# mount namespace, which runsc's processes inherit, so the host never sees them and they vanish with
+# the sandbox. With $OMV_DONE set it stays to write its pid to $OMV_DONE.pid first and the marker
+# $OMV_DONE once the command succeeded (crash safety, see above).
 _LAUNCHER = (
     'if [ -n "$OMV_ROOT" ]; then '
-    'for f in $OMV_JOIN; do echo $$ > "$f" || exit 125; done; '
     'mount -t tmpfs -o size=1m,mode=0755 omv-stub "$OMV_STUB" && mkdir "$OMV_STUB/u" "$OMV_STUB/w" && '
     "lower=$OMV_IMAGE && flags= && "
     'if [ -n "$OMV_IDMAP" ]; then mkdir "$OMV_STUB/image" && '
@@ -287,13 +286,14 @@ class GVisorDriver(BaseDriver):
         launcher: bool = False,
         root: dict[str, str] | None = None,
         log_file: Path | None = None,
-        shim: Path | None = None,
+        shim: list[str] | None = None,
         done: Path | None = None,
         timeout: float = 120.0,
     ) -> proc.Completed:
         """Every runsc command goes through here, with a timeout. root (launcher only): the
-        sandbox root to mount (_root_options); done (launcher only): the marker to write when the
-        command succeeds (see _LAUNCHER)."""
+        sandbox root to mount (_root_options); shim: omv-shim's argv to run the command under
+        (agent_build.shim_prefix); done (launcher only): the marker to write when the command
+        succeeds (see _LAUNCHER)."""
         argv = self._runsc_argv(binary or self.default_binary, args)
         env = {"PATH": os.environ.get("PATH", rootfs.DEFAULT_PATH)}
         if done is not None:
@@ -313,7 +313,7 @@ class GVisorDriver(BaseDriver):
         if root is not None:
             env.update(root)
         if shim is not None:
-            argv = [str(shim), "--wait", "--", *argv]
+            argv = [*shim, *argv]
         return await proc.run(argv, check=False, timeout=timeout, env=env, stdout_path=log_file)
 
     def _containers(self) -> set[str]:
@@ -344,7 +344,6 @@ class GVisorDriver(BaseDriver):
         container ids, at every run and every restore alike: a checkpoint records the files' ids
         as the app saw them, so a restore must see the same ones."""
         options = {
-            "OMV_JOIN": " ".join(str(path) for path in self.cgroup_of(sandbox).procs_files()),
             "OMV_STUB": str(self.state_root / "mnt" / "stub"),
             "OMV_IMAGE": overlay_safe(sandbox.spec.rootfs.resolve()),
             "OMV_ROOT": str(self.root_mount),
@@ -380,7 +379,9 @@ class GVisorDriver(BaseDriver):
             launcher=True,
             root=await self._root_options(sandbox),
             log_file=self.log_path(sandbox),
-            shim=await agent_build.ensure_shim(self.cache_dir),
+            shim=await agent_build.shim_prefix(
+                self.cache_dir, self.cgroup_of(sandbox).procs_files(), wait=True
+            ),
             done=done,
         )
 

@@ -102,22 +102,21 @@ DEVICE_RULES = (
     "c 136:* rw",  # pseudo-terminals (devpts)
 )
 
-# $1 cgroup.procs files, $2 the stage dir, $3 omv-idmap ("": the image needs no shift), $4 the
-# image, $5 the shift "FROM TO COUNT", $6 overlay upperdir/workdir options, $7 the agent binary,
-# $8 the seccomp program, $9 netns path, ${10} pid of the user namespace's holder; then bwrap and its
-# args. Tools are absolute paths (the launcher's PATH is the app's); bwrap finds the seccomp
-# program on fd 3 and closes it.
+# Runs in the sandbox's cgroups (the shim joins them first). $1 the stage dir, $2 omv-idmap ("":
+# the image needs no shift), $3 the image, $4 the shift "FROM TO COUNT", $5 overlay
+# upperdir/workdir options, $6 the agent binary, $7 the seccomp program, $8 netns path, $9 pid of
+# the user namespace's holder; then bwrap and its args. Tools are absolute paths (the launcher's
+# PATH is the app's); bwrap finds the seccomp program on fd 3 and closes it.
 _LAUNCHER = """\
-for f in $1; do echo $$ > "$f" || exit 125; done
-stage="$2"
+stage="$1"
 {mount} -t tmpfs -o mode=0755,size=64k omv-stage "$stage" || exit 125
 {mkdir} "$stage/root" "$stage/lower" && : > "$stage/agent" || exit 125
-lower="$4"
-if [ -n "$3" ]; then "$3" "$4" "$stage/lower" $5 || exit 125; lower="$stage/lower"; fi
-{mount} -t overlay omv-layer -o "lowerdir=$lower,$6" "$stage/root" || exit 125
-{mount} --bind "$7" "$stage/agent" || exit 125
-exec 3< "$8" || exit 125
-netns="$9"; userns="/proc/${{10}}/ns/user"; shift 10
+lower="$3"
+if [ -n "$2" ]; then "$2" "$3" "$stage/lower" $4 || exit 125; lower="$stage/lower"; fi
+{mount} -t overlay omv-layer -o "lowerdir=$lower,$5" "$stage/root" || exit 125
+{mount} --bind "$6" "$stage/agent" || exit 125
+exec 3< "$7" || exit 125
+netns="$8"; userns="/proc/$9/ns/user"; shift 9
 exec {nsenter} --net="$netns" --user="$userns" --setuid 0 --setgid 0 -- "$@"
 """
 
@@ -206,7 +205,7 @@ class ProcessDriver(BaseDriver):
 
     def _device_cgroup(self, host: names.HostNames) -> list[Path]:
         """The sandbox's devices cgroup (cgroup v1), set to allow only DEVICE_RULES; its
-        cgroup.procs file for the launcher to join, or nothing where there is no such controller.
+        cgroup.procs file for the shim to join, or nothing where there is no such controller.
         Cgroup.remove() removes it with the others (it removes the path in every hierarchy)."""
         if self.devices_mount is None:
             return []
@@ -371,8 +370,7 @@ class ProcessDriver(BaseDriver):
         holder = await self._start_userns_holder()
         try:
             argv = [
-                str(await agent_build.ensure_shim(self.cache_dir)),
-                "--",
+                *await agent_build.shim_prefix(self.cache_dir, join, wait=False),
                 self.tools["unshare"],
                 "-m",
                 "--propagation",
@@ -381,7 +379,6 @@ class ProcessDriver(BaseDriver):
                 "-c",
                 script,
                 "omv-launch",
-                " ".join(str(path) for path in join),
                 str(STAGE_DIR),
                 idmap_tool,
                 overlay_safe(spec.rootfs.resolve()),

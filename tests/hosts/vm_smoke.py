@@ -23,7 +23,14 @@ from cleanup import remove_tree
 
 DEFAULT_OUTPUT = Path("/var/cache/openmicrovm-tests/last-run")
 # What the guest steps found out (guest_smoke.py writes them), printed after the steps.
-REPORT_FILES = ("install-time.txt", "deploy-time.txt", "doctor.txt", "cgroup-facts.txt", "failures.txt")
+REPORT_FILES = (
+    "install-time.txt",
+    "deploy-time.txt",
+    "first-200.txt",
+    "doctor.txt",
+    "cgroup-facts.txt",
+    "failures.txt",
+)
 
 
 class Report:

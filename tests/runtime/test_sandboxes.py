@@ -46,6 +46,39 @@ def test_app_is_reachable_on_loopback_and_runs_as_the_image_user(
     run(scenario())
 
 
+def test_the_shim_that_parents_a_sandbox_lives_in_its_cgroups_not_the_servers(
+    driver: BaseDriver, app_rootfs: Path
+) -> None:
+    """The omv-shim keeper reaps the sandbox's processes. Left in the cgroup of the server that
+    started it (a systemd unit's), it would outlive a stop of the server there, and a
+    `systemctl kill` of the server would end it."""
+
+    def shims_in(pids: list[int]) -> list[int]:
+        found = []
+        for pid in pids:
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().strip() == "omv-shim":
+                    found.append(pid)
+            except OSError:
+                continue
+        return found
+
+    async def scenario() -> None:
+        sandbox = await driver.start("microvm-shim", app_spec(app_rootfs))
+        try:
+            assert (await http(driver, sandbox))[0] == 200
+            cgroup = driver.cgroup_of(sandbox)
+            keepers = shims_in(cgroup.pids())
+            assert keepers, f"no omv-shim among the processes of {cgroup.relative}"
+            ours = Path("/proc/self/cgroup").read_text()
+            for pid in keepers:
+                assert Path(f"/proc/{pid}/cgroup").read_text() != ours
+        finally:
+            await driver.destroy(sandbox)
+
+    run(scenario())
+
+
 def test_pty_runs_commands_with_the_sandbox_hostname_and_follows_resizes(
     driver: SandboxDriver, app_rootfs: Path
 ) -> None:
