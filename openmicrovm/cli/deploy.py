@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from botocore.exceptions import ClientError, ParamValidationError
+
 from openmicrovm.api.model import version_config_members
 from openmicrovm.cli import config_flags
 from openmicrovm.cli.connection import CliError, Connection, ServerError, add_connection_arguments, connect
@@ -187,13 +189,18 @@ def _deploy(args: argparse.Namespace) -> int:
     previous = _latest_version(client, existing["imageArn"]) if existing else None
     request = _configuration(flags, connection.region, previous)
     s3 = connection.client("s3") if args.bucket else None
-    request["codeArtifact"] = {"uri": package(folder, args.name, args.bucket, s3, args.artifact_dir)}
-    if existing is None:
-        answer = client.create_microvm_image(name=args.name, **request)
-    else:
-        answer = client.update_microvm_image(imageIdentifier=existing["imageArn"], **request)
+    stored = package(folder, args.name, args.bucket, s3, args.artifact_dir)
+    request["codeArtifact"] = {"uri": stored.uri}
+    try:
+        if existing is None:
+            answer = client.create_microvm_image(name=args.name, **request)
+        else:
+            answer = client.update_microvm_image(imageIdentifier=existing["imageArn"], **request)
+    except (ClientError, ParamValidationError):
+        stored.discard()  # refused: no build will read it (a lost answer keeps it: one may)
+        raise
     image_arn, version_label = answer["imageArn"], answer["imageVersion"]
-    if args.no_wait:
+    if args.no_wait:  # the build has yet to read a one-off upload: it stays
         if args.output == "json":
             print_json(without_metadata(answer))
         else:
@@ -203,6 +210,7 @@ def _deploy(args: argparse.Namespace) -> int:
         return 0
     follower = _BuildFollower(connection, client, image_arn, version_label)
     version = _follow(follower, args.name, args.timeout)
+    stored.discard()  # the build has ended (past --timeout it may still read it: it stays)
     image = without_metadata(client.get_microvm_image(imageIdentifier=image_arn))
     return _report(args, image, version, follower.builds())
 

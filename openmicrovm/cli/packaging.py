@@ -9,11 +9,14 @@ A server run as a system service keeps its data dir to itself, so a user other t
 into a shared upload directory among those roots instead (root-owned, mode 1733: anyone may add a
 file, nobody but root may list or delete others'). There the zip gets an unguessable name,
 created with O_EXCL and mode 0600: another user can neither read it, nor swap it between the
-upload and the build, nor plant a file or a symlink under the name beforehand.
+upload and the build, nor plant a file or a symlink under the name beforehand. Such a copy serves
+one build only, so `deploy` removes it once that build has ended (its owner may, in a sticky
+directory); otherwise the directory would only ever grow.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -22,6 +25,7 @@ import shutil
 import stat
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -168,8 +172,24 @@ def _store_private(archive: Path, directory: Path, name: str) -> Path:
     return target
 
 
-def package(folder: Path, name: str, bucket: str | None, s3: Any | None, local_dir: Path | None) -> str:
-    """Zip `folder` and store it; the codeArtifact URI to build from."""
+@dataclass(frozen=True)
+class StoredArtifact:
+    uri: str
+    """The codeArtifact URI to build from."""
+    one_off: Path | None = None
+    """The private copy made in a shared upload directory for this deploy alone, else None."""
+
+    def discard(self) -> None:
+        """Remove the one-off copy (its build has ended); anything else stays."""
+        if self.one_off is not None:
+            with contextlib.suppress(OSError):
+                self.one_off.unlink()
+
+
+def package(
+    folder: Path, name: str, bucket: str | None, s3: Any | None, local_dir: Path | None
+) -> StoredArtifact:
+    """Zip `folder` and store it: in S3, or in a directory the server reads zips from."""
     with tempfile.TemporaryDirectory(prefix="openmicrovm-deploy-") as scratch:
         archive = Path(scratch) / "artifact.zip"
         zip_folder(folder, archive)
@@ -184,12 +204,13 @@ def package(folder: Path, name: str, bucket: str | None, s3: Any | None, local_d
                 raise CliError(
                     f"cannot upload to s3://{bucket}/{key}: {details.get('Code')}: {details.get('Message')}"
                 ) from None
-            return f"s3://{bucket}/{key}"
+            return StoredArtifact(f"s3://{bucket}/{key}")
         target_dir = artifact_dir(local_dir)
         try:
             target_dir.mkdir(parents=True, exist_ok=True)
+            one_off = None
             if _shared(target_dir):
-                target = _store_private(archive, target_dir, name)
+                target = one_off = _store_private(archive, target_dir, name)
             else:
                 # This user's own directory: a content-addressed name, so that redeploying an
                 # unchanged folder stores nothing new.
@@ -201,4 +222,4 @@ def package(folder: Path, name: str, bucket: str | None, s3: Any | None, local_d
                 f"cannot store the artifact in {target_dir}: {error}; try --artifact-dir with a "
                 "directory listed in the server's setting artifact_file_roots"
             ) from None
-        return f"file://{target.resolve()}"
+        return StoredArtifact(f"file://{target.resolve()}", one_off)

@@ -123,7 +123,7 @@ PACKAGE = (
     "import sys\n"
     "from pathlib import Path\n"
     "from openmicrovm.cli.packaging import package\n"
-    "print(package(Path(sys.argv[1]), 'sample', None, None, None))\n"
+    "print(package(Path(sys.argv[1]), 'sample', None, None, None).uri)\n"
 )
 
 
@@ -161,12 +161,13 @@ def test_roots_own_directory_keeps_content_addressed_shared_zips(
     monkeypatch.setenv("OPENMICROVM_DATA_DIR", str(host.data_dir))
     previous = os.umask(0o022)  # root's usual: artifacts/ is made 0755, its own alone
     try:
-        uri = package(SAMPLE_APP, "sample", None, None, None)
+        stored = package(SAMPLE_APP, "sample", None, None, None)
         again = package(SAMPLE_APP, "sample", None, None, None)
     finally:
         os.umask(previous)
-    path = path_of(uri)
-    assert uri == again and path.parent == host.data_dir / "artifacts"
+    path = path_of(stored.uri)
+    assert stored == again and path.parent == host.data_dir / "artifacts"
+    assert stored.one_off is None  # content-addressed and shared by redeploys: never removed
     assert re.fullmatch(r"sample-[0-9a-f]{16}\.zip", path.name)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
 
@@ -192,7 +193,7 @@ def test_nothing_planted_under_the_name_is_reused(host: Host, monkeypatch: pytes
 def test_an_image_name_cannot_lead_the_zip_out_of_its_directory(host: Host, tmp_path: Path) -> None:
     # The zip is stored before the server validates the name: a `/` or `..` in it stays a file name.
     for directory in (host.uploads, tmp_path / "own"):
-        path = path_of(package(SAMPLE_APP, "../../escape/x", None, None, directory))
+        path = path_of(package(SAMPLE_APP, "../../escape/x", None, None, directory).uri)
         assert path.parent == directory and path.name.startswith("_.._escape_x-"), path
 
 
@@ -238,8 +239,8 @@ def test_a_user_other_than_root_deploys_and_runs_through_the_cli(
     assert report["imageState"] == "CREATED" and report["versionState"] == "SUCCESSFUL", report
     zip_path = path_of(report["codeArtifact"]["uri"])
     assert zip_path.parent == host.uploads and PRIVATE_ZIP.fullmatch(zip_path.name)
-    assert zip_path.stat().st_uid == unprivileged.ids()[0]
-    assert stat.S_IMODE(zip_path.stat().st_mode) == 0o600
+    # Its build has ended, so the one-off copy is gone: the upload directory does not grow.
+    assert list(host.uploads.iterdir()) == []
 
     client = server.client()
     microvms: list[str] = []
@@ -274,6 +275,26 @@ def test_a_user_other_than_root_deploys_and_runs_through_the_cli(
         assert ca.returncode == 1 and "ask the server's administrator" in ca.stderr, ca.stderr
     finally:
         terminate_all(client, microvms)
+
+
+def test_a_deploy_leaves_its_upload_only_while_a_build_may_still_read_it(
+    root_server: tuple[ServerProcess, Host],
+) -> None:
+    """A refused request removes the one-off zip at once; --no-wait leaves it to the build, which
+    reads it after the CLI has exited."""
+    server, host = root_server
+    name = f"nowait-{uuid.uuid4().hex[:8]}"
+    refused = user_cli(server, host, "deploy", str(SAMPLE_APP), "--name", name, "--memory", "999")
+    assert refused.returncode != 0 and "999 MiB is not supported" in refused.stderr, refused.stderr
+    assert list(host.uploads.iterdir()) == []
+    queued = user_cli(
+        server, host, "deploy", str(SAMPLE_APP), "--name", name, "--no-wait", "--output", "json"
+    )
+    assert queued.returncode == 0, queued.stderr
+    (left,) = host.uploads.iterdir()
+    assert PRIVATE_ZIP.fullmatch(left.name)
+    arn = json.loads(queued.stdout)["imageArn"]
+    assert wait_image_settled(server.client(), arn, timeout=BUILD_TIMEOUT)["state"] == "CREATED"
 
 
 def test_a_hard_link_in_the_uploads_fails_the_build_with_access_denied(
