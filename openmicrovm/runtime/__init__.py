@@ -9,7 +9,7 @@ egress_allow_networks, see gvisor.py).
 Call `await driver.close()` when the server stops.
 
 Modules: driver (the interface), gvisor / process (the drivers), base (what they share), pool (warm
-restores), agent/agent.c + agent_client (the guest agent and its protocol), agent/shim.c +
+restores), agent/*.c + agent_client (the guest agent and its protocol.h), agent/shim.c +
 agent_build (the host-side keeper, compiling both), netns, cgroups, oci, rootfs (image lookups),
 names, host (tools, memory admission, describe_host), proc (subprocesses), hooks (lifecycle hooks),
 runsc (which runsc binary), runsc_install (installs Debian 13's runsc into the cache).

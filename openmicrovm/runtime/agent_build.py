@@ -1,10 +1,10 @@
-"""Building the small C helpers: the guest agent (agent/agent.c), the host shim (agent/shim.c) and
-the idmapped-mount tool (agent/idmap.c, which mounts image root filesystems with their owners
-shifted; Debian 12's mount(8) cannot).
+"""Building the small C helpers: the guest agent (agent/agent.c and its sibling files, around
+agent/protocol.h), the host shim (agent/shim.c) and the idmapped-mount tool (agent/idmap.c, which
+mounts image root filesystems with their owners shifted; Debian 12's mount(8) cannot).
 
 All are static binaries, so the agent runs in any image whatever its libc. Each is cached under
-<cache_dir>/<name>/<hash of source and flags>/<binary>, so a changed source gets a new path and
-snapshots made with an older agent keep theirs.
+<cache_dir>/<name>/<hash of its sources and flags>/<binary>, so a change to any file it is built
+from gets a new path and snapshots made with an older agent keep theirs.
 """
 
 from __future__ import annotations
@@ -26,14 +26,42 @@ AGENT = "agent"
 SHIM = "shim"
 IDMAP = "idmap"
 _BINARY_NAMES = {AGENT: "omv-agent", SHIM: "omv-shim", IDMAP: "omv-idmap"}
+# Every file in agent/ each helper is built from: its .c files and the headers they include. The
+# build sees only these (it copies them to a directory of its own), so a file missing here fails
+# the build instead of escaping the cache hash.
+SOURCE_FILES = {
+    AGENT: ("agent.c", "wire.c", "app.c", "relay.c", "pty.c", "agent.h", "protocol.h"),
+    SHIM: ("shim.c",),
+    IDMAP: ("idmap.c",),
+}
+
+
+def source_files(name: str = AGENT) -> dict[str, bytes]:
+    """The helper's files by name, as packaged."""
+    folder = resources.files("openmicrovm.runtime").joinpath("agent")
+    return {file: folder.joinpath(file).read_bytes() for file in SOURCE_FILES[name]}
 
 
 def source(name: str = AGENT) -> bytes:
-    return resources.files("openmicrovm.runtime").joinpath(f"agent/{name}.c").read_bytes()
+    """Everything the helper is built from, as one byte string (what its cache path hashes)."""
+    return _joined(source_files(name))
 
 
 def binary_path(cache_dir: Path, name: str = AGENT) -> Path:
-    digest = hashlib.sha256(source(name) + " ".join(COMPILER_FLAGS).encode()).hexdigest()[:16]
+    return _binary_path(cache_dir, name, source_files(name))
+
+
+def _joined(files: dict[str, bytes]) -> bytes:
+    """A one-file helper's file as it is, so that the shim's and idmap's cache paths stay what they
+    were; several files each as its name, its length and its bytes, so that no two different sets
+    of files join to the same string."""
+    if len(files) == 1:
+        return next(iter(files.values()))
+    return b"".join(f"{file}\0{len(data)}\0".encode() + data for file, data in files.items())
+
+
+def _binary_path(cache_dir: Path, name: str, files: dict[str, bytes]) -> Path:
+    digest = hashlib.sha256(_joined(files) + " ".join(COMPILER_FLAGS).encode()).hexdigest()[:16]
     return cache_dir / name / digest / _BINARY_NAMES[name]
 
 
@@ -64,7 +92,8 @@ async def ensure_idmap(cache_dir: Path) -> Path:
 async def ensure_binary(cache_dir: Path, name: str) -> Path:
     """The binary, compiled on first use. A file lock serialises builders, across processes and
     across tasks alike (each task locks its own open file, taken in a thread)."""
-    target = binary_path(cache_dir, name)
+    files = source_files(name)  # read once: the binary is built from exactly what its path hashes
+    target = _binary_path(cache_dir, name, files)
     if target.is_file():
         return target
     cc = compiler()
@@ -78,9 +107,11 @@ async def ensure_binary(cache_dir: Path, name: str) -> Path:
         work = target.parent / f".build-{os.getpid()}"
         work.mkdir(exist_ok=True)
         try:
-            (work / f"{name}.c").write_bytes(source(name))
+            for file, data in files.items():
+                (work / file).write_bytes(data)
+            units = [str(work / file) for file in files if file.endswith(".c")]
             result = await proc.run(
-                [cc, *COMPILER_FLAGS, "-o", str(work / target.name), str(work / f"{name}.c")],
+                [cc, *COMPILER_FLAGS, "-o", str(work / target.name), *units],
                 check=False,
                 timeout=120,
             )

@@ -1,4 +1,7 @@
-"""The host side of the guest agent's control protocol (documented at the top of agent/agent.c)."""
+"""The host side of the guest agent's control protocol (documented in agent/protocol.h).
+
+The constants below are the host's copies of values in agent/protocol.h; they stay plain Python,
+and tests/runtime/test_agent_protocol.py fails when the two disagree."""
 
 from __future__ import annotations
 
@@ -15,13 +18,26 @@ from .driver import DriverError, PortNotListening, PtySession, TooManyConnection
 # it (on the same address or 0.0.0.0); it is outside Linux's ephemeral range, so outgoing
 # connections never collide with it either.
 AGENT_PORT = 65199
+# How long to wait for the agent's answer line; above its CONNECT_TIMEOUT_MS, so that a CONNECT
+# that times out inside the sandbox is answered ETIMEDOUT rather than cut off here.
 REPLY_TIMEOUT = 10.0
-# CONNECT relays one agent serves at once (its --max-relays); one more is refused with EMAXCONN.
-# Each relayed connection usually costs the app a thread; the agent itself spends no process on
-# it (agent.c says why that matters under gVisor).
+# CONNECT relays one agent serves at once (its --max-relays, DEFAULT_MAX_RELAYS); one more is
+# refused with EMAXCONN. Each relayed connection usually costs the app a thread; the agent itself
+# spends no process on it (agent.c says why that matters under gVisor).
 MAX_RELAYED_CONNECTIONS = 128
-_FRAME_HEADER = 5
-_MAX_INPUT_FRAME = 16 * 1024
+PROTOCOL_WORD = "OMV1"  # the first word of every request
+MAX_REQUEST_LINE = 65536  # the agent answers a longer request line with E2BIG
+_FRAME_HEADER = 5  # type byte and 4-byte big-endian length (FRAME_HEADER_SIZE)
+_MAX_INPUT_FRAME = 16 * 1024  # what we put in one frame; the agent takes up to MAX_CLIENT_FRAME
+_MAX_REPLY_LINE = 4096  # an answer line longer than this is an error; the agent's stay under MAX_ANSWER_LINE
+_FRAME_DATA = b"d"
+_FRAME_END = b"e"
+_FRAME_EXIT = b"x"
+_FRAME_RESIZE = b"r"
+_FRAME_SIGNAL = b"k"
+ERR_CONNECTION_REFUSED = "ECONNREFUSED"  # CONNECT: nothing listens on the port
+ERR_TOO_MANY_RELAYS = "EMAXCONN"  # CONNECT: the agent relays as many connections as it takes
+ERR_PROTOCOL = "EPROTO"  # a verb the agent does not know (an older agent)
 
 SocketOpener = Callable[[], Awaitable[socket.socket]]
 
@@ -43,7 +59,7 @@ class AgentAddress:
 
 
 def request_line(token: str, verb: str, fields: list[tuple[str, str]] | None = None) -> bytes:
-    words = ["OMV1", token, verb] + [f"{key}={quote(value, safe='')}" for key, value in fields or []]
+    words = [PROTOCOL_WORD, token, verb] + [f"{key}={quote(value, safe='')}" for key, value in fields or []]
     return (" ".join(words) + "\n").encode()
 
 
@@ -102,7 +118,7 @@ class _FramedProtocol(asyncio.StreamReaderProtocol):
         if not self.reply.done():
             end = self._buffer.find(b"\n")
             if end < 0:
-                if len(self._buffer) > 4096:
+                if len(self._buffer) > _MAX_REPLY_LINE:
                     self._fail(DriverError("the sandbox agent sent an over-long reply"))
                 return
             self.reply.set_result(bytes(self._buffer[: end + 1]))
@@ -115,13 +131,13 @@ class _FramedProtocol(asyncio.StreamReaderProtocol):
             kind = buffer[0]
             payload = bytes(buffer[_FRAME_HEADER : _FRAME_HEADER + length])
             del buffer[: _FRAME_HEADER + length]
-            if kind == ord("d"):
+            if kind == _FRAME_DATA[0]:
                 if payload:
                     self._reader.feed_data(payload)
-            elif kind == ord("e"):
+            elif kind == _FRAME_END[0]:
                 self._ended = True
                 self._reader.feed_eof()
-            elif kind == ord("x"):
+            elif kind == _FRAME_EXIT[0]:
                 self._ended = True
                 if not self.exit_status.done():
                     self.exit_status.set_result(int(payload or b"-1"))
@@ -189,9 +205,9 @@ async def open_port(
             address, request_line(address.token, "CONNECT", [("port", str(port))]), timeout
         )
     except AgentError as error:
-        if error.code == "ECONNREFUSED":
+        if error.code == ERR_CONNECTION_REFUSED:
             raise PortNotListening(f"nothing in the sandbox accepts connections on port {port}") from None
-        if error.code == "EMAXCONN":
+        if error.code == ERR_TOO_MANY_RELAYS:
             raise TooManyConnections(
                 f"the sandbox is relaying as many connections as it takes at once ({error})"
             ) from None
@@ -247,16 +263,16 @@ class AgentPtySession(PtySession):
 
     async def write(self, data: bytes) -> None:
         for start in range(0, len(data), _MAX_INPUT_FRAME):
-            self._writer.write(self._frame(b"d", data[start : start + _MAX_INPUT_FRAME]))
+            self._writer.write(self._frame(_FRAME_DATA, data[start : start + _MAX_INPUT_FRAME]))
         await self._writer.drain()
 
     async def resize(self, rows: int, cols: int) -> None:
-        self._writer.write(self._frame(b"r", f"{int(rows)} {int(cols)}".encode()))
+        self._writer.write(self._frame(_FRAME_RESIZE, f"{int(rows)} {int(cols)}".encode()))
         await self._writer.drain()
 
     async def signal(self, signum: int) -> None:
         """Send a signal to the command's process group (e.g. SIGINT for Ctrl-C outside the tty)."""
-        self._writer.write(self._frame(b"k", str(int(signum)).encode()))
+        self._writer.write(self._frame(_FRAME_SIGNAL, str(int(signum)).encode()))
         await self._writer.drain()
 
     async def wait(self) -> int:

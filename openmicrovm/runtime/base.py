@@ -533,7 +533,7 @@ class BaseDriver(SandboxDriver):
                 try:
                     fields = watch.answer.result()
                 except agent_client.AgentError as error:
-                    wait_known = error.code != "EPROTO"
+                    wait_known = error.code != agent_client.ERR_PROTOCOL
                 except (OSError, ValueError, DriverError):
                     pass  # an ABORT (a suspend), a dead sandbox, a garbled answer: look again
                 await watch.close()
