@@ -32,6 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from bench.common import Opener, build_image, first_200, load, summary
 from tests.support.cluster import ClusterUnderTest
+from tests.support.endpoint import auth_token
 from tests.support.images import ALL_HOOKS, SAMPLE_APP
 from tests.support.postgres import temporary_cluster
 from tests.support.server import ServerProcess
@@ -50,20 +51,13 @@ def _wait_state(client: Any, microvm_id: str, state: str, timeout: float = 120.0
         time.sleep(0.01)
 
 
-def _token(client: Any, microvm_id: str) -> str:
-    answer = client.create_microvm_auth_token(
-        microvmIdentifier=microvm_id, expirationInMinutes=30, allowedPorts=[{"port": 8080}]
-    )
-    return answer["authToken"]["X-aws-proxy-auth"]
-
-
 def _run_to_first_200(front: ServerProcess, arn: str) -> float:
     """RunMicrovm → first 200 through the endpoint of `front` (held while PENDING, then served);
     the MicroVM is terminated afterwards, outside the time."""
     client = front.client(validate=False)
     started = time.perf_counter()
     vm = client.run_microvm(imageIdentifier=arn)
-    first_200(front.port, f"{vm['endpoint']}:{front.port}", _token(client, vm["microvmId"]))
+    first_200(front.port, f"{vm['endpoint']}:{front.port}", auth_token(client, vm["microvmId"], minutes=30))
     elapsed = time.perf_counter() - started
     client.terminate_microvm(microvmIdentifier=vm["microvmId"])
     return elapsed
@@ -112,7 +106,7 @@ def _endpoint_load(fronts: dict[str, ServerProcess], arns: dict[str, str], args:
             microvm_ids[name] = vm["microvmId"]
             _wait_state(client, vm["microvmId"], "RUNNING")
             host = f"{vm['endpoint']}:{front.port}"
-            token = _token(client, vm["microvmId"])
+            token = auth_token(client, vm["microvmId"], minutes=30)
             first_200(front.port, host, token)
             request = f"GET / HTTP/1.1\r\nHost: {host}\r\nX-aws-proxy-auth: {token}\r\n\r\n".encode()
             if name == "all-in-one":

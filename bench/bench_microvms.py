@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,28 +23,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from bench.common import build_image, first_200, summary
+from bench.common import build_image, first_200, plain_app_first_200, summary
+from tests.support.endpoint import auth_token
 from tests.support.images import ALL_HOOKS, SAMPLE_APP
-from tests.support.server import ServerProcess, free_port
-
-
-def _baseline(runs: int) -> list[float]:
-    samples = []
-    for _ in range(runs):
-        port = free_port()
-        started = time.perf_counter()
-        process = subprocess.Popen(
-            [sys.executable, str(SAMPLE_APP / "app.py")],
-            env={**os.environ, "PORT": str(port)},
-            stdout=subprocess.DEVNULL,
-        )
-        try:
-            first_200(port, f"127.0.0.1:{port}")
-            samples.append(time.perf_counter() - started)
-        finally:
-            process.terminate()
-            process.wait()
-    return samples
+from tests.support.server import ServerProcess
 
 
 def _wait_state(client: Any, microvm_id: str, state: str) -> None:
@@ -66,13 +46,6 @@ def _rss_of(server: ServerProcess, microvm_id: str) -> int:
                 if sample.labels.get("microvm_id") == microvm_id:
                     return int(sample.value)
     return 0
-
-
-def _token(client: Any, microvm_id: str) -> str:
-    answer = client.create_microvm_auth_token(
-        microvmIdentifier=microvm_id, expirationInMinutes=5, allowedPorts=[{"port": 8080}]
-    )
-    return answer["authToken"]["X-aws-proxy-auth"]
 
 
 def main() -> None:
@@ -109,7 +82,7 @@ def main() -> None:
                 time.sleep(args.refill_seconds)
                 started = time.perf_counter()
                 vm = client.run_microvm(imageIdentifier=arn)
-                token = _token(client, vm["microvmId"])
+                token = auth_token(client, vm["microvmId"], minutes=5)
                 host = f"{vm['endpoint']}:{server.port}"
                 first_200(server.port, host, token)  # held while PENDING, then served
                 samples["RunMicrovm -> first 200 (warm pool)"].append(time.perf_counter() - started)
@@ -118,7 +91,9 @@ def main() -> None:
                 started = time.perf_counter()
                 second = client.run_microvm(imageIdentifier=arn)  # the pool was just used
                 first_200(
-                    server.port, f"{second['endpoint']}:{server.port}", _token(client, second["microvmId"])
+                    server.port,
+                    f"{second['endpoint']}:{server.port}",
+                    auth_token(client, second["microvmId"], minutes=5),
                 )
                 samples["RunMicrovm -> first 200 (pool empty: back-to-back run)"].append(
                     time.perf_counter() - started
@@ -150,7 +125,7 @@ def main() -> None:
                 client.terminate_microvm(microvmIdentifier=vm["microvmId"])
         finally:
             server.stop()
-    baseline = _baseline(args.runs)
+    baseline = plain_app_first_200(args.runs)
     rss = sorted(rss_running)[len(rss_running) // 2]
     with open("/proc/meminfo") as meminfo:
         total = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemTotal:"))

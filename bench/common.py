@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -17,10 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.support.images import (
     BUILD_ROLE,
     MANAGED_BASE,
+    SAMPLE_APP,
     wait_image_settled,
     zip_dir,
 )
-from tests.support.server import ServerProcess
+from tests.support.server import ServerProcess, free_port
 
 
 def build_image(server: ServerProcess, name: str, app_dir: Path, scratch: Path, **extra: Any) -> str:
@@ -112,6 +115,27 @@ def first_200(port: int, host: str, token: str | None = None, timeout: float = 3
             last = error
         time.sleep(0.002)
     raise RuntimeError(f"no 200 from {host} within {timeout:g} s (last: {last!r})")
+
+
+def plain_app_first_200(runs: int, timeout: float = 30.0) -> list[float]:
+    """The baseline every bench compares with: the sample app started as a plain process of this
+    machine (`python3 app.py`), seconds from its start to its first 200, once per run."""
+    samples = []
+    for _ in range(runs):
+        port = free_port()
+        started = time.perf_counter()
+        process = subprocess.Popen(
+            [sys.executable, str(SAMPLE_APP / "app.py")],
+            env={**os.environ, "PORT": str(port)},
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            first_200(port, f"127.0.0.1:{port}", timeout=timeout)
+            samples.append(time.perf_counter() - started)
+        finally:
+            process.terminate()
+            process.wait()
+    return samples
 
 
 Opener = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
