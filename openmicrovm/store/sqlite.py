@@ -14,12 +14,15 @@ import contextlib
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from openmicrovm.store.connection import Row
 from openmicrovm.store.errors import StoreError
+
+BUSY_TIMEOUT_MS = 5000  # how long a connection waits for another's lock before "database is locked"
 
 
 def _dict_row(cursor: sqlite3.Cursor, values: tuple[Any, ...]) -> Row:
@@ -59,7 +62,7 @@ class SqliteBackend:
             os.chmod(path, 0o600)
         try:
             self._writer = _connect(path)
-            self._writer.execute("PRAGMA journal_mode=WAL")
+            _enter_wal(self._writer)
             # An in-memory database is private to its connection: reads share the writer's.
             self._reader = self._writer if path == ":memory:" else _connect(path)
         except sqlite3.Error as error:
@@ -103,8 +106,26 @@ def _connect(path: str) -> sqlite3.Connection:
     connection.row_factory = _dict_row
     connection.execute("PRAGMA synchronous=NORMAL")
     connection.execute("PRAGMA foreign_keys=ON")
-    connection.execute("PRAGMA busy_timeout=5000")
+    connection.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     return connection
+
+
+def _enter_wal(connection: sqlite3.Connection) -> None:
+    """Switch the file to WAL, waiting out other processes that open it at the same moment.
+
+    SQLite answers a journal-mode change that meets another connection's lock with "database is
+    locked" at once, without its busy handler (seen as about one failure in fifteen when four
+    servers open one new file together), so the wait is ours, bounded like busy_timeout.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def sqlite_path(url: str) -> str | None:
