@@ -41,9 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from openmicrovm.builder.base_rootfs import ensure_base_rootfs
 from openmicrovm.config import default_cache_dir
 from openmicrovm.runtime import PortNotListening, ProcessConfig, Sandbox, SandboxSpec, make_driver
-from openmicrovm.runtime.base import BaseDriver, record_of
+from openmicrovm.runtime.base import BaseDriver
 from openmicrovm.runtime.gvisor import GVisorDriver
-from openmicrovm.runtime.host import missing_for
+from openmicrovm.runtime.records import record_of
+from openmicrovm.runtime.registry import missing_for
 
 APP = """
 import http.server, os, sys

@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 from openmicrovm.builder.outputs import tree_size  # noqa: E402
 from openmicrovm.objects import ObjectStore, PublishedOutputs, fetch, publish  # noqa: E402
 from openmicrovm.objects.manifest import Manifest  # noqa: E402
-from openmicrovm.runtime.base import SNAPSHOT_FILE  # noqa: E402
+from openmicrovm.runtime.records import SNAPSHOT_FILE  # noqa: E402
 from tests.objects.trees import describe  # noqa: E402
 from tests.support.moto import MotoServer  # noqa: E402
 

@@ -73,6 +73,12 @@ class Settings:
     snapshot_store_endpoint_url: str = ""
     # Shared, rebuildable artefacts (the Debian base root filesystem, buildah layers).
     cache_dir: Path = field(default_factory=default_cache_dir)
+    # buildah's storage driver for build layers: "overlay" or "vfs" (empty: overlay where a probe
+    # shows it works here, else vfs).
+    buildah_driver: str = ""
+    # The Debian mirror the base root filesystem is bootstrapped from (empty: the one this host's
+    # apt uses, else deb.debian.org).
+    debian_mirror: str = ""
     # A second port serving the API and the endpoints over TLS with a local CA (0: none).
     # `openmicrovm tls init` makes the CA; clients trust <data dir>/tls/ca.pem.
     tls_port: int = 0
@@ -95,9 +101,12 @@ class Settings:
     # is written to disk and freed this many seconds later (0: at once). gvisor driver only.
     suspend_to_disk_after_seconds: float = 20.0
     # gVisor's platform: "ptrace" (the default: lowest idle cost and latency) or "systrap" (much
-    # faster for syscall-heavy apps, but each running sandbox spins ~2 % of a CPU). Empty: ptrace,
-    # or $OPENMICROVM_RUNSC_PLATFORM.
+    # faster for syscall-heavy apps, but each running sandbox spins ~2 % of a CPU). Empty: ptrace.
+    # Env: OPENMICROVM_GVISOR_PLATFORM, or OPENMICROVM_RUNSC_PLATFORM.
     gvisor_platform: str = ""
+    # The runsc binary new sandboxes run under (a path, or a name on PATH). Empty: the newest that
+    # works here (Debian 13's in the cache dir, else the system's). gvisor driver only.
+    runsc: str = ""
     # Restored, frozen sandboxes kept ready per recently run snapshot, so RunMicrovm does not wait
     # for a restore (0: none). gvisor driver only.
     restore_pool_size: int = 1
@@ -113,6 +122,13 @@ class Settings:
     max_dockerfile_build_seconds: float = 3600.0
     log_max_bytes: int = 10 * 1024 * 1024
     log_keep_files: int = 3
+    # CloudWatch Logs shipping: how often it looks for new lines, the longest wait after failures,
+    # the largest batch (events, bytes; the service's own limits cap them) and a call's timeout.
+    cloudwatch_interval_seconds: float = 1.0
+    cloudwatch_max_backoff_seconds: float = 60.0
+    cloudwatch_batch_events: int = 10_000
+    cloudwatch_batch_bytes: int = 1_048_576
+    cloudwatch_timeout_seconds: float = 15.0
     # Host names the API answers to besides localhost, 127.0.0.1, [::1] and `host` (any port).
     # Every other Host is refused, so a web page cannot reach the API by DNS rebinding.
     allowed_hosts: tuple[str, ...] = ()
@@ -125,6 +141,14 @@ class Settings:
     # Networks (CIDR) that MicroVMs and builds may reach although they are private or shared
     # address space (10/8, 172.16/12, 192.168/16, 100.64/10, fc00::/7 are denied by default).
     egress_allow_networks: tuple[str, ...] = ()
+    # Where builds and MicroVM uplinks take their addresses (a /30 each): private IPv4 networks
+    # that no route of the host overlaps.
+    build_subnet: str = "10.213.0.0/16"
+    sandbox_subnet: str = "10.214.0.0/16"
+    # More IPv4 networks (CIDR) builds and MicroVMs may not reach, whatever egress_allow_networks
+    # opens; microvm_egress_deny holds for MicroVMs only.
+    build_egress_deny: tuple[str, ...] = ()
+    microvm_egress_deny: tuple[str, ...] = ()
 
     @property
     def signature_required(self) -> bool:
@@ -143,6 +167,8 @@ class Settings:
 _SCALARS = {f.name: f for f in fields(Settings) if f.name not in ("access_keys", "quotas")}
 # List settings given as one environment string: how its items are separated (default ",").
 _LIST_SEPARATORS = {"artifact_file_roots": ":"}
+# Settings also read from a second variable, documented before the setting had its own name.
+_ENV_ALIASES = {"gvisor_platform": "OPENMICROVM_RUNSC_PLATFORM"}
 # The item type of each list setting.
 _LIST_ITEMS: dict[str, type] = {"artifact_file_roots": Path}
 
@@ -228,6 +254,8 @@ def _from_environment(environ: dict[str, str]) -> dict[str, Any]:
         env_name = f"OPENMICROVM_{name.upper()}"
         if env_name in environ:
             values[name] = environ[env_name]
+        elif _ENV_ALIASES.get(name) in environ:
+            values[name] = environ[_ENV_ALIASES[name]]
     for quota in fields(Quotas):
         env_name = f"OPENMICROVM_QUOTA_{quota.name.upper()}"
         if env_name in environ:

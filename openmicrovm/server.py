@@ -30,12 +30,12 @@ from openmicrovm.endpoint.proxy import Counters
 from openmicrovm.endpoint.shell import shell_handler
 from openmicrovm.endpoint.tls import all_regions, server_context, tls_dir
 from openmicrovm.lifecycle.timers import Timers
-from openmicrovm.logs.cloudwatch import CloudWatchShipper
+from openmicrovm.logs.cloudwatch import CloudWatchShipper, ShipperSettings
 from openmicrovm.logs.route import LOGS_ROUTE, make_logs_handler
 from openmicrovm.logs.store import LogStore
 from openmicrovm.metrics import Metrics, metrics_handler
 from openmicrovm.private_files import private_dir
-from openmicrovm.runtime import make_driver
+from openmicrovm.runtime import driver_from_settings
 from openmicrovm.runtime.driver import SandboxDriver
 from openmicrovm.service import Service
 from openmicrovm.store import Store
@@ -140,16 +140,7 @@ class Server:
             self.driver: SandboxDriver | None = None
             self.agent: HostAgent | None = None
             if roles.agent:
-                self.driver = make_driver(
-                    settings.driver,
-                    settings.data_dir / "sandboxes",
-                    settings.cache_dir,
-                    memory_reserve_mib=settings.host_memory_reserve_mib or None,
-                    suspend_to_disk_after=settings.suspend_to_disk_after_seconds,
-                    restore_pool_size=settings.restore_pool_size,
-                    runsc_platform=settings.gvisor_platform or None,
-                    egress_allow_networks=settings.egress_allow_networks,
-                )
+                self.driver = driver_from_settings(settings)
                 self.agent = HostAgent(
                     self.service,
                     self.driver,
@@ -174,7 +165,9 @@ class Server:
             if self.agent is not None:
                 self.agent.microvms.listeners.append(self.metrics.microvm_state_changed)
                 self.agent.microvms.transition_observers.append(self.metrics.observe_transition)
-            self.shipper = CloudWatchShipper(self.store, self.logs, observer=self.metrics)
+            self.shipper = CloudWatchShipper(
+                self.store, self.logs, settings=ShipperSettings.from_settings(settings), observer=self.metrics
+            )
             self.endpoint_counters = Counters(
                 on_bytes=self.metrics.endpoint_bytes_relayed, on_request=self.metrics.endpoint_request_served
             )

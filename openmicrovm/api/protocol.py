@@ -13,8 +13,8 @@ from urllib.parse import parse_qs
 import orjson
 from botocore.model import ListShape, OperationModel, Shape, StructureShape
 
-from openmicrovm.api.model import error_shape
 from openmicrovm.service.errors import ServiceError, ValidationError
+from openmicrovm.wire_model import error_shape
 
 JSON_CONTENT_TYPE = "application/json"
 

@@ -9,7 +9,7 @@ from urllib.parse import unquote
 
 from botocore.model import OperationModel
 
-from openmicrovm.api.model import operations
+from openmicrovm.wire_model import operations
 
 # The same few labels (the ARNs a client works on) come back request after request, and unquote
 # takes microseconds on an ARN's escaped colons. A pure function, so a cache is safe; bounded in

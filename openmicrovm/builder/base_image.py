@@ -101,9 +101,12 @@ async def _import(store: BuildahStore, rootfs: Path, progress: Progress) -> None
         )
 
 
-async def ensure_base_image(store: BuildahStore, cache_dir: Path, progress: Progress | None = None) -> None:
+async def ensure_base_image(
+    store: BuildahStore, cache_dir: Path, progress: Progress | None = None, mirror: str = ""
+) -> None:
     """Make sure both base image names exist in `store`; imports the base rootfs the first time
-    (about 10 s, plus about a minute for debootstrap if the rootfs is not cached either)."""
+    (about 10 s, plus about a minute for debootstrap from `mirror` if the rootfs is not cached
+    either; base_rootfs.ensure_base_rootfs)."""
     report = progress or (lambda _message: None)
     if await _is_current(store):
         return
@@ -120,7 +123,7 @@ async def ensure_base_image(store: BuildahStore, cache_dir: Path, progress: Prog
                 loop = asyncio.get_running_loop()
                 # debootstrap reports from a worker thread; hand its lines to the loop's thread.
                 rootfs = await ensure_base_rootfs_async(
-                    cache_dir, lambda line: loop.call_soon_threadsafe(report, line)
+                    cache_dir, lambda line: loop.call_soon_threadsafe(report, line), mirror
                 )
                 await _import(store, rootfs, report)
             await _checked(store, ["tag", INTERNAL_BASE_IMAGE, PUBLIC_BASE_IMAGE], "tagging the base image")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -29,11 +28,11 @@ class BaseRootfsError(Exception):
     pass
 
 
-def _mirror() -> str:
-    """The mirror this host's apt uses, so that a machine that reaches only its own mirror works."""
-    override = os.environ.get("OPENMICROVM_DEBIAN_MIRROR")
-    if override:
-        return override
+def _mirror(chosen: str) -> str:
+    """`chosen` (the setting debian_mirror), else the mirror this host's apt uses, so that a
+    machine that reaches only its own mirror works."""
+    if chosen:
+        return chosen
     sources = Path("/etc/apt/sources.list.d/debian.sources")
     if sources.exists():
         for line in sources.read_text().splitlines():
@@ -57,7 +56,7 @@ def is_ready(cache_dir: Path) -> bool:
     return _marker(cache_dir).exists() and rootfs_path(cache_dir).is_dir()
 
 
-def _run_debootstrap(target: Path, progress: Progress) -> None:
+def _run_debootstrap(target: Path, progress: Progress, mirror: str) -> None:
     import subprocess
 
     if shutil.which("debootstrap") is None:
@@ -68,7 +67,7 @@ def _run_debootstrap(target: Path, progress: Progress) -> None:
         f"--include={','.join(PACKAGES)}",
         SUITE,
         str(target),
-        _mirror(),
+        _mirror(mirror),
     ]
     progress(f"building the base root filesystem: {' '.join(cmd)}")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -84,9 +83,10 @@ def _run_debootstrap(target: Path, progress: Progress) -> None:
         raise BaseRootfsError("debootstrap failed:\n" + "\n".join(tail))
 
 
-def ensure_base_rootfs(cache_dir: Path, progress: Progress | None = None) -> Path:
-    """Return the cached base rootfs, building it first if needed. Safe across processes: a lock
-    file serialises builders, and the rootfs only appears under its final name once complete."""
+def ensure_base_rootfs(cache_dir: Path, progress: Progress | None = None, mirror: str = "") -> Path:
+    """Return the cached base rootfs, building it first if needed (from `mirror`, see _mirror).
+    Safe across processes: a lock file serialises builders, and the rootfs only appears under its
+    final name once complete."""
     report = progress or (lambda _message: None)
     final = rootfs_path(cache_dir)
     if is_ready(cache_dir):
@@ -103,7 +103,7 @@ def ensure_base_rootfs(cache_dir: Path, progress: Progress | None = None) -> Pat
         shutil.rmtree(final, ignore_errors=True)
         _marker(cache_dir).unlink(missing_ok=True)
         try:
-            _run_debootstrap(scratch, report)
+            _run_debootstrap(scratch, report, mirror)
             # apt caches are not part of an image; dropping them saves ~30 MB per copy.
             shutil.rmtree(scratch / "var/cache/apt/archives", ignore_errors=True)
             (scratch / "var/cache/apt/archives/partial").mkdir(parents=True, exist_ok=True)
@@ -116,5 +116,7 @@ def ensure_base_rootfs(cache_dir: Path, progress: Progress | None = None) -> Pat
         return final
 
 
-async def ensure_base_rootfs_async(cache_dir: Path, progress: Progress | None = None) -> Path:
-    return await asyncio.to_thread(ensure_base_rootfs, cache_dir, progress)
+async def ensure_base_rootfs_async(
+    cache_dir: Path, progress: Progress | None = None, mirror: str = ""
+) -> Path:
+    return await asyncio.to_thread(ensure_base_rootfs, cache_dir, progress, mirror)

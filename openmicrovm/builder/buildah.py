@@ -172,26 +172,26 @@ def _make_store(cache_dir: Path, driver: str) -> BuildahStore:
     return BuildahStore(root, runroot, tmpdir, driver, registries)
 
 
-async def open_store(cache_dir: Path) -> BuildahStore:
+async def open_store(cache_dir: Path, driver: str = "") -> BuildahStore:
     """The buildah storage for `cache_dir`, choosing (once per process) the driver that works:
-    $OPENMICROVM_BUILDAH_DRIVER if set, else overlay when a probe succeeds, else vfs."""
+    `driver` if given (the setting buildah_driver), else overlay when a probe succeeds, else vfs."""
     if shutil.which("buildah") is None:
         raise BuildahError("buildah is not installed on this server (Debian: apt-get install buildah)")
     cache_dir = cache_dir.resolve()
-    choice = os.environ.get("OPENMICROVM_BUILDAH_DRIVER", "").strip()
+    choice = driver.strip()
     known = _stores.get(cache_dir)
     if known is not None and (not choice or choice == known.driver):
         return known
     candidates = [choice] if choice else (["overlay", "vfs"] if _overlay_possible() else ["vfs"])
     failures: list[str] = []
-    for driver in candidates:
-        store = await asyncio.to_thread(_make_store, cache_dir, driver)
+    for candidate in candidates:
+        store = await asyncio.to_thread(_make_store, cache_dir, candidate)
         # `info` initialises the graph driver, which mounts a test overlay: a cheap, real probe.
         probe = await run_buildah(store, ["info", "--format", "{{.store.GraphDriverName}}"])
         if probe.returncode == 0:
             _stores[cache_dir] = store
             return store
-        failures.append(f"{driver}: {probe.text}")
+        failures.append(f"{candidate}: {probe.text}")
     raise BuildahError("no buildah storage driver works on this host:\n" + "\n".join(failures))
 
 

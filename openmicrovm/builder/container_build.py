@@ -26,11 +26,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from openmicrovm.builder import build_jail
-from openmicrovm.builder.build_network import BuildNetworkError, IPNetwork, open_build_network
+from openmicrovm.builder.build_network import open_build_network
 from openmicrovm.builder.buildah import BuildahProcess, BuildahStore, LineSink, run_buildah
 from openmicrovm.builder.cleanup import run_to_completion
 from openmicrovm.builder.dockerfile import unsafe_run_mount
 from openmicrovm.builder.errors import CONTAINER_BUILD_FAILED, INTERNAL_PLATFORM_ERROR, BuildFailed, disk_full
+from openmicrovm.hostnet.addresses import EgressPolicy
+from openmicrovm.hostnet.errors import HostNetworkError
 
 # A registry that never answers must not hold a build for long (buildah's own timeouts are minutes).
 DEFAULT_PULL_TIMEOUT_SECONDS = 30.0
@@ -152,12 +154,12 @@ async def build_image(
     *,
     pull_timeout: float = DEFAULT_PULL_TIMEOUT_SECONDS,
     build_timeout: float = DEFAULT_DOCKERFILE_TIMEOUT_SECONDS,
-    egress_allow: tuple[IPNetwork, ...] = (),
+    egress: EgressPolicy | None = None,
     cgroup_procs: Sequence[str] = (),
 ) -> str:
     """Build `context_dir/Dockerfile`; returns the image id. The image stays untagged: it is read
     once to make the version's root filesystem, and its layers stay behind as the build cache.
-    egress_allow: the private networks the build may reach (build_network.open_build_network).
+    egress: the build network's addresses and what it may reach (build_network.open_build_network).
     cgroup_procs: the cgroup (one cgroup.procs file per hierarchy) buildah and its RUN steps run in."""
     watch = _PullWatch(pull_timeout, build_timeout)
 
@@ -189,8 +191,8 @@ async def build_image(
         _JAIL_CONTEXT,
     ]
     try:
-        network = await open_build_network(egress_allow)
-    except BuildNetworkError as error:
+        network = await open_build_network(egress)
+    except HostNetworkError as error:
         raise BuildFailed.because(
             INTERNAL_PLATFORM_ERROR, f"The isolated build environment could not be set up: {error}"
         ) from None

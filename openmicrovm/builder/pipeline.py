@@ -24,7 +24,6 @@ from openmicrovm.builder.architecture import check_architecture
 from openmicrovm.builder.artifact import fetch_artifact
 from openmicrovm.builder.base_image import ensure_base_image
 from openmicrovm.builder.build_hooks import wait_for_hook, wait_for_port
-from openmicrovm.builder.build_network import IPNetwork
 from openmicrovm.builder.buildah import BuildahError, open_store
 from openmicrovm.builder.cleanup import run_to_completion
 from openmicrovm.builder.container_build import (
@@ -44,6 +43,7 @@ from openmicrovm.builder.outputs import IMAGE_CONFIG_FILE, ROOTFS_DIR, SNAPSHOT_
 from openmicrovm.builder.rootfs_export import RootfsExport, export_rootfs
 from openmicrovm.builder.unpack import UnpackLimits, unpack_artifact_async
 from openmicrovm.config import default_cache_dir
+from openmicrovm.hostnet.addresses import EgressPolicy
 from openmicrovm.idmap import ID_BASE
 from openmicrovm.runtime.driver import (
     DriverError,
@@ -94,9 +94,14 @@ class BuildRequest:
     limits: UnpackLimits = field(default_factory=UnpackLimits)
     pull_timeout_seconds: float = DEFAULT_PULL_TIMEOUT_SECONDS
     dockerfile_timeout_seconds: float = DEFAULT_DOCKERFILE_TIMEOUT_SECONDS
-    # Private networks the Dockerfile's RUN steps and fetches may reach (the setting
-    # egress_allow_networks); all other private address space is refused (build_network.py).
-    egress_allow_networks: tuple[IPNetwork, ...] = ()
+    # Where the Dockerfile's RUN steps and fetches take their addresses and what they may reach
+    # (hostnet/policies.for_builds; None: the settings' defaults). Private address space the policy
+    # does not open is refused (hostnet/firewall.py).
+    egress: EgressPolicy | None = None
+    # buildah's storage driver (the setting buildah_driver; empty: the one that works here).
+    buildah_driver: str = ""
+    # Where the base root filesystem is bootstrapped from (the setting debian_mirror; empty: apt's).
+    debian_mirror: str = ""
     # Without a ready hook: how long the app may take to accept connections.
     startup_timeout_seconds: float = DEFAULT_HOOK_TIMEOUT_SECONDS
 
@@ -282,8 +287,8 @@ class _Build:
     async def _build_image(self, context_dir: Path, rootfs: Path) -> ImageConfig:
         request = self.request
         with self.stage("build.base", announce=False):
-            store = await open_store(request.cache_dir)
-            await ensure_base_image(store, request.cache_dir, self.log)
+            store = await open_store(request.cache_dir, request.buildah_driver)
+            await ensure_base_image(store, request.cache_dir, self.log, request.debian_mirror)
         with self.stage("build.dockerfile", announce=False):
             dockerfile_text = (context_dir / "Dockerfile").read_text(errors="replace")
             memory_mib = max(request.memory_mib, BUILD_MEMORY_FLOOR_MIB)
@@ -296,7 +301,7 @@ class _Build:
                     self.log,
                     pull_timeout=request.pull_timeout_seconds,
                     build_timeout=request.dockerfile_timeout_seconds,
-                    egress_allow=request.egress_allow_networks,
+                    egress=request.egress,
                     cgroup_procs=[str(path) for path in cgroup.procs_files()] if cgroup else (),
                 )
             finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from openmicrovm.config import Settings, load_settings
@@ -17,11 +18,12 @@ from openmicrovm.server import DataDirLock, open_store
 from openmicrovm.store import StoreError
 
 REASON = "Terminated by `openmicrovm cleanup` while the server was stopped."
+NETWORK_SETTINGS = ("egress_allow_networks", "sandbox_subnet", "build_egress_deny", "microvm_egress_deny")
 
 
 async def _cleanup(settings: Settings) -> tuple[int, list[str]]:
     from openmicrovm.cluster.identity import host_id_of
-    from openmicrovm.runtime import make_driver
+    from openmicrovm.runtime import driver_from_settings
     from openmicrovm.service import microvms
     from openmicrovm.service.core import Service
 
@@ -36,7 +38,15 @@ async def _cleanup(settings: Settings) -> tuple[int, list[str]]:
             microvms.mark_terminated(service, microvm_id, REASON)
     finally:
         store.close()
-    driver = make_driver(settings.driver, settings.data_dir / "sandboxes", settings.cache_dir)
+    # Configured as the server configures it, but for what sandboxes may reach, which removing
+    # them does not need: a network setting that stops `serve` must not stop the cleanup.
+    defaults = Settings()
+    driver = driver_from_settings(
+        replace(
+            settings,
+            **{name: getattr(defaults, name) for name in NETWORK_SETTINGS},
+        )
+    )
     removed = await driver.cleanup_strays(set())
     return len(live), removed
 

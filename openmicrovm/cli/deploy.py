@@ -15,7 +15,6 @@ from typing import Any
 
 from botocore.exceptions import ClientError, ParamValidationError
 
-from openmicrovm.api.model import version_config_members
 from openmicrovm.cli import config_flags
 from openmicrovm.cli.connection import CliError, Connection, ServerError, add_connection_arguments, connect
 from openmicrovm.cli.images import all_items, find_image
@@ -24,6 +23,7 @@ from openmicrovm.cli.output import cli_command, print_json, warn, without_metada
 from openmicrovm.cli.packaging import check_folder, package
 from openmicrovm.cli.progress import Progress
 from openmicrovm.logs.store import split_line
+from openmicrovm.wire_model import version_config_members
 
 DEFAULT_BUILD_ROLE = "arn:aws:iam::000000000000:role/openmicrovm-build"
 BUILD_TIMEOUT_SECONDS = 1800.0

@@ -94,7 +94,7 @@ def run_checks(args: argparse.Namespace) -> list[Check]:
     except ValueError as error:
         return [Check("settings", FAIL, str(error))]
     return [
-        driver_check(settings.driver),
+        driver_check(settings),
         *tool_checks(),
         cgroup_check(),
         privilege_check(),

@@ -1,7 +1,7 @@
 """What `openmicrovm doctor` looks at on this machine: tools, sandbox drivers, cgroups, disk.
 
-The runtime knows best which drivers can run (runtime.host.describe_host); when it is not there
-(an older or partial install) the checks fall back to looking for runsc and bwrap on PATH.
+Which drivers can run is the runtime's word (runtime/host_report.describe_host), with the drivers
+configured as the settings say.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from openmicrovm.config import Settings
 from openmicrovm.runtime import cgroup_scope, cgroups
+from openmicrovm.runtime.host_report import describe_host
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 # Binary, Debian package, why it matters, and whether the server cannot work without it.
@@ -70,27 +72,11 @@ def tool_checks() -> list[Check]:
     return checks
 
 
-def _describe_host() -> Any | None:
-    try:
-        from openmicrovm.runtime.host import describe_host
-    except ImportError:
-        return None
-    return asyncio.run(describe_host())
-
-
-def driver_check(configured: str) -> Check:
-    """Which sandbox driver the server will use, given its `driver` setting."""
-    report = _describe_host()
-    if report is None:
-        available = {
-            "gvisor": "available" if shutil.which("runsc") else "missing: runsc (apt-get install runsc)",
-            "process": "available"
-            if shutil.which("bwrap")
-            else "missing: bwrap (apt-get install bubblewrap)",
-        }
-        default = next((name for name, state in available.items() if state == "available"), None)
-    else:
-        available, default = dict(report.drivers), report.default_driver
+def driver_check(settings: Settings) -> Check:
+    """Which sandbox driver the server will use, given its settings (`driver` and the drivers' own)."""
+    report = asyncio.run(describe_host(settings))
+    available, default = dict(report.drivers), report.default_driver
+    configured = settings.driver
     chosen = default if configured == "auto" else configured
     others = "; ".join(f"{name}: {state}" for name, state in available.items() if name != chosen)
     if chosen is None or available.get(chosen, "unknown driver") != "available":

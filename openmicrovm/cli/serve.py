@@ -60,7 +60,7 @@ def _run(args: argparse.Namespace, roles: Any) -> int:
     except ValueError as error:
         print(f"openmicrovm: {error}", file=sys.stderr)
         return 2
-    from openmicrovm.builder.build_network import EgressSettingError
+    from openmicrovm.hostnet.errors import EgressSettingError
     from openmicrovm.server import DataDirBusy, HostFenced
     from openmicrovm.store import StoreError
 
@@ -98,13 +98,23 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="settings file (default <data dir>/settings.toml)")
 
 
+DRIVER_HELP = "sandbox driver: auto (the default), or one `openmicrovm doctor` lists"
+
+
+def _driver_name(text: str) -> str:
+    """A driver the registry knows (read only when --driver is given: it loads every driver)."""
+    from openmicrovm.runtime.registry import AUTO, driver_names
+
+    if text not in (AUTO, *driver_names()):
+        raise argparse.ArgumentTypeError(f"choose {AUTO}, {', '.join(driver_names())}")
+    return text
+
+
 def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     serve = commands.add_parser("serve", help="run the server (API and MicroVM endpoints)")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 4599)")
-    serve.add_argument(
-        "--driver", choices=["auto", "gvisor", "process"], help="sandbox driver (default auto)"
-    )
+    serve.add_argument("--driver", type=_driver_name, help=DRIVER_HELP)
     serve.add_argument(
         "--no-agent",
         action="store_true",
@@ -120,8 +130,6 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
         "--advertise-url", required=True, help="http://IP:PORT where API replicas reach this agent"
     )
     agent.add_argument("--listen", help="IP:PORT to listen on (default: the advertise URL's)")
-    agent.add_argument(
-        "--driver", choices=["auto", "gvisor", "process"], help="sandbox driver (default auto)"
-    )
+    agent.add_argument("--driver", type=_driver_name, help=DRIVER_HELP)
     _common(agent)
     agent.set_defaults(run=_agent)

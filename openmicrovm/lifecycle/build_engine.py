@@ -14,11 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from openmicrovm.builder.build_network import allowed_networks
 from openmicrovm.builder.errors import INTERNAL_PLATFORM_ERROR, BuildFailed
 from openmicrovm.builder.outputs import SNAPSHOT_DIR, delete_build_outputs_async
 from openmicrovm.builder.pipeline import BuildRequest, run_build
 from openmicrovm.builder.unpack import UnpackLimits
+from openmicrovm.hostnet import policies
 from openmicrovm.lifecycle.version_outputs import VersionOutputs
 from openmicrovm.logs.store import LogStore
 from openmicrovm.objects import ObjectStoreError
@@ -51,9 +51,9 @@ class BuildEngine:
         self.builds_dir = service.settings.data_dir / "builds"
         self.work_dir = service.settings.data_dir / "work"
         self._slots = asyncio.Semaphore(max(service.settings.quotas.concurrent_builds, 1))
-        # Parsed once, here, so that an invalid entry stops the server at start (EgressSettingError)
-        # rather than failing every build.
-        self.egress_allow = allowed_networks(service.settings.egress_allow_networks)
+        # Parsed once, here, so that an invalid setting stops the server at start
+        # (EgressSettingError) rather than failing every build.
+        self.egress = policies.for_builds(service.settings)
         self._tasks: set[asyncio.Task[None]] = set()
         self._running: dict[str, asyncio.Task[None]] = {}
 
@@ -129,7 +129,9 @@ class BuildEngine:
                 max_files=self.service.settings.max_artifact_files,
             ),
             dockerfile_timeout_seconds=self.service.settings.max_dockerfile_build_seconds,
-            egress_allow_networks=self.egress_allow,
+            egress=self.egress,
+            buildah_driver=self.service.settings.buildah_driver,
+            debian_mirror=self.service.settings.debian_mirror,
         )
         write(
             f"build {build_id} of {job.build.image_arn} version {job.version} ({job.build.architecture}) started"

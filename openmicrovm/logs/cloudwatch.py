@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,6 +37,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
+from openmicrovm.config import Settings
 from openmicrovm.logs.batches import MAX_BATCH_BYTES, MAX_BATCH_EVENTS, Batch, events_from, plan_batches
 from openmicrovm.logs.destinations import LogTarget, find_targets
 from openmicrovm.logs.ship_state import ShipState, ShipStateStore
@@ -70,30 +70,15 @@ class ShipperSettings:
     finished_grace_seconds: float = 10.0
 
     @classmethod
-    def from_environment(cls, environ: Mapping[str, str] | None = None) -> ShipperSettings:
-        """OPENMICROVM_CLOUDWATCH_<NAME> overrides, until they become settings of their own."""
-        env = os.environ if environ is None else environ
-        names = {
-            "interval_seconds": "OPENMICROVM_CLOUDWATCH_INTERVAL_SECONDS",
-            "max_backoff_seconds": "OPENMICROVM_CLOUDWATCH_MAX_BACKOFF_SECONDS",
-            "batch_events": "OPENMICROVM_CLOUDWATCH_BATCH_EVENTS",
-            "batch_bytes": "OPENMICROVM_CLOUDWATCH_BATCH_BYTES",
-            "read_timeout_seconds": "OPENMICROVM_CLOUDWATCH_TIMEOUT_SECONDS",
-        }
-        values: dict[str, Any] = {}
-        for field_name, env_name in names.items():
-            if env.get(env_name):
-                kind = int if field_name.startswith("batch_") else float
-                try:
-                    values[field_name] = kind(env[env_name])
-                except ValueError:
-                    raise ValueError(f"{env_name} must be a number, got {env[env_name]!r}") from None
-        settings = cls(**values)
-        # Beyond the service's own limits every batch would be refused.
-        return replace(
-            settings,
-            batch_events=min(max(settings.batch_events, 1), MAX_BATCH_EVENTS),
-            batch_bytes=min(max(settings.batch_bytes, 1024), MAX_BATCH_BYTES),
+    def from_settings(cls, settings: Settings) -> ShipperSettings:
+        """The settings cloudwatch_* (env OPENMICROVM_CLOUDWATCH_<NAME>), within the service's own
+        limits: beyond them every batch would be refused."""
+        return cls(
+            interval_seconds=settings.cloudwatch_interval_seconds,
+            max_backoff_seconds=settings.cloudwatch_max_backoff_seconds,
+            batch_events=min(max(settings.cloudwatch_batch_events, 1), MAX_BATCH_EVENTS),
+            batch_bytes=min(max(settings.cloudwatch_batch_bytes, 1024), MAX_BATCH_BYTES),
+            read_timeout_seconds=settings.cloudwatch_timeout_seconds,
         )
 
 
@@ -134,7 +119,7 @@ class CloudWatchShipper:
     ) -> None:
         self.store = store
         self.logs = logs
-        self.settings = settings or ShipperSettings.from_environment()
+        self.settings = settings or ShipperSettings.from_settings(Settings())
         self.states = ShipStateStore(state_dir or logs.root / "cloudwatch")
         self.observer = observer
         self._session_factory = session_factory

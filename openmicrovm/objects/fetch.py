@@ -18,8 +18,8 @@ from pathlib import Path
 
 from openmicrovm.builder.outputs import ROOTFS_DIR, SNAPSHOT_DIR
 from openmicrovm.private_files import write_private_file
-from openmicrovm.runtime.base import SNAPSHOT_FILE, relocate_snapshot
 from openmicrovm.runtime.driver import SnapshotError
+from openmicrovm.runtime.records import SNAPSHOT_FILE, relocate_snapshot
 
 from . import cache
 from .client import ObjectStore

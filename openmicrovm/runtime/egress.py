@@ -3,11 +3,11 @@
     [sandbox netns]                 [peer netns]                                       [host]
     eth0 169.254.77.2 <--veth--> veth0 169.254.77.1    up0 10.214.a.b+2/30 <--veth--> omvsXXXXh .b+1/30
     default route via .1           forwards veth0 -> up0 only,                     table inet omvs_XXXX
-    (always: it is in the snapshot) masquerades behind up0                         (see build_network)
+    (always: it is in the snapshot) masquerades behind up0                         (hostnet/firewall)
 
 Every sandbox restored from one snapshot has the same inner address, so the peer namespace
 masquerades the sandbox's traffic behind the uplink's own address, unique per sandbox; from there
-the host treats it exactly as a build's (builder/build_network.egress_ruleset): nothing addressed to
+the host treats it exactly as a build's (hostnet/firewall.egress_ruleset): nothing addressed to
 the host itself (loopback services, any host address) is accepted, link-local 169.254.0.0/16
 (cloud metadata), loopback, multicast and reserved space, other sandboxes' uplinks, builds and
 the networks of $OPENMICROVM_MICROVM_EGRESS_DENY and $OPENMICROVM_BUILD_EGRESS_DENY are refused,
@@ -26,127 +26,65 @@ egress), so the sandbox's traffic meets the peer namespace's catch-all local rou
 at once (netns.create_pair); enable() adds the route, one netlink request that costs well under a
 millisecond on hand-out.
 
-Addresses: one /30 per uplink from $OPENMICROVM_SANDBOX_SUBNET (default 10.214.0.0/16). Sandboxes
-outlive the server, so a /30 is leased by a file, /run/openmicrovm/sandbox-net/XXXX.lease, created
-exclusively and naming the peer namespace it serves; the sandbox's record keeps the slot. Leases
-are taken and swept under one host-wide flock, so servers sharing the machine never collide. sweep()
-removes the uplinks whose peer namespace is gone, and those of one driver scope's sandboxes that
-are not kept (cleanup_strays).
+Addresses: one /30 per uplink from the policy's subnet (the setting sandbox_subnet, default
+10.214.0.0/16), leased in /run/openmicrovm/sandbox-net by the protocol builds share
+(hostnet/slots.py): the lease names the peer namespace it serves, and the sandbox's record keeps
+the slot. sweep() removes the uplinks whose peer namespace is gone, and those of one driver scope's
+sandboxes that are not kept (cleanup_strays).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
 import ipaddress
 import logging
 import os
-import re
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
-from openmicrovm.builder import build_network as shared
-from openmicrovm.builder.build_network import BuildNetworkError, IPNetwork
+from openmicrovm.hostnet import host_checks
+from openmicrovm.hostnet.addresses import EgressPolicy, slot, slot_count
+from openmicrovm.hostnet.commands import run_command
+from openmicrovm.hostnet.dns import resolv_conf
+from openmicrovm.hostnet.errors import HostNetworkError
+from openmicrovm.hostnet.firewall import egress_ruleset, table_names
+from openmicrovm.hostnet.slots import LeaseTable, SlotNames
 
 from . import netns
 from .driver import DriverError
 
 log = logging.getLogger("openmicrovm.runtime")
 
-DEFAULT_SUBNET = "10.214.0.0/16"
-SUBNET_ENV = "OPENMICROVM_SANDBOX_SUBNET"
-EGRESS_DENY_ENV = "OPENMICROVM_MICROVM_EGRESS_DENY"
 STATE_DIR = Path("/run/openmicrovm/sandbox-net")
-LINK_PREFIX = "omvs"
-TABLE_PREFIX = "omvs_"
+NAMES = SlotNames(link_prefix="omvs", table_prefix="omvs_")
+LINK_PREFIX = NAMES.link_prefix
 UPLINK_DEV = "up0"  # the uplink's end inside the peer namespace
-_LOCK_FILE = ".lock"
-_LINK_NAME = re.compile(rf"^{LINK_PREFIX}([0-9a-f]{{4}})h$")
-_TABLE_NAME = re.compile(rf"^{TABLE_PREFIX}([0-9a-f]{{4}})$")
-_LEASE_NAME = re.compile(r"^([0-9a-f]{4})\.lease$")
-_LOCK_POLL_SECONDS = 0.005
-
-
-def _tag(index: int) -> str:
-    return f"{index:04x}"
+LEASES = LeaseTable(STATE_DIR)
 
 
 def host_link(index: int) -> str:
-    return f"{LINK_PREFIX}{_tag(index)}h"
+    return NAMES.link(index)
 
 
 def table_name(index: int) -> str:
-    return f"{TABLE_PREFIX}{_tag(index)}"
+    return NAMES.table(index)
 
 
 def lease_path(index: int) -> Path:
-    return STATE_DIR / f"{_tag(index)}.lease"
+    return LEASES.path(index)
 
 
-def _subnet() -> ipaddress.IPv4Network:
-    return shared.configured_subnet(SUBNET_ENV, DEFAULT_SUBNET)
-
-
-def uplink_subnet(index: int) -> ipaddress.IPv4Network:
+def uplink_subnet(index: int, policy: EgressPolicy) -> ipaddress.IPv4Network:
     """The /30 of uplink slot `index`: .1 on the host, .2 in the peer namespace."""
-    return ipaddress.IPv4Network((int(_subnet().network_address) + 4 * index, 30))
-
-
-def _denials() -> list[ipaddress.IPv4Network]:
-    # The operator's denials for builds hold for MicroVMs too: both reach the same networks.
-    networks = shared.configured_denials(EGRESS_DENY_ENV) + shared.configured_denials()
-    return list(dict.fromkeys(networks))
+    return slot(policy.subnet, index)
 
 
 async def _command(argv: list[str], stdin: str | None = None, check: bool = True) -> int:
     try:
-        code, _ = await shared.run_command(argv, stdin, check)
-    except BuildNetworkError as error:
+        code, _ = await run_command(argv, stdin, check)
+    except HostNetworkError as error:
         raise DriverError(f"sandbox egress: {error}") from None
     return code
-
-
-# ----------------------------------------------------------------------------- leases
-
-
-@contextlib.asynccontextmanager
-async def _host_lock() -> AsyncIterator[None]:
-    """The host-wide lock around taking and sweeping leases. Polled without blocking, in the loop's
-    thread, so that a cancelled caller can never leave the lock held by a stray thread."""
-    STATE_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(STATE_DIR / _LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                await asyncio.sleep(_LOCK_POLL_SECONDS)
-        yield
-    finally:
-        os.close(fd)  # closing releases the flock
-
-
-def _take_lease(peer_netns: str) -> int:
-    """The lowest free slot, leased to peer_netns. Called under _host_lock."""
-    subnet = _subnet()
-    for index in range(min(subnet.num_addresses // 4, 0x10000)):
-        try:
-            fd = os.open(lease_path(index), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except FileExistsError:
-            continue
-        with os.fdopen(fd, "w") as handle:
-            handle.write(peer_netns + "\n")
-        return index
-    raise DriverError(f"all sandbox uplink subnets of {subnet} are in use (${SUBNET_ENV})")
-
-
-def _lease_holder(index: int) -> str | None:
-    try:
-        return lease_path(index).read_text().strip()
-    except OSError:
-        return None
 
 
 # ----------------------------------------------------------------------------- uplinks
@@ -175,83 +113,94 @@ def _enable_forwarding() -> None:
     Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
 
 
-async def enable(peer_netns: str, index: int) -> None:
+async def enable(peer_netns: str, index: int, policy: EgressPolicy) -> None:
     """Switch a sandbox's egress on: route its traffic through its uplink (slot `index`)."""
     try:
-        await netns.add_default_route(peer_netns, str(uplink_subnet(index).network_address + 1))
+        await netns.add_default_route(peer_netns, str(uplink_subnet(index, policy).network_address + 1))
     except OSError as error:
         raise DriverError(f"cannot switch the egress of {peer_netns} on: {error}") from None
 
 
-async def _install_table(index: int, allowed: Sequence[IPNetwork]) -> None:
+async def _install_table(index: int, policy: EgressPolicy) -> None:
     """Write (or atomically replace: one nft transaction adds, deletes and remakes it) the host's
     table of uplink `index`."""
     table = table_name(index)
-    _, resolvers = shared.build_resolv_conf("a MicroVM")
-    ruleset = shared.egress_ruleset(
-        table, host_link(index), uplink_subnet(index), _denials(), allowed, resolvers
+    _, resolvers = resolv_conf("a MicroVM")
+    ruleset = egress_ruleset(
+        table, host_link(index), uplink_subnet(index, policy), policy.denied, policy.allowed, resolvers
     )
     await _command(["nft", "-f", "-"], f"table inet {table}\ndelete table inet {table}\n{ruleset}")
 
 
-async def refresh(index: int, allowed: Sequence[IPNetwork]) -> None:
-    """Apply the current rules and `allowed` networks to the uplink of an adopted sandbox, whose
+async def refresh(index: int, policy: EgressPolicy) -> None:
+    """Apply the current rules and the policy's networks to the uplink of an adopted sandbox, whose
     table an earlier server made."""
     if Path("/sys/class/net", host_link(index)).exists():
-        await _install_table(index, allowed)
+        await _install_table(index, policy)
 
 
-async def _wire(index: int, peer_netns: str, allowed: Sequence[IPNetwork]) -> None:
-    slot = uplink_subnet(index)
+async def _wire(index: int, peer_netns: str, policy: EgressPolicy) -> None:
+    slot = uplink_subnet(index, policy)
     host_cidr, peer_cidr = f"{slot.network_address + 1}/30", f"{slot.network_address + 2}/30"
     link = host_link(index)
-    await _command(
-        ["ip", "-batch", "-"],
-        f"link add {link} type veth peer name {UPLINK_DEV} netns {peer_netns}\n"
-        f"link set {link} addrgenmode none\naddr add {host_cidr} dev {link}\nlink set {link} up\n",
+    await netns.run_batch(
+        None,
+        [
+            f"link add {link} type veth peer name {UPLINK_DEV} netns {peer_netns}",
+            f"link set {link} addrgenmode none",
+            f"addr add {host_cidr} dev {link}",
+            f"link set {link} up",
+        ],
     )
-    await _command(
-        ["ip", "-n", peer_netns, "-batch", "-"],
-        f"link set {UPLINK_DEV} addrgenmode none\naddr add {peer_cidr} dev {UPLINK_DEV}\n"
-        f"link set {UPLINK_DEV} up\n",
+    await netns.run_batch(
+        peer_netns,
+        [
+            f"link set {UPLINK_DEV} addrgenmode none",
+            f"addr add {peer_cidr} dev {UPLINK_DEV}",
+            f"link set {UPLINK_DEV} up",
+        ],
     )
     try:  # a new namespace inherits the host's setting, which may be off
         await netns.call_in_namespace(peer_netns, _enable_forwarding)
     except OSError as error:
         raise DriverError(f"cannot enable forwarding in {peer_netns}: {error}") from None
     await _command(["ip", "netns", "exec", peer_netns, "nft", "-f", "-"], _peer_ruleset())
-    await _install_table(index, allowed)
+    await _install_table(index, policy)
 
 
-_host_prepared = False
+_host_prepared: set[ipaddress.IPv4Network] = set()  # subnets checked
 
 
-async def _prepare_host() -> None:
-    """Once per process (the checks start processes, and a cold restore runs beside them): the
-    subnet is free, forwarding is on, and a warning if iptables would drop what we forward."""
-    global _host_prepared
-    if _host_prepared:
+async def _prepare_host(subnet: ipaddress.IPv4Network) -> None:
+    """Once per process and subnet (the checks start processes, and a cold restore runs beside
+    them): the subnet is free, forwarding is on, and a warning if iptables would drop what we
+    forward."""
+    if subnet in _host_prepared:
         return
     try:
-        await shared.check_no_overlap(_subnet(), SUBNET_ENV, _LINK_NAME)
-        await shared.warn_if_forwarding_is_filtered(LINK_PREFIX, "MicroVMs")
-        await asyncio.to_thread(shared.ensure_forwarding, "MicroVMs")
-    except BuildNetworkError as error:
+        await host_checks.check_no_overlap(subnet, "sandbox_subnet", NAMES.link_pattern)
+        await host_checks.warn_if_forwarding_is_filtered(LINK_PREFIX, "MicroVMs")
+        await asyncio.to_thread(host_checks.ensure_forwarding, "MicroVMs")
+    except HostNetworkError as error:
         raise DriverError(f"sandbox egress: {error}") from None
-    _host_prepared = True
+    _host_prepared.add(subnet)
 
 
-async def attach(peer_netns: str, on_lease: Callable[[int], None], allowed: Sequence[IPNetwork] = ()) -> int:
+async def attach(peer_netns: str, on_lease: Callable[[int], None], policy: EgressPolicy) -> int:
     """Give peer_netns (which must exist) an uplink, switched off (see enable()); returns its slot.
     on_lease(slot) runs once the slot is leased, before anything is made, so that the caller can
-    record it and remove() finds everything even after a failure half way. allowed: the private
-    networks the sandbox may reach (build_network.allowed_networks); none by default."""
-    await _prepare_host()
-    async with _host_lock():
-        index = _take_lease(peer_netns)
+    record it and remove() finds everything even after a failure half way. policy: its addresses,
+    and what it may reach."""
+    await _prepare_host(policy.subnet)
+    async with LEASES.locked():
+        index = LEASES.take(peer_netns, slot_count(policy.subnet))
+    if index is None:
+        raise DriverError(
+            f"all sandbox uplink subnets of {policy.subnet} are in use (the setting sandbox_subnet)"
+        )
     on_lease(index)
     try:
-        await _wire(index, peer_netns, allowed)
+        await _wire(index, peer_netns, policy)
     except BaseException:
         await remove(index)
         raise
@@ -262,20 +211,9 @@ async def remove(index: int, tables: list[str] | None = None) -> None:
     """Remove an uplink's host end (its peer end goes with it), its table and its lease."""
     if Path("/sys/class/net", host_link(index)).exists():
         await _command(["ip", "link", "delete", host_link(index)], check=False)
-    if table_name(index) in (tables if tables is not None else await shared.table_names()):
+    if table_name(index) in (tables if tables is not None else await table_names()):
         await _command(["nft", "delete", "table", "inet", table_name(index)], check=False)
-    lease_path(index).unlink(missing_ok=True)
-
-
-def _found_indexes(tables: list[str]) -> set[int]:
-    found: set[int] = set()
-    listings: list[tuple[re.Pattern[str], list[str]]] = [(_TABLE_NAME, tables)]
-    for pattern, directory in ((_LINK_NAME, "/sys/class/net"), (_LEASE_NAME, str(STATE_DIR))):
-        with contextlib.suppress(OSError):
-            listings.append((pattern, os.listdir(directory)))
-    for pattern, entries in listings:
-        found.update(int(m.group(1), 16) for entry in entries if (m := pattern.match(entry)))
-    return found
+    LEASES.release(index)
 
 
 async def sweep(stray: Callable[[str], bool]) -> list[int]:
@@ -283,15 +221,15 @@ async def sweep(stray: Callable[[str], bool]) -> list[int]:
     or to one for which stray(name) says so. Returns the slots removed."""
     if os.geteuid() != 0:
         return []
-    tables = await shared.table_names()
-    removed: list[int] = []
-    async with _host_lock():
-        for index in sorted(_found_indexes(tables)):
-            holder = _lease_holder(index)
-            if holder and netns.exists(holder) and not stray(holder):
-                continue
-            await remove(index, tables)
-            removed.append(index)
+    tables = await table_names()
+
+    def alive(holder: str) -> bool:
+        return netns.exists(holder) and not stray(holder)
+
+    async def remove_objects(index: int) -> None:
+        await remove(index, tables)
+
+    removed = await LEASES.sweep(NAMES.present(tables), alive, remove_objects)
     if removed:
         log.info("removed %d sandbox uplink(s) left behind", len(removed))
     return removed

@@ -18,7 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from openmicrovm.hostnet.commands import ip_batch
+from openmicrovm.hostnet.errors import HostNetworkError
+
 from . import proc
+from .driver import DriverError
 
 NETNS_DIR = Path("/run/netns")
 _CLONE_NEWNET = 0x40000000
@@ -54,7 +58,7 @@ def list_names(prefix: str) -> list[str]:
 async def create(name: str) -> None:
     """A namespace with only `lo`, up."""
     await proc.run(["ip", "netns", "add", name])
-    await _run_batch(name, ["link set lo up"])
+    await run_batch(name, ["link set lo up"])
 
 
 async def create_pair(
@@ -67,8 +71,8 @@ async def create_pair(
     answered at once, by a reset or port unreachable, as if nothing listened there, instead of being
     dropped on the way (an app's DNS lookup would wait for its timeout): only a default route
     through an uplink (egress.py) takes the sandbox further."""
-    await _run_batch(None, [f"netns add {sandbox_ns}", f"netns add {peer_ns}"])
-    await _run_batch(
+    await run_batch(None, [f"netns add {sandbox_ns}", f"netns add {peer_ns}"])
+    await run_batch(
         peer_ns,
         [
             f"link add {peer_dev} type veth peer name {sandbox_dev} netns {sandbox_ns}",
@@ -78,7 +82,7 @@ async def create_pair(
             f"route add local default dev lo table main metric {LOCAL_FALLBACK_METRIC}",
         ],
     )
-    await _run_batch(
+    await run_batch(
         sandbox_ns,
         [
             f"addr add {sandbox_cidr} dev {sandbox_dev}",
@@ -123,7 +127,7 @@ async def ensure_address(name: str, dev: str, cidr: str, gateway: str) -> None:
     """Put cidr back on dev, and the default route via gateway that went with it. runsc moves the
     address into its own netstack when it takes over the interface, and a restored sandbox only
     answers once the address is on the interface again."""
-    await _run_batch(name, [f"addr replace {cidr} dev {dev}", f"route replace default via {gateway}"])
+    await run_batch(name, [f"addr replace {cidr} dev {dev}", f"route replace default via {gateway}"])
 
 
 async def delete(name: str) -> None:
@@ -132,23 +136,15 @@ async def delete(name: str) -> None:
         return
     result = await proc.run(["ip", "netns", "delete", name], check=False)
     if result.returncode != 0 and exists(name):
-        raise proc.DriverError(result.describe())
+        raise DriverError(result.describe())
 
 
-async def _run_batch(name: str | None, commands: list[str]) -> None:
-    argv = ["ip"] + (["-n", name] if name else []) + ["-batch", "-"]
-    process = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await process.communicate(("\n".join(commands) + "\n").encode())
-    if process.returncode != 0:
-        raise proc.DriverError(
-            f"ip {' '.join(argv[1:])} failed ({'; '.join(commands)}): "
-            f"{(err or out).decode(errors='replace').strip()}"
-        )
+async def run_batch(name: str | None, commands: list[str]) -> None:
+    """Several `ip` commands in one process, in namespace `name` (None: the host's)."""
+    try:
+        await ip_batch(name, commands)
+    except HostNetworkError as error:
+        raise DriverError(str(error)) from None
 
 
 def _in_namespace(name: str, action: Callable[[], T]) -> T:

@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .driver import ProcessConfig
+from .rootfs import ResolvedUser
+
 # Spec §5.8: what a MicroVM's app gets unless the image asks for additionalOsCapabilities ALL.
 DEFAULT_CAPABILITIES = (
     "CAP_CHOWN",
@@ -66,6 +69,27 @@ ALL_CAPABILITIES = (
 
 # Where the agent binary appears inside every sandbox (bind-mounted read-only).
 AGENT_IN_SANDBOX = "/.omv/agent"
+
+
+def agent_command(listen: str, user: ResolvedUser, process: ProcessConfig, *options: str) -> list[str]:
+    """The guest agent's command line in a sandbox: where it listens, any more of its options, and
+    the app it starts, as whom and where."""
+    return [
+        AGENT_IN_SANDBOX,
+        "--listen",
+        listen,
+        *options,
+        "--uid",
+        str(user.uid),
+        "--gid",
+        str(user.gid),
+        "--groups",
+        ",".join(str(g) for g in user.groups),
+        "--workdir",
+        process.workdir or "/",
+        "--",
+        *process.argv,
+    ]
 
 
 def capability_set(all_capabilities: bool) -> list[str]:

@@ -55,17 +55,7 @@ from .. import idmap
 from ..private_files import write_private_file
 from . import agent_build, cgroups, names, netns, oci, proc, rootfs, seccomp
 from .agent_client import AGENT_PORT, AgentAddress
-from .base import (
-    SNAPSHOT_FILE,
-    BaseDriver,
-    SnapshotMeta,
-    discard_snapshot_contents,
-    log,
-    prepare_snapshot_dir,
-    read_snapshot_meta,
-    record_of,
-    write_private,
-)
+from .base import BaseDriver, log
 from .driver import (
     DriverCapabilities,
     DriverError,
@@ -74,6 +64,16 @@ from .driver import (
     SandboxSpec,
     SnapshotError,
     SnapshotInfo,
+)
+from .options import DriverOptions
+from .records import (
+    SNAPSHOT_FILE,
+    SandboxRecord,
+    SnapshotMeta,
+    discard_snapshot_contents,
+    prepare_snapshot_dir,
+    read_snapshot_meta,
+    write_private,
 )
 from .rootfs import overlay_safe
 
@@ -152,13 +152,41 @@ def shift_layer_ids(root: Path) -> int:
     return changed
 
 
-class ProcessDriver(BaseDriver):
+def _overlayfs_supported() -> bool:
+    try:
+        return "overlay" in Path("/proc/filesystems").read_text()
+    except OSError:
+        return False
+
+
+class ProcessDriver(BaseDriver[SandboxRecord]):
     name = "process"
+    record_type = SandboxRecord
     capabilities = DriverCapabilities(memory_snapshot=False, suspend_releases_memory=False)
     cold_start_footprint_bytes = 32 * 1024 * 1024
 
-    def __init__(self, state_root: Path, cache_dir: Path, **options: object) -> None:
-        super().__init__(state_root, cache_dir, **options)  # type: ignore[arg-type]
+    # What an operator loses with the process driver: said with the fallback to it (a WARNING).
+    fallback_limits = (
+        "isolates less than gVisor: apps run on the host's kernel behind Linux namespaces, a user "
+        "namespace, a seccomp filter and a reduced capability set, instead of on gVisor's own kernel, "
+        "so a bug in the host kernel's system calls is a way out; has no memory snapshots (every "
+        "restore cold-starts the app on its files, losing what it held in memory, and suspend keeps "
+        "the memory resident); gives MicroVMs no internet egress; and refuses "
+        "additionalOsCapabilities ALL. Install runsc (apt-get install runsc, or `openmicrovm doctor`) "
+        "for the gvisor driver"
+    )
+
+    @classmethod
+    def host_problems(cls, options: DriverOptions, cache_dir: Path | None) -> list[str]:
+        problems = super().host_problems(options, cache_dir)
+        if shutil.which("bwrap") is None:
+            problems.append("bwrap (apt-get install bubblewrap)")
+        if not _overlayfs_supported():
+            problems.append("overlayfs in the kernel")
+        return problems
+
+    def __init__(self, state_root: Path, cache_dir: Path, options: DriverOptions | None = None) -> None:
+        super().__init__(state_root, cache_dir, options)
         tools = {}
         for tool in ("bwrap", "unshare", "nsenter", "sh", "mount", "mkdir"):
             found = shutil.which(tool)
@@ -183,13 +211,14 @@ class ProcessDriver(BaseDriver):
         async def open_socket() -> socket.socket:
             return await netns.connect(name, "127.0.0.1", AGENT_PORT, timeout=5.0)
 
-        return AgentAddress(open_socket, record_of(sandbox).token)
+        return AgentAddress(open_socket, self.record(sandbox).token)
 
-    def check_contained(self, spec: SandboxSpec) -> rootfs.ResolvedUser:
-        """What start() and restore() refuse before making anything: every capability (the API
-        refuses it earlier, service/image_config.py; this covers versions built before), ids the
-        user namespace does not map, an id base without room for the range."""
-        user = self.check_spec(spec)
+    def check_spec(self, spec: SandboxSpec) -> rootfs.ResolvedUser:
+        """What start() and restore() refuse before making anything, beyond every driver's checks:
+        every capability (the API refuses it earlier, service/image_config.py; this covers
+        versions built before), ids the user namespace does not map, an id base without room for
+        the range."""
+        user = super().check_spec(spec)
         if spec.all_capabilities:
             raise DriverError(REFUSED_ALL_CAPABILITIES)
         outside = [i for i in (user.uid, user.gid, *user.groups) if not 0 <= i < idmap.ID_COUNT]
@@ -324,25 +353,12 @@ class ProcessDriver(BaseDriver):
         # Capabilities of the sandbox's user namespace: they act on what it owns, never the host.
         for cap in oci.capability_set(False):
             argv += ["--cap-add", cap]
-        argv += [
-            "--",
-            oci.AGENT_IN_SANDBOX,
-            "--listen",
-            f"127.0.0.1:{AGENT_PORT}",
-            "--uid",
-            str(user.uid),
-            "--gid",
-            str(user.gid),
-            "--groups",
-            ",".join(str(g) for g in user.groups),
-            "--workdir",
-            spec.process.workdir or "/",
-            "--",
-            *spec.process.argv,
-        ]
-        return argv
+        return [*argv, "--", *oci.agent_command(f"127.0.0.1:{AGENT_PORT}", user, spec.process)]
 
-    async def _boot(self, sandbox: Sandbox, agent: Path, grace: float, *, fresh: bool) -> None:
+    async def boot(self, sandbox: Sandbox, agent: Path) -> None:
+        await self._cold_start(sandbox, agent, self.exit_grace, fresh=True)
+
+    async def _cold_start(self, sandbox: Sandbox, agent: Path, grace: float, *, fresh: bool) -> None:
         """Cold-start the sandbox on the writable layer in its state dir (fresh: an empty one)."""
         spec = sandbox.spec
         host = self.names_of(sandbox)
@@ -363,7 +379,7 @@ class ProcessDriver(BaseDriver):
         # The launcher's environment reaches the agent through bwrap; the agent keeps
         # OMV_AGENT_TOKEN to itself and hands the rest to the app.
         env = rootfs.app_environment(spec.process, user)
-        env["OMV_AGENT_TOKEN"] = record_of(sandbox).token
+        env["OMV_AGENT_TOKEN"] = self.record(sandbox).token
         script = _LAUNCHER.format(
             **{tool: shlex.quote(self.tools[tool]) for tool in ("mount", "mkdir", "nsenter")}
         )
@@ -399,27 +415,8 @@ class ProcessDriver(BaseDriver):
             await self.wait_ready(sandbox, grace=grace)
         finally:
             await self._end_userns_holder(holder)
-        record_of(sandbox).state = "running"
-        self.save(sandbox)
 
     # ------------------------------------------------------------------ lifecycle
-
-    async def start(self, sandbox_id: str, spec: SandboxSpec) -> Sandbox:
-        with self.creating(sandbox_id):
-            return await self._start(sandbox_id, spec)
-
-    async def _start(self, sandbox_id: str, spec: SandboxSpec) -> Sandbox:
-        self.check_contained(spec)
-        self.gate.check("start a sandbox", self.cold_start_footprint_bytes, spec.memory_mib)
-        agent = await agent_build.ensure_agent(self.cache_dir)
-        sandbox = self.new_sandbox(sandbox_id, spec, self.new_token(), agent)
-        try:
-            await self._boot(sandbox, agent, self.exit_grace, fresh=True)
-            log.info("process sandbox %s started", sandbox_id)
-            return sandbox
-        except BaseException:
-            await self.destroy_quietly(sandbox)
-            raise
 
     async def connect(self, sandbox: Sandbox, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         self.require_running(sandbox)
@@ -470,7 +467,7 @@ class ProcessDriver(BaseDriver):
         layer = snapshot_dir / LAYER
         if not layer.is_dir():
             raise SnapshotError(f"snapshot {snapshot_dir} is incomplete: the {LAYER} layer is missing")
-        self.check_contained(meta.spec)
+        self.check_spec(meta.spec)
         self.gate.check(
             "restore a sandbox",
             max(meta.footprint_bytes, self.cold_start_footprint_bytes),
@@ -479,7 +476,7 @@ class ProcessDriver(BaseDriver):
         agent = await agent_build.ensure_agent(self.cache_dir)
         # No memory to carry over, so each restore gets its own agent secret.
         sandbox = self.new_sandbox(sandbox_id, meta.spec, self.new_token(), agent)
-        try:
+        async with self.destroyed_on_failure(sandbox):
             result = await proc.run(
                 ["cp", "-a", "--reflink=auto", str(layer), str(sandbox.state_dir / LAYER)],
                 check=False,
@@ -495,11 +492,10 @@ class ProcessDriver(BaseDriver):
                 log.info(
                     "restore of %s: shifted the ids of %d files of an older snapshot", sandbox_id, changed
                 )
-            await self._boot(sandbox, agent, 0.0, fresh=False)
-            return sandbox
-        except BaseException:
-            await self.destroy_quietly(sandbox)
-            raise
+            await self._cold_start(sandbox, agent, 0.0, fresh=False)
+            self.record(sandbox).state = "running"
+            self.save(sandbox)
+        return sandbox
 
     async def suspend(self, sandbox: Sandbox) -> None:
         async with self.lock(sandbox.sandbox_id):
@@ -524,7 +520,7 @@ class ProcessDriver(BaseDriver):
         if sandbox is None:
             return None
         async with self.lock(sandbox_id):
-            record = record_of(sandbox)
+            record = self.record(sandbox)
             if record.state == "starting":
                 await self.drop_unfinished(sandbox)
                 return None

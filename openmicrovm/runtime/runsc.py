@@ -7,12 +7,12 @@ Two kinds of runsc can be on a host:
     0.0~20240729): those checkpoints work, its netstack moves 2.5x the bytes per second, and it
     also has the systrap platform.
 
-The driver runs new sandboxes with the newest runsc that works (or the one named by the driver's
-`runsc` option or $OPENMICROVM_RUNSC). A runsc checkpoint can only be restored by a runsc of the
+The driver runs new sandboxes with the newest runsc that works (or the one the setting `runsc`,
+$OPENMICROVM_RUNSC, names). A runsc checkpoint can only be restored by a runsc of the
 same version, so every sandbox and snapshot remembers the binary (and its version) it was made
 with, and is restored, checkpointed and deleted with that one.
 
-The platform is ptrace unless $OPENMICROVM_RUNSC_PLATFORM or the `runsc_platform` option says
+The platform is ptrace unless the setting `gvisor_platform` ($OPENMICROVM_RUNSC_PLATFORM) says
 systrap. Measured on the 2-core project machine (2026-11, runsc 0.0~20240729, bench_runtime.py and
 interleaved A/B runs; the machine was shared and noisy): systrap makes syscall-heavy work 1.3-7x
 faster (20,000 stat() calls: 120-270 ms against 350-890 ms) and a concurrent endpoint load ~10 %
@@ -35,8 +35,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-ENV_BINARY = "OPENMICROVM_RUNSC"
-ENV_PLATFORM = "OPENMICROVM_RUNSC_PLATFORM"
+from openmicrovm.config import default_cache_dir
+
+ENV_BINARY = "OPENMICROVM_RUNSC"  # the setting runsc, named in errors
 CACHE_SUBDIR = "runsc"  # <cache dir>/runsc/<Debian version>/runsc
 SYSTEM_RUNSC = "/usr/bin/runsc"
 # Never kvm: /dev/kvm on these hosts is PVM, where the kvm platform hangs.
@@ -128,8 +129,7 @@ def cached_binaries(cache_dir: Path) -> list[Path]:
 
 def default_cache_dirs() -> list[Path]:
     """Where runsc_install.py installs by default (the settings' default cache dir)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return [Path(base) / "openmicrovm"]
+    return [default_cache_dir()]
 
 
 def system_binary() -> str | None:
@@ -152,15 +152,16 @@ def installed(cache_dirs: list[Path] | None = None) -> list[Runsc]:
 
 
 def choose(explicit: str | None = None, cache_dirs: list[Path] | None = None) -> Runsc:
-    """The runsc for new sandboxes: `explicit` (or $OPENMICROVM_RUNSC) when given, else the newest
+    """The runsc for new sandboxes: `explicit` (the setting runsc) when given, else the newest
     working one. Raises RunscError saying why there is none."""
-    wanted = explicit or os.environ.get(ENV_BINARY) or None
-    if wanted:
-        path = wanted if os.sep in wanted else shutil.which(wanted)
+    if explicit:
+        path = explicit if os.sep in explicit else shutil.which(explicit)
         runsc = probe(path) if path else None
         if runsc is None:
-            source = "the runsc option" if explicit else f"${ENV_BINARY}"
-            raise RunscError(f"{source} names {wanted}, which does not run here (`{wanted} --version` fails)")
+            raise RunscError(
+                f"the setting runsc (${ENV_BINARY}) names {explicit}, which does not run here "
+                f"(`{explicit} --version` fails)"
+            )
         return runsc
     found = installed(cache_dirs)
     if not found:
@@ -171,7 +172,7 @@ def choose(explicit: str | None = None, cache_dirs: list[Path] | None = None) ->
 
 
 def choose_platform(runsc: Runsc, explicit: str | None = None) -> str:
-    wanted = explicit or os.environ.get(ENV_PLATFORM) or runsc.default_platform
+    wanted = explicit or runsc.default_platform
     if wanted not in runsc.platforms:
         raise RunscError(
             f"{runsc.describe()} has no {wanted!r} platform (it has {', '.join(runsc.platforms)})"

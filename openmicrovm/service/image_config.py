@@ -6,12 +6,12 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from openmicrovm.api.model import version_config_members
 from openmicrovm.service.arns import EGRESS_CONNECTORS, managed_connector_arn, parse_connector
 from openmicrovm.service.context import RequestContext
 from openmicrovm.service.core import Params
 from openmicrovm.service.errors import ValidationError
 from openmicrovm.service.managed import host_architecture, resolve_base_image
+from openmicrovm.wire_model import version_config_members
 
 SUPPORTED_MEMORY_MIB = (512, 1024, 2048, 4096, 8192)
 DEFAULT_MEMORY_MIB = 2048

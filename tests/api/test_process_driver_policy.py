@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
-from openmicrovm.runtime.host import missing_for
+from openmicrovm.runtime.registry import missing_for
 from tests.conftest import image_request
 from tests.support.moto import MotoServer
 from tests.support.server import DatabaseBackend, ServerProcess

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from openmicrovm.api.model import service_model
+from openmicrovm.wire_model import service_model
 from tests.conftest import image_request
 from tests.support.http import raw_request
 from tests.support.server import ServerProcess

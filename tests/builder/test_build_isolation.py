@@ -8,32 +8,35 @@ import asyncio
 import contextlib
 import ipaddress
 import json
-import os
 import secrets
 import socket
 import subprocess
+import sys
 import tempfile
 import textwrap
 import threading
 import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from openmicrovm.builder import build_network, container_build
+from openmicrovm.builder import container_build
 from openmicrovm.builder.build_network import (
     BuildNetwork,
-    BuildNetworkError,
-    IPNetwork,
     _Names,
-    build_resolv_conf,
     cleanup_build_networks,
     open_build_network,
 )
 from openmicrovm.builder.buildah import BuildahStore
 from openmicrovm.builder.container_build import build_image
 from openmicrovm.builder.errors import CONTAINER_BUILD_FAILED, BuildFailed
+from openmicrovm.config import Settings, load_settings
+from openmicrovm.hostnet import addresses, dns, firewall, policies
+from openmicrovm.hostnet.addresses import EgressPolicy, IPNetwork
+from openmicrovm.hostnet.dns import resolv_conf
+from openmicrovm.hostnet.errors import HostNetworkError
 from tests.builder.conftest import assert_store_clean
 from tests.builder.fake_internet import FakeInternet, fake_internet, in_netns
 from tests.builder.test_container_build import build, make_context
@@ -67,13 +70,20 @@ PROBE_PRELUDE = textwrap.dedent(
 )
 
 
+# Settings from these variables only: no settings file of this machine's.
+SETTINGS_ENV = {
+    "OPENMICROVM_SYSTEM_CONFIG": "/nonexistent/openmicrovm.toml",
+    "OPENMICROVM_DATA_DIR": "/nonexistent",
+}
+
+
 def run_probe(
     store: BuildahStore,
     root: Path,
     script: str,
     extra: str = "",
     files: dict[str, str] | None = None,
-    egress_allow: tuple[IPNetwork, ...] = (),
+    egress: EgressPolicy | None = None,
 ) -> tuple[dict[str, dict[str, object]], list[str]]:
     """Build a Dockerfile whose RUN step runs PROBE_PRELUDE + `script`; returns the results."""
     dockerfile = BASE + extra + "COPY probe.py /probe.py\nRUN python3 /probe.py\n"
@@ -82,7 +92,7 @@ def run_probe(
         {"Dockerfile": dockerfile, "probe.py": PROBE_PRELUDE + textwrap.dedent(script), **(files or {})},
     )
     log: list[str] = []
-    asyncio.run(build_image(store, context, context.parent / "iid", log.append, egress_allow=egress_allow))
+    asyncio.run(build_image(store, context, context.parent / "iid", log.append, egress=egress))
     results = {}
     for line in log:
         if line.startswith("PROBE "):
@@ -126,8 +136,8 @@ def networks(monkeypatch: pytest.MonkeyPatch) -> list[BuildNetwork]:
     opened: list[BuildNetwork] = []
     real = container_build.open_build_network
 
-    async def recording(allowed: Sequence[IPNetwork] = ()) -> BuildNetwork:
-        network = await real(allowed)
+    async def recording(policy: EgressPolicy | None = None) -> BuildNetwork:
+        network = await real(policy)
         opened.append(network)
         return network
 
@@ -145,7 +155,7 @@ def _objects_of(names: _Names) -> list[str]:
         found.append(f"link {names.host_link}")
     if f"table inet {names.table}\n" in tables + "\n":
         found.append(f"nft table {names.table}")
-    found += [str(path) for path in (names.resolv_conf, names.lock_path) if path.exists()]
+    found += [str(path) for path in (names.resolv_conf, names.lease_path) if path.exists()]
     return found
 
 
@@ -225,20 +235,26 @@ def test_a_run_step_reaches_the_outside_but_nothing_on_the_host(
     # Refused at once rather than left to time out.
     assert "ConnectionRefusedError" in str(results["host address"]["detail"]), results
     assert reached == [], f"a RUN step reached host listeners on {reached}"
-    _, nameservers = build_resolv_conf()
+    _, nameservers = resolv_conf("an image build")
     for server in nameservers:
         assert f"nameserver {server}" in str(results["resolv.conf"]["detail"]), results
     assert len(networks) == 1 and _objects_of(networks[0].names) == []
 
 
 def test_destinations_the_operator_denies_are_refused(
-    store: BuildahStore, tmp_path: Path, internet: FakeInternet, monkeypatch: pytest.MonkeyPatch
+    store: BuildahStore, tmp_path: Path, internet: FakeInternet
 ) -> None:
     port = internet.serve_files({"/hello": b"hello"})
     denied = ipaddress.IPv4Network(f"{internet.address}/30", strict=False)
-    monkeypatch.setenv(build_network.EGRESS_DENY_ENV, f"127.0.0.0/8, 198.18.0.0/15, {denied}")  # overlapping
+    # Overlapping networks, as an operator may list them (env OPENMICROVM_BUILD_EGRESS_DENY).
+    settings = load_settings(
+        environ={**SETTINGS_ENV, "OPENMICROVM_BUILD_EGRESS_DENY": f"127.0.0.0/8, 198.18.0.0/15, {denied}"}
+    )
     results, _ = run_probe(
-        store, tmp_path, f'attempt("denied", lambda: connect("{internet.address}", {port}))\n'
+        store,
+        tmp_path,
+        f'attempt("denied", lambda: connect("{internet.address}", {port}))\n',
+        egress=policies.for_builds(settings),
     )
     assert results["denied"]["ok"] is False, results
 
@@ -293,7 +309,8 @@ def test_egress_allow_networks_opens_exactly_the_named_network(
     targets["internet"] = (internet.address, internet.silent_port())
     targets["host end"] = (host_end.address, host_end.port)
     try:
-        results, _ = run_probe(store, tmp_path, _reach_all(targets), egress_allow=(allowed.network,))
+        opening = replace(policies.for_builds(Settings()), allowed=(allowed.network,))
+        results, _ = run_probe(store, tmp_path, _reach_all(targets), egress=opening)
     finally:
         reached_host = host_end.connected()
         host_end.close()
@@ -311,7 +328,7 @@ def test_a_private_resolver_is_reachable_on_port_53_only(
     resolv.conf and may reach it for DNS, and for nothing else."""
     resolver, other = lans[0], lans[1]
     (tmp_path / "host-resolv.conf").write_text(f"nameserver {resolver.address}\n")
-    monkeypatch.setattr(build_network, "_HOST_RESOLV_CONF", tmp_path / "host-resolv.conf")
+    monkeypatch.setattr(dns, "_HOST_RESOLV_CONF", tmp_path / "host-resolv.conf")
     targets = {
         "dns": (resolver.address, resolver.silent_port(53)),
         "resolver's other port": (resolver.address, resolver.silent_port()),
@@ -423,7 +440,7 @@ class _RulesBench:
 
     def apply(self, allowed: Sequence[IPNetwork], resolvers: Sequence[str] = ()) -> None:
         subnet = ipaddress.IPv4Network(self.SUBNET)
-        ruleset = build_network.egress_ruleset("omvt_rules", "in0", subnet, [], allowed, resolvers)
+        ruleset = firewall.egress_ruleset("omvt_rules", "in0", subnet, [], allowed, resolvers)
         script = f"table inet omvt_rules\ndelete table inet omvt_rules\n{ruleset}"
         subprocess.run(
             ["ip", "netns", "exec", self.router, "nft", "-f", "-"], input=script, text=True, check=True
@@ -471,7 +488,7 @@ def test_the_rules_refuse_private_ipv4_and_ipv6_unless_allowed() -> None:
         assert bench.connect(other_ula, ports[other_ula]) == "PermissionError"
         # No IPv6 egress otherwise: builds and sandboxes have no IPv6 NAT.
         assert bench.connect(public6, ports[public6]) != "connected"
-        bench.apply(allowed=build_network.allowed_networks(["10.99.0.0/24", "fd42:4242::/64"]))
+        bench.apply(allowed=addresses.allowed_networks(["10.99.0.0/24", "fd42:4242::/64"]))
         assert bench.connect(private4, ports[private4]) == "connected"
         assert bench.connect(ula, ports[ula]) == "connected"
         assert bench.connect(other_ula, ports[other_ula]) == "PermissionError"  # exactly the named one
@@ -489,8 +506,8 @@ def test_the_gateway_of_the_build_is_refused_like_any_host_address(
     listeners: list[_Listener] = []
     real = container_build.open_build_network
 
-    async def with_listener(allowed: Sequence[IPNetwork] = ()) -> BuildNetwork:
-        network = await real(allowed)
+    async def with_listener(policy: EgressPolicy | None = None) -> BuildNetwork:
+        network = await real(policy)
         listeners.append(_Listener(network.host_address))
         Path(tmp_path / "context" / "port").write_text(str(listeners[0].port))
         return network
@@ -659,33 +676,44 @@ def test_every_kind_of_build_end_removes_its_network(
     assert_store_clean(store)
 
 
+# A server that opens a build network and dies with it open (os._exit: no cleanup of any kind).
+CRASHING_SERVER = """
+import asyncio, os
+from openmicrovm.builder.build_network import open_build_network
+network = asyncio.run(open_build_network())
+print(network.names.index, flush=True)
+os._exit(0)
+"""
+
+
 def test_leftovers_of_a_crashed_server_are_removed_and_live_networks_kept() -> None:
-    async def scenario() -> tuple[list[str], list[str], list[str], list[str]]:
+    child = subprocess.run(
+        [sys.executable, "-c", CRASHING_SERVER], check=True, capture_output=True, text=True
+    )
+    crashed = _Names(int(child.stdout))
+    before = _objects_of(crashed)
+    assert len(before) == 5, before  # netns, link, table, resolv.conf, lease
+    assert crashed.lease_path.read_text().startswith("pid ")  # in the name of the dead server
+
+    async def scenario() -> tuple[list[str], list[str], list[str]]:
+        removed = await cleanup_build_networks()
         live = await open_build_network()
-        crashed = await open_build_network()
-        # A crash: the process holding the lock is gone, the namespace, veth and table stay.
-        os.close(crashed._lock)
-        before = _objects_of(crashed.names)
         try:
-            removed = await cleanup_build_networks()
-            return before, _objects_of(crashed.names), removed, _objects_of(live.names)
+            again = await cleanup_build_networks()
+            return removed, again, _objects_of(live.names)
         finally:
             await live.close()
 
-    before, after, removed, live_objects = asyncio.run(scenario())
-    assert len(before) == 5, before  # netns, link, table, resolv.conf, lock file
-    assert after == []
-    assert any(name.startswith(build_network.NETNS_PREFIX) for name in removed)
-    assert len(live_objects) == 5, "cleanup removed a live build's network"
+    removed, again, live_objects = asyncio.run(scenario())
+    assert crashed.netns in removed and _objects_of(crashed) == []
+    assert again == [] and len(live_objects) == 5, "cleanup removed a live build's network"
 
 
-def test_a_build_subnet_overlapping_a_host_route_is_refused(
-    internet: FakeInternet, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_build_subnet_overlapping_a_host_route_is_refused(internet: FakeInternet) -> None:
     overlapping = ipaddress.IPv4Network(f"{internet.host_address}/30", strict=False)
-    monkeypatch.setenv(build_network.SUBNET_ENV, str(overlapping))
-    with pytest.raises(BuildNetworkError, match="overlaps the host's route"):
-        asyncio.run(open_build_network())
+    settings = load_settings(environ={**SETTINGS_ENV, "OPENMICROVM_BUILD_SUBNET": str(overlapping)})
+    with pytest.raises(HostNetworkError, match=r"overlaps the host's route .* the setting build_subnet"):
+        asyncio.run(open_build_network(policies.for_builds(settings)))
 
 
 @pytest.mark.parametrize(
@@ -710,8 +738,8 @@ def test_builds_get_the_hosts_reachable_resolvers(
 ) -> None:
     (tmp_path / "host").write_text(host)
     (tmp_path / "upstream").write_text(upstream)
-    monkeypatch.setattr(build_network, "_HOST_RESOLV_CONF", tmp_path / "host")
-    monkeypatch.setattr(build_network, "_UPSTREAM_RESOLV_CONF", tmp_path / "upstream")
-    text, servers = build_resolv_conf()
+    monkeypatch.setattr(dns, "_HOST_RESOLV_CONF", tmp_path / "host")
+    monkeypatch.setattr(dns, "_UPSTREAM_RESOLV_CONF", tmp_path / "upstream")
+    text, servers = resolv_conf("an image build")
     assert [line for line in text.splitlines() if not line.startswith("#")] == expected
     assert list(servers) == [line.split()[1] for line in expected if line.startswith("nameserver")]

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from openmicrovm.api.model import service_model
+from openmicrovm.wire_model import service_model
 from tests.support.clients import AwsCli, aws_error
 from tests.support.images import (
     ALL_HOOKS,

@@ -52,7 +52,7 @@ def test_a_second_version_stores_only_its_own_files(store: ObjectStore, tmp_path
 def test_where_the_outputs_lie_is_not_part_of_a_version(store: ObjectStore, tmp_path: Path) -> None:
     """The outputs dir's own path (a build id, a host's data dir) is not in the manifest; only the
     snapshot meta file names it, and that is one small blob."""
-    from openmicrovm.runtime.base import SNAPSHOT_FILE, write_private
+    from openmicrovm.runtime.records import SNAPSHOT_FILE, write_private
     from tests.objects.trees import snapshot_meta
 
     one = make_outputs(tmp_path / "one")

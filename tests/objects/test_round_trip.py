@@ -15,7 +15,8 @@ import pytest
 
 from openmicrovm.objects import ObjectStore, fetch, parse_store_url, publish
 from openmicrovm.objects.codec import ENCODING, ZLIB
-from openmicrovm.runtime.base import SNAPSHOT_FILE, read_snapshot_meta
+from openmicrovm.runtime.gvisor.records import GVisorSnapshotMeta
+from openmicrovm.runtime.records import SNAPSHOT_FILE, read_snapshot_meta
 from tests.objects.conftest import CallCounter, stored_objects
 from tests.objects.trees import (
     CAP_NET_RAW,
@@ -128,8 +129,8 @@ def test_store_urls_parse() -> None:
 
 
 def test_relocate_snapshot_rewrites_only_the_rootfs(tmp_path: Path) -> None:
-    from openmicrovm.runtime.base import relocate_snapshot, write_private
     from openmicrovm.runtime.driver import SnapshotError
+    from openmicrovm.runtime.records import relocate_snapshot, write_private
 
     snapshot = tmp_path / "snapshot"
     snapshot.mkdir()
@@ -140,7 +141,7 @@ def test_relocate_snapshot_rewrites_only_the_rootfs(tmp_path: Path) -> None:
     moved = tmp_path / "host-b" / "rootfs"
     moved.mkdir(parents=True)
     relocate_snapshot(snapshot, moved)
-    relocated = read_snapshot_meta(snapshot, "gvisor")
+    relocated = read_snapshot_meta(snapshot, "gvisor", GVisorSnapshotMeta)
     assert relocated.spec.rootfs == moved
     assert relocated.spec.process == meta.spec.process
     assert (relocated.token, relocated.footprint_bytes, relocated.runsc_version) == ("t0k3n", 123, "x")

@@ -12,8 +12,9 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from openmicrovm.runtime.base import SNAPSHOT_FILE, SnapshotMeta, write_private
 from openmicrovm.runtime.driver import ProcessConfig, SandboxSpec
+from openmicrovm.runtime.gvisor.records import GVisorSnapshotMeta
+from openmicrovm.runtime.records import SNAPSHOT_FILE, write_private
 
 ID = 100000  # like a shifted container id range: container id N is host id ID + N
 MIB = 1024 * 1024
@@ -82,14 +83,14 @@ def make_outputs(
     return root
 
 
-def snapshot_meta(rootfs: Path) -> SnapshotMeta:
+def snapshot_meta(rootfs: Path) -> GVisorSnapshotMeta:
     spec = SandboxSpec(
         rootfs=rootfs.resolve(),
         process=ProcessConfig(argv=["python3", "/app/app.py"], env={"A": "1"}, workdir="/app", user="0"),
         memory_mib=512,
         rootfs_id_base=ID,
     )
-    return SnapshotMeta(
+    return GVisorSnapshotMeta(
         driver="gvisor", spec=spec, token="t0k3n", footprint_bytes=123, disk_bytes=456, runsc_version="x"
     )
 

@@ -368,7 +368,9 @@ def host_key(data_dir: Path, sandbox_id: str) -> str:
     return str(record.get("key") or sandbox_key(sandbox_id))
 
 
-POOL_PREFIX = "pool-"  # sandboxes a driver restores ahead of time (runtime/pool.py), owned by no record
+POOL_PREFIX = (
+    "pool-"  # sandboxes a driver restores ahead of time (runtime/gvisor/pool.py), owned by no record
+)
 
 
 class _Sandboxes:

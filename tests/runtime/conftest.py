@@ -23,7 +23,7 @@ import pytest
 from openmicrovm.config import default_cache_dir
 from openmicrovm.runtime import cgroups, egress, make_driver, names, netns
 from openmicrovm.runtime.base import BaseDriver
-from openmicrovm.runtime.host import missing_for
+from openmicrovm.runtime.registry import missing_for
 from tests.support.host import processes_naming
 
 T = TypeVar("T")

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 
 from openmicrovm.runtime import PortNotListening, ProcessConfig, Sandbox, SandboxDriver, SandboxSpec
-from openmicrovm.runtime.base import BaseDriver, record_of
-from openmicrovm.runtime.host import missing_for
+from openmicrovm.runtime.base import BaseDriver
+from openmicrovm.runtime.records import record_of
+from openmicrovm.runtime.registry import missing_for
 
 APP_PORT = 8080
 WAIT_SECONDS = 30.0  # an upper bound for slow machines, never a performance assertion

@@ -180,10 +180,11 @@ def test_broken_snapshots_and_a_host_short_of_memory(
 def _dummy(driver: BaseDriver, rootfs: Path) -> object:
     """A handle for a sandbox that does not exist: snapshot() must refuse the directory first."""
     from openmicrovm.runtime import Sandbox
-    from openmicrovm.runtime.base import SandboxRecord
 
     spec = app_spec(rootfs)
-    record = SandboxRecord("nothing", driver.name, spec, "0" * 12, "0" * 32, "/nonexistent", state="running")
+    record = driver.record_type(
+        "nothing", driver.name, spec, "0" * 12, "0" * 32, "/nonexistent", state="running"
+    )
     return Sandbox("nothing", driver.name, driver.state_dir("nothing"), spec, {"record": record})
 
 

@@ -13,15 +13,20 @@ from __future__ import annotations
 import contextlib
 import subprocess
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from openmicrovm.builder import build_network
-from openmicrovm.builder.build_network import build_resolv_conf
+from openmicrovm.config import Settings
+from openmicrovm.hostnet import dns as hostnet_dns
+from openmicrovm.hostnet import policies
+from openmicrovm.hostnet.addresses import allowed_networks
+from openmicrovm.hostnet.dns import resolv_conf
 from openmicrovm.runtime import Sandbox, make_driver
 from openmicrovm.runtime import egress as uplinks
-from openmicrovm.runtime.base import BaseDriver, record_of
+from openmicrovm.runtime.base import BaseDriver
+from openmicrovm.runtime.records import record_of
 from tests.builder.fake_internet import FakeInternet, fake_internet
 from tests.runtime.conftest import run
 from tests.runtime.helpers import app_spec, http, probe, warm_pool_key
@@ -56,7 +61,7 @@ def _uplink_objects(index: int) -> list[str]:
 
 def _uplink_address(sandbox: Sandbox) -> str:
     """The address of the sandbox's end of its uplink (in its peer namespace)."""
-    subnet = uplinks.uplink_subnet(record_of(sandbox).uplink)
+    subnet = uplinks.uplink_subnet(record_of(sandbox).uplink, policies.for_microvms(Settings()))
     return str(subnet.network_address + 2)
 
 
@@ -102,7 +107,7 @@ def test_egress_reaches_the_internet_and_nothing_of_the_host(
             results = await probe(driver, open_box, forbidden)
             assert all(result != "connected" for result in results.values()), results
             # DNS: the host's reachable resolvers, as a build gets them.
-            _, servers = build_resolv_conf()
+            _, servers = resolv_conf("an image build")
             _, body = await http(driver, open_box, "/read?path=/etc/resolv.conf")
             assert all(f"nameserver {server}" in body["text"] for server in servers), body
             used = [record_of(box).uplink for box in (open_box, other)]
@@ -179,7 +184,7 @@ def test_egress_refuses_private_networks_but_the_allowed_ones_and_the_resolver(
     allowed, other = lans
     # The host's resolver is private (as a VPC's or a home router's is): reachable on port 53 only.
     (tmp_path / "host-resolv.conf").write_text(f"nameserver {other.address}\n")
-    monkeypatch.setattr(build_network, "_HOST_RESOLV_CONF", tmp_path / "host-resolv.conf")
+    monkeypatch.setattr(hostnet_dns, "_HOST_RESOLV_CONF", tmp_path / "host-resolv.conf")
     outside = f"{internet.address}:{internet.silent_port()}"
     lan, other_lan = f"{allowed.address}:{allowed.silent_port()}", f"{other.address}:{other.silent_port()}"
     dns = f"{other.address}:{other.silent_port(53)}"
@@ -191,9 +196,8 @@ def test_egress_refuses_private_networks_but_the_allowed_ones_and_the_resolver(
 
     def driver_allowing(*networks: str) -> BaseDriver:
         """Another server's driver on the same state (a restart with other settings)."""
-        made = make_driver(
-            driver.name, driver.state_root, cache_dir, restore_pool_size=0, egress_allow_networks=networks
-        )
+        egress = replace(policies.for_microvms(Settings()), allowed=allowed_networks(networks))
+        made = make_driver(driver.name, driver.state_root, cache_dir, restore_pool_size=0, egress=egress)
         assert isinstance(made, BaseDriver)
         others.append(made)
         return made

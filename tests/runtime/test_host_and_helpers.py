@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from openmicrovm.runtime import DriverError, ProcessConfig, describe_host, make_driver, names, rootfs
+from openmicrovm.runtime import DriverError, ProcessConfig, make_driver, names, rootfs
 from openmicrovm.runtime.cgroups import _v1_mounts
-from openmicrovm.runtime.host import MemoryGate, missing_for
+from openmicrovm.runtime.host import MemoryGate
+from openmicrovm.runtime.host_report import describe_host
+from openmicrovm.runtime.registry import missing_for
 from tests.runtime.conftest import run
 
 

@@ -16,7 +16,8 @@ import pytest
 
 from openmicrovm.idmap import ID_BASE, ID_COUNT
 from openmicrovm.runtime import DriverError, Sandbox, agent_build, make_driver
-from openmicrovm.runtime.base import BaseDriver, record_of
+from openmicrovm.runtime.base import BaseDriver
+from openmicrovm.runtime.records import record_of
 from tests.runtime.conftest import run
 from tests.runtime.helpers import app_spec, http, only_driver, run_command, warm_pool_key
 

@@ -14,9 +14,12 @@ from typing import Any
 import pytest
 
 from openmicrovm.runtime import SandboxDriver, TooManyConnections, agent_client, cgroups, make_driver, names
-from openmicrovm.runtime.base import BaseDriver, record_of
+from openmicrovm.runtime.base import BaseDriver
 from openmicrovm.runtime.driver import Sandbox
-from openmicrovm.runtime.gvisor import CHECKPOINT_DONE, SUSPEND_IMAGE, GVisorDriver
+from openmicrovm.runtime.gvisor import GVisorDriver
+from openmicrovm.runtime.gvisor.checkpoint import Marker, checkpoint
+from openmicrovm.runtime.gvisor.suspend import CHECKPOINT_DONE, SUSPEND_IMAGE
+from openmicrovm.runtime.records import record_of
 from tests.runtime.conftest import run
 from tests.runtime.helpers import APP_PORT, WAIT_SECONDS, app_spec, http
 
@@ -236,32 +239,40 @@ def test_a_suspend_to_disk_finished_after_a_crash_is_adopted_as_suspended(
 
     async def scenario() -> None:
         sandbox = await gvisor.start("microvm-crash-suspend", app_spec(app_rootfs))
-        checkpoint: asyncio.Task[Any] | None = None
+        checkpointing: asyncio.Task[Any] | None = None
         again = restarted(gvisor, cache_dir)
         try:
             _, before = await http(gvisor, sandbox)
             # suspend() up to the checkpoint, whose end the "killed" server never sees.
-            gvisor._mark(sandbox, "suspending", "disk")
+            gvisor.tiers.mark(sandbox, "suspending", "disk")
             image = sandbox.state_dir / SUSPEND_IMAGE
             image.mkdir()
             marker = sandbox.state_dir / CHECKPOINT_DONE
-            checkpoint = asyncio.create_task(gvisor._checkpoint(sandbox, image, done=marker))
+            checkpoint_run = checkpoint(
+                gvisor.commands,
+                gvisor.binary_of(sandbox),
+                gvisor.names_of(sandbox).container,
+                gvisor.agent_address(sandbox),
+                image,
+                done=Marker(marker),
+            )
+            checkpointing = asyncio.create_task(checkpoint_run)
             pid_file = marker.with_name(marker.name + ".pid")
             await wait_until(pid_file.exists, "the checkpoint to start")
             adopted = await again.adopt(sandbox.sandbox_id)  # while the checkpoint runs
-            assert (await checkpoint).returncode == 0
+            assert (await checkpointing).returncode == 0
             assert adopted is not None and again.is_suspended(adopted)
             assert record_of(adopted).suspended_in == "disk"
             assert json.loads((sandbox.state_dir / "record.json").read_text())["state"] == "suspended"
-            assert gvisor.names_of(sandbox).container not in again._containers()
+            assert gvisor.names_of(sandbox).container not in again.commands.containers()
             assert not again.cgroup_of(adopted).pids()
             await again.resume(adopted)
             _, after = await http(again, adopted)
             assert (after["token"], after["count"]) == (before["token"], before["count"] + 1)
             assert not image.exists()
         finally:
-            if checkpoint is not None:
-                await asyncio.gather(checkpoint, return_exceptions=True)
+            if checkpointing is not None:
+                await asyncio.gather(checkpointing, return_exceptions=True)
             await again.close()
             await gvisor.destroy(sandbox)
 
@@ -280,7 +291,7 @@ def test_an_incomplete_suspend_is_dropped_and_the_sandbox_keeps_running(
         again = restarted(gvisor, cache_dir)
         try:
             _, before = await http(gvisor, sandbox)
-            gvisor._mark(sandbox, "suspending", "disk")
+            gvisor.tiers.mark(sandbox, "suspending", "disk")
             image = sandbox.state_dir / SUSPEND_IMAGE
             image.mkdir()
             (image / "checkpoint.img").write_bytes(b"the first bytes of a checkpoint")
@@ -349,9 +360,9 @@ def test_a_resume_from_disk_is_finished_or_undone_after_a_crash(
             await to_disk.suspend(finished)
             await to_disk.suspend(undone)
             # resume() up to the end of the restore; the server dies before writing "running".
-            to_disk._mark(finished, "resuming", "disk")
-            await to_disk._resume_from_disk(finished)
-            to_disk._mark(undone, "resuming", "disk")  # and dies before the restore even began
+            to_disk.tiers.mark(finished, "resuming", "disk")
+            await to_disk.tiers.resume_from_disk(finished)
+            to_disk.tiers.mark(undone, "resuming", "disk")  # and dies before the restore even began
             adopted = await again.adopt(finished.sandbox_id)
             assert adopted is not None and not again.is_suspended(adopted)
             assert not (finished.state_dir / SUSPEND_IMAGE).exists()
@@ -439,13 +450,13 @@ def test_no_runtime_path_asks_runsc_about_a_frozen_sandbox(
     again = restarted(driver, cache_dir)
     assert isinstance(again, GVisorDriver)
     calls: list[tuple[str, float]] = []
-    original = again._runsc
+    original = again.commands.run
 
     async def recording(args: list[str], **options: Any) -> Any:
         calls.append((args[0], options.get("timeout", 120.0)))
         return await original(args, **options)
 
-    again._runsc = recording  # type: ignore[method-assign]
+    again.commands.run = recording  # type: ignore[method-assign]
 
     async def scenario() -> None:
         sandbox = await driver.start("microvm-frozen", app_spec(app_rootfs))

@@ -10,9 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from openmicrovm.config import load_settings
 from openmicrovm.runtime import DriverError, SnapshotError, make_driver, runsc
-from openmicrovm.runtime.base import SNAPSHOT_FILE, BaseDriver, SnapshotMeta, record_of
-from openmicrovm.runtime.gvisor import MEMORY_IMAGE, SNAPSHOT_AGENT, GVisorDriver
+from openmicrovm.runtime.base import BaseDriver
+from openmicrovm.runtime.gvisor import GVisorDriver
+from openmicrovm.runtime.gvisor.checkpoint import MEMORY_IMAGE, SNAPSHOT_AGENT
+from openmicrovm.runtime.gvisor.options import GVisorOptions
+from openmicrovm.runtime.gvisor.records import GVisorSnapshotMeta
+from openmicrovm.runtime.records import SNAPSHOT_FILE, record_of
 from tests.runtime.conftest import run
 from tests.runtime.helpers import app_spec, http
 
@@ -186,18 +191,14 @@ def test_a_snapshot_of_a_runsc_that_is_not_installed_is_refused_clearly(
     (snapshot / MEMORY_IMAGE).mkdir(parents=True)
     (snapshot / MEMORY_IMAGE / "checkpoint.img").write_bytes(b"not a checkpoint")
     (snapshot / SNAPSHOT_AGENT).write_bytes(b"")
-    meta = SnapshotMeta("gvisor", app_spec(app_rootfs), "0" * 32, 0, 0, "0.0~19990101.0", "systrap")
+    meta = GVisorSnapshotMeta("gvisor", app_spec(app_rootfs), "0" * 32, 0, 0, "0.0~19990101.0", "systrap")
     (snapshot / SNAPSHOT_FILE).write_text(meta.to_json())
     with pytest.raises(SnapshotError, match=r"made by runsc 0\.0~19990101\.0, which is not installed"):
         run(gvisor.restore("microvm-nope", snapshot))
     assert gvisor.load("microvm-nope") is None
 
 
-def test_the_runsc_binary_and_platform_can_be_chosen(
-    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.delenv(runsc.ENV_BINARY, raising=False)
-    monkeypatch.delenv(runsc.ENV_PLATFORM, raising=False)
+def test_the_runsc_binary_and_platform_can_be_chosen(tmp_path: Path, cache_dir: Path) -> None:
     found = runsc.installed([cache_dir])
     if not found:
         pytest.skip("no runsc here")
@@ -205,20 +206,24 @@ def test_the_runsc_binary_and_platform_can_be_chosen(
     assert runsc.choose(cache_dirs=[cache_dir]) == newest
     assert [r.build_date for r in found] == sorted((r.build_date for r in found), reverse=True)
     oldest = found[-1]
-    monkeypatch.setenv(runsc.ENV_BINARY, oldest.path)
-    assert runsc.choose(cache_dirs=[cache_dir]) == oldest
-    assert runsc.choose(newest.path, [cache_dir]) == newest  # the option wins over the variable
-    monkeypatch.setenv(runsc.ENV_BINARY, str(tmp_path / "missing-runsc"))
-    with pytest.raises(runsc.RunscError, match=r"OPENMICROVM_RUNSC names .*missing-runsc"):
-        runsc.choose()
-    monkeypatch.delenv(runsc.ENV_BINARY)
+    assert runsc.choose(oldest.path, [cache_dir]) == oldest
+    with pytest.raises(runsc.RunscError, match=r"runsc \(\$OPENMICROVM_RUNSC\) names .*missing-runsc"):
+        runsc.choose(str(tmp_path / "missing-runsc"))
+    # The settings, and so their environment variables (the platform's under both names), reach
+    # the driver's own options.
+    env = {
+        "OPENMICROVM_DATA_DIR": str(tmp_path / "data"),
+        "OPENMICROVM_SYSTEM_CONFIG": str(tmp_path / "none.toml"),
+        "OPENMICROVM_RUNSC": oldest.path,
+        "OPENMICROVM_RUNSC_PLATFORM": "systrap",
+    }
+    options = GVisorOptions.from_settings(load_settings(environ=env))
+    assert (options.runsc, options.runsc_platform) == (oldest.path, "systrap")
+    env["OPENMICROVM_GVISOR_PLATFORM"] = "ptrace"  # the setting's own name wins
+    assert GVisorOptions.from_settings(load_settings(environ=env)).runsc_platform == "ptrace"
     assert runsc.choose_platform(newest) == "ptrace"
     if "systrap" in newest.platforms:
         assert runsc.choose_platform(newest, "systrap") == "systrap"
-        monkeypatch.setenv(runsc.ENV_PLATFORM, "systrap")
-        assert runsc.choose_platform(newest) == "systrap"
-        assert runsc.choose_platform(newest, "ptrace") == "ptrace"  # the option wins
-        monkeypatch.setenv(runsc.ENV_PLATFORM, "ptrace")
     with pytest.raises(runsc.RunscError, match="no 'nonsense' platform"):
         runsc.choose_platform(newest, "nonsense")
     with pytest.raises(DriverError, match="no 'nonsense' platform"):

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from openmicrovm.runtime import DriverError, SandboxDriver, make_driver
-from openmicrovm.runtime.base import BaseDriver, record_of
+from openmicrovm.runtime.base import BaseDriver
+from openmicrovm.runtime.records import record_of
 from tests.runtime.conftest import run
 from tests.runtime.helpers import app_spec, http, probe, run_command, warm_pool_key
 

@@ -8,7 +8,7 @@ from typing import Any
 import regex
 from botocore.model import ListShape, MapShape, Shape, StructureShape
 
-from openmicrovm.api.model import service_model
+from openmicrovm.wire_model import service_model
 
 # Members the live service returns although the model does not list them (spec §1.2, §2, §12.5).
 UNDOCUMENTED_MEMBERS = {"id", "buildPhaseOverrides", "roleConfiguration", "terminationReasonCode"}

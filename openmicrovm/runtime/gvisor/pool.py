@@ -20,8 +20,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import names
-from .driver import CapacityError, DriverError, Sandbox
+from .. import names
+from ..driver import CapacityError, DriverError, Sandbox
 
 log = logging.getLogger("openmicrovm.runtime")
 
