@@ -52,7 +52,8 @@ def _open(name: str, state_root: Path, cache_dir: Path, options_for: OptionsFor)
     if name == AUTO:
         passed_over: list[tuple[type[BaseDriver[Any]], list[str]]] = []
         for candidate in DRIVERS:
-            problems = candidate.host_problems(options_for(candidate), cache_dir)
+            options = options_for(candidate)
+            problems = candidate.host_problems(options, cache_dir)
             if not problems:
                 break
             passed_over.append((candidate, problems))
@@ -72,10 +73,13 @@ def _open(name: str, state_root: Path, cache_dir: Path, options_for: OptionsFor)
         chosen = candidate
     else:
         chosen = driver_class(name)
-        problems = chosen.host_problems(options_for(chosen), cache_dir)
+        options = options_for(chosen)
+        problems = chosen.host_problems(options, cache_dir)
         if problems:
             raise DriverError(f"the {name} driver cannot run on this host: missing {'; '.join(problems)}")
-    driver = chosen(state_root, cache_dir, options_for(chosen))
+    # The options the host was checked with are the ones the driver gets (made once: from the
+    # settings, that parses the egress policy).
+    driver = chosen(state_root, cache_dir, options)
     log.info("sandbox driver: %s (state in %s)", chosen.name, state_root)
     return driver
 

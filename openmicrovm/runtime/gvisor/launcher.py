@@ -28,6 +28,7 @@ Files the app writes therefore count against its memory limit.
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 
@@ -57,10 +58,16 @@ SCRIPT = (
 )
 
 
+@functools.cache
+def _tools() -> tuple[str, str]:
+    """unshare and sh, looked up once: every runsc command (each restore, checkpoint, delete) runs
+    through wrap()."""
+    return shutil.which("unshare") or "unshare", shutil.which("sh") or "/bin/sh"
+
+
 def wrap(argv: list[str]) -> list[str]:
     """argv run by the launcher, in a private mount namespace."""
-    unshare = shutil.which("unshare") or "unshare"
-    shell = shutil.which("sh") or "/bin/sh"
+    unshare, shell = _tools()
     return [unshare, "-m", "--propagation", "private", shell, "-c", SCRIPT, "omv-runsc", *argv]
 
 
