@@ -51,11 +51,13 @@ def private_dir(path: Path, what: str) -> Path:
     return path
 
 
-def write_private_file(path: Path, data: bytes) -> None:
+def write_private_file(path: Path, data: bytes, durable: bool = True) -> None:
     """Replace `path` with `data`: a temporary file beside it, created 0600 (O_EXCL: never one that
     someone else made or left behind), written and fsynced, then renamed over `path`, and the
     directory fsynced so that the rename itself survives a crash. Readers see the old content or
-    the new one, never a part."""
+    the new one, never a part. Without `durable`, no fsync: the file survives a crash of the
+    process (the kernel has it), not one of the machine; for files that describe what a machine
+    crash ends anyway (a running sandbox), written on the event loop where an fsync may wait long."""
     directory = path.parent
     fd = -1
     temporary = directory
@@ -80,13 +82,16 @@ def write_private_file(path: Path, data: bytes) -> None:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+    if not durable:
+        return
     directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(directory_fd)

@@ -25,4 +25,7 @@ def main(argv: list[str] | None = None) -> None:
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from openmicrovm.runtime.proc import prefer_pidfd_child_watcher
+
+    prefer_pidfd_child_watcher()
     raise SystemExit(args.run(args))

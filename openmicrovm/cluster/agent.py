@@ -98,7 +98,8 @@ class HostAgent:
         log.info(
             "host %s (incarnation %d) at %s", host.id, host.incarnation, self.advertise_url or "this process"
         )
-        await recover_microvms(self.microvms, self.host_id)
+        finish_recovery = await recover_microvms(self.microvms, self.host_id)
+        self._tasks.append(self._loop.create_task(finish_recovery()))
         await self.builds.resume_pending_work(self.host_id)
         self.claim_builds()
         if self.shared:

@@ -28,15 +28,19 @@ http://127.0.0.1:<port>/` and a RUN step's `curl localhost` never reach the host
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
+import logging
 import shutil
 from collections.abc import Iterable, Sequence
 
+from . import nft_tables
 from .addresses import PRIVATE_NETWORKS, IPNetwork
 from .commands import run_command
 from .dns import DNS_PORT
 
+log = logging.getLogger("openmicrovm.hostnet")
 # Never forwarded from a contained link, whatever the settings allow: link-local (sandboxes, cloud
 # metadata), loopback, "this network", multicast and reserved space; in IPv6 the same, plus
 # IPv4-mapped addresses (another spelling of IPv4 destinations).
@@ -123,6 +127,11 @@ table inet {table} {{
 
 
 async def table_names() -> list[str]:
+    """The host's inet tables: from the kernel (nft_tables.py), else from `nft`, which is slow."""
+    try:
+        return await asyncio.to_thread(nft_tables.table_names)
+    except OSError as error:
+        log.debug("listing nftables tables over netlink failed (%s); asking nft", error)
     if shutil.which("nft") is None:
         return []
     code, output = await run_command(["nft", "-j", "list", "tables", "inet"], check=False)

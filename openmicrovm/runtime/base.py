@@ -27,6 +27,7 @@ from .driver import (
     SandboxDriver,
     SandboxSpec,
     SandboxStats,
+    Strays,
 )
 from .host import MIB, MemoryGate, common_problems
 from .options import DriverOptions
@@ -38,6 +39,9 @@ MIN_MEMORY_MIB = 64
 # Processes a job cgroup (a Dockerfile build: buildah, its RUN steps) may hold: room for parallel
 # compilers and package managers, not for a fork bomb.
 JOB_PIDS_MAX = 4096
+# Stray sandboxes removed in parallel (a restart or `openmicrovm cleanup` after a crash may find
+# hundreds): each removal mostly waits on runsc, ip and the kernel, so a few at once on any host.
+STRAYS_REMOVED_AT_ONCE = 8
 
 
 class BaseDriver(SandboxDriver, Generic[RecordT]):
@@ -76,6 +80,9 @@ class BaseDriver(SandboxDriver, Generic[RecordT]):
         self._code_bytes: dict[Path, int] = {}
         self._locks: dict[tuple[int, str], asyncio.Lock] = {}
         self._creating: set[str] = set()  # ids start() / restore() of this driver are making now
+        # The strays last noted (find_strays) until remove_strays has removed them; unless_stray.
+        self._strays = Strays()
+        self._strays_removed: asyncio.Event | None = None
         self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ hooks for subclasses
@@ -98,8 +105,12 @@ class BaseDriver(SandboxDriver, Generic[RecordT]):
     def namespaces(self, host: names.HostNames) -> list[str]:
         raise NotImplementedError
 
-    async def remove_orphans(self, keep_keys: set[str]) -> None:
-        """Remove runtime objects (containers, ...) of sandboxes that have no state dir."""
+    def runtime_keys(self) -> set[str]:
+        """The keys of the runtime's own objects on the host (runsc containers, ...)."""
+        return set()
+
+    async def remove_orphans(self, stray_keys: set[str]) -> None:
+        """Remove runtime objects (containers, uplinks, ...) of these stray keys."""
 
     # ------------------------------------------------------------------ state
 
@@ -161,7 +172,7 @@ class BaseDriver(SandboxDriver, Generic[RecordT]):
         return record
 
     def save(self, sandbox: Sandbox) -> None:
-        write_private(sandbox.state_dir / RECORD_FILE, record_of(sandbox).to_json())
+        write_private(sandbox.state_dir / RECORD_FILE, record_of(sandbox).to_json(), durable=False)
 
     def load(self, sandbox_id: str) -> Sandbox | None:
         state_dir = self.state_dir(sandbox_id)
@@ -180,6 +191,13 @@ class BaseDriver(SandboxDriver, Generic[RecordT]):
         except BaseException:
             await self.destroy_quietly(sandbox)
             raise
+
+    async def unless_stray(self, sandbox_id: str) -> None:
+        """Before a sandbox is made under this id: wait while a stray of that id is being removed
+        (a restart removes strays while the server serves; a build or a start a crash
+        interrupted is begun again under the same id)."""
+        while sandbox_id in self._strays.ids and self._strays_removed is not None:
+            await self._strays_removed.wait()  # set when removed, or when strays are noted anew
 
     @contextlib.contextmanager
     def creating(self, sandbox_id: str) -> Iterator[None]:
@@ -200,6 +218,7 @@ class BaseDriver(SandboxDriver, Generic[RecordT]):
         await self.destroy_quietly(sandbox)
 
     async def start(self, sandbox_id: str, spec: SandboxSpec) -> Sandbox:
+        await self.unless_stray(sandbox_id)
         with self.creating(sandbox_id):
             self.check_spec(spec)
             self.gate.check("start a sandbox", self.cold_start_footprint_bytes, spec.memory_mib)
@@ -338,8 +357,23 @@ class BaseDriver(SandboxDriver, Generic[RecordT]):
             log.exception("cleanup of sandbox %s failed", sandbox.sandbox_id)
 
     async def cleanup_strays(self, keep: set[str]) -> list[str]:
-        removed: list[str] = []
+        removed = await self.remove_strays(await self.find_strays(keep))
+        if not keep:
+            cgroups.remove_parent_if_empty(self.layout, names.cgroup_parent(self.scope))
+            await self.release_scope()
+        return removed
+
+    async def find_strays(self, keep: set[str]) -> Strays:
+        strays = await asyncio.to_thread(self._find_strays, keep)
+        if self._strays_removed is not None:
+            self._strays_removed.set()  # whoever waits looks again, at these
+        self._strays, self._strays_removed = strays, asyncio.Event()
+        return strays
+
+    def _find_strays(self, keep: set[str]) -> Strays:
+        sandboxes: list[Sandbox] = []
         keep_keys: set[str] = set()
+        found_keys: set[str] = set()
         for state_dir in sorted(self.sandboxes_dir.iterdir()) if self.sandboxes_dir.is_dir() else []:
             sandbox_id = state_dir.name
             sandbox = self.load(sandbox_id)
@@ -347,30 +381,61 @@ class BaseDriver(SandboxDriver, Generic[RecordT]):
                 if sandbox is not None:
                     keep_keys.add(record_of(sandbox).key)
                 continue
-            log.info("removing stray sandbox %s", sandbox_id)
             if sandbox is None:  # no readable record: its host objects are found by name below
                 sandbox = Sandbox(
                     sandbox_id, self.name, state_dir, SandboxSpec(Path("/"), ProcessConfig(argv=[])), {}
                 )
-            await self.destroy(sandbox)
-            removed.append(sandbox_id)
+            else:
+                found_keys.add(record_of(sandbox).key)
+            sandboxes.append(sandbox)
         # Host objects without a state dir (a crash between creating them and writing it).
+        found_keys.update(
+            key
+            for name in netns.list_names(names.netns_prefix(self.scope))
+            if (key := names.key_of_netns(self.scope, name)) is not None
+        )
+        # Every mounted hierarchy: runsc also makes the sandbox's cgroup in blkio, cpuset, devices,
+        # name=systemd, ..., and after a crash nothing else removes it there.
+        found_keys.update(cgroups.children_everywhere(self.layout, names.cgroup_parent(self.scope)))
+        found_keys.update(self.runtime_keys())
+        return Strays(tuple(sandboxes), frozenset(found_keys - keep_keys))
+
+    async def remove_strays(self, strays: Strays) -> list[str]:
+        try:
+            await self._remove_strays(strays)
+        finally:
+            if strays is self._strays and self._strays_removed is not None:
+                self._strays_removed.set()
+                self._strays = Strays()
+        return strays.ids
+
+    async def _remove_strays(self, strays: Strays) -> None:
+        await self._destroy_all(list(strays.sandboxes))
         for name in netns.list_names(names.netns_prefix(self.scope)):
-            if names.key_of_netns(self.scope, name) not in keep_keys:
+            if names.key_of_netns(self.scope, name) in strays.keys:
                 log.info("removing stray network namespace %s", name)
                 await netns.delete(name)
         parent = names.cgroup_parent(self.scope)
-        # Every mounted hierarchy: runsc also makes the sandbox's cgroup in blkio, cpuset, devices,
-        # name=systemd, ..., and after a crash nothing else removes it there.
         for key in cgroups.children_everywhere(self.layout, parent):
-            if key not in keep_keys:
+            if key in strays.keys:
                 log.info("removing stray cgroup %s/%s", parent, key)
                 await cgroups.Cgroup(self.layout, f"{parent}/{key}").remove()
-        await self.remove_orphans(keep_keys)
-        if not keep_keys:
-            cgroups.remove_parent_if_empty(self.layout, parent)
-            await self.release_scope()
-        return removed
+        await self.remove_orphans(set(strays.keys))
+
+    async def _destroy_all(self, strays: list[Sandbox]) -> None:
+        """Destroy these sandboxes, a few at a time (each mostly waits on runsc, ip and the
+        kernel); every one is tried, and the first failure is raised once all are done."""
+        at_once = asyncio.Semaphore(STRAYS_REMOVED_AT_ONCE)
+
+        async def destroy(sandbox: Sandbox) -> None:
+            async with at_once:
+                log.info("removing stray sandbox %s", sandbox.sandbox_id)
+                await self.destroy(sandbox)
+
+        outcomes = await asyncio.gather(*(destroy(sandbox) for sandbox in strays), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def close(self) -> None:
         await self.release_scope()

@@ -23,6 +23,11 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 CPU_PERIOD_US = 100_000
 V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "freezer")
 V2_CONTROLLERS = ("memory", "cpu", "pids")
+# The name (comm) of omv-shim, the keeper every sandbox's processes are re-parented to
+# (agent/shim.c), and how long kill_all lets keepers exit on their own once the rest are gone.
+# A process that only calls itself so is killed after the grace all the same.
+KEEPER_COMM = "omv-shim"
+KEEPER_GRACE_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -259,31 +264,41 @@ class Cgroup:
     # ---------------------------------------------------------------- teardown
 
     async def kill_all(self, timeout: float = 10.0) -> None:
-        """SIGKILL every process inside and wait until none is left."""
+        """SIGKILL every process inside and wait until none is left. A sandbox's keeper (a child
+        subreaper, see KEEPER_COMM) goes last: it reaps the others the moment they die and then
+        exits by itself. Killed with them, it would leave them zombies for the host's init, which
+        on some hosts reaps only now and then, and `runsc delete` waits for each zombie sandbox."""
         if not self.exists():
             return
         kill_file = self.layout.controller_dir("memory", self.relative) / "cgroup.kill"
         deadline = time.monotonic() + timeout
+        keepers_until: float | None = None  # when the keepers' grace to exit on their own ends
         while True:
             pids = self.pids()
             if not pids:
                 return
-            if self.layout.version == 2 and kill_file.exists():
+            keepers = [pid for pid in pids if _comm(pid) == KEEPER_COMM]
+            targets = [pid for pid in pids if pid not in keepers]
+            if not targets:
+                keepers_until = keepers_until or time.monotonic() + KEEPER_GRACE_SECONDS
+                if time.monotonic() > keepers_until:
+                    targets = keepers
+            if targets and not keepers and self.layout.version == 2 and kill_file.exists():
                 with contextlib.suppress(OSError):
-                    kill_file.write_text("1")
+                    kill_file.write_text("1")  # also catches what forks meanwhile
             else:
-                for pid in pids:
+                for pid in targets:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
-                # A frozen task dies only once thawed.
-                with contextlib.suppress(DriverError, OSError):
-                    if self.is_frozen():
-                        self.thaw()
+            # A task frozen in v1 dies only once thawed, and a frozen keeper reaps nothing.
+            with contextlib.suppress(DriverError, OSError):
+                if self.is_frozen():
+                    self.thaw()
             if time.monotonic() > deadline:
                 raise DriverError(
                     f"processes {pids} in cgroup {self.relative} survived SIGKILL for {timeout:g} s"
                 )
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.005)
 
     async def remove(self, timeout: float = 10.0) -> None:
         """Kill what is inside and remove the cgroup from every mounted hierarchy: ours, and the
@@ -293,6 +308,14 @@ class Cgroup:
         deadline = time.monotonic() + timeout
         for path in self.layout.everywhere(self.relative):
             await _remove_tree(path, deadline)
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as comm:
+            return comm.read().strip()
+    except OSError:
+        return ""
 
 
 async def _remove_tree(path: Path, deadline: float) -> None:

@@ -93,6 +93,19 @@ class Sandbox:
 
 
 @dataclass(frozen=True)
+class Strays:
+    """What a driver found on the host of sandboxes it no longer keeps, as of one moment: removing
+    them touches nothing made after it, so a server may serve while its strays go."""
+
+    sandboxes: tuple[Sandbox, ...] = ()  # those with a state dir
+    keys: frozenset[str] = frozenset()  # the host names of every one, and of objects without a state dir
+
+    @property
+    def ids(self) -> list[str]:
+        return [sandbox.sandbox_id for sandbox in self.sandboxes]
+
+
+@dataclass(frozen=True)
 class SnapshotInfo:
     path: Path
     memory_bytes: int  # bytes of memory state on disk (0 where the driver cannot snapshot memory)
@@ -249,3 +262,12 @@ class SandboxDriver(abc.ABC):
     async def cleanup_strays(self, keep: set[str]) -> list[str]:
         """Destroy every sandbox this driver finds on the host whose id is not in `keep` (left by a
         crashed server); returns the ids removed."""
+
+    @abc.abstractmethod
+    async def find_strays(self, keep: set[str]) -> Strays:
+        """cleanup_strays in two steps, for a server that serves meanwhile: first what to remove
+        (every sandbox and host object not of `keep`, as of now)..."""
+
+    @abc.abstractmethod
+    async def remove_strays(self, strays: Strays) -> list[str]:
+        """...then remove exactly that; returns the ids removed."""

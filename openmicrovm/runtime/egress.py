@@ -44,7 +44,7 @@ from pathlib import Path
 
 from openmicrovm.hostnet import host_checks
 from openmicrovm.hostnet.addresses import EgressPolicy, slot, slot_count
-from openmicrovm.hostnet.commands import run_command
+from openmicrovm.hostnet.commands import Batched, run_command
 from openmicrovm.hostnet.dns import resolv_conf
 from openmicrovm.hostnet.errors import HostNetworkError
 from openmicrovm.hostnet.firewall import egress_ruleset, table_names
@@ -207,12 +207,24 @@ async def attach(peer_netns: str, on_lease: Callable[[int], None], policy: Egres
     return index
 
 
+# Uplinks removed by many sandboxes at once go in one process per tool. As before batching, what
+# fails here is not an error (a link or table already gone); the sweep finds anything left.
+# `ip -force` goes on past a failed line; adding a table first makes deleting it succeed whether
+# it was there or not (nft 1.0.6 has no `destroy`), so one missing table fails no batch.
+_LINK_DELETES = Batched(["ip", "-force", "-batch", "-"], check=False)
+_TABLE_DELETES = Batched(["nft", "-f", "-"], check=False)
+
+
 async def remove(index: int, tables: list[str] | None = None) -> None:
     """Remove an uplink's host end (its peer end goes with it), its table and its lease."""
-    if Path("/sys/class/net", host_link(index)).exists():
-        await _command(["ip", "link", "delete", host_link(index)], check=False)
-    if table_name(index) in (tables if tables is not None else await table_names()):
-        await _command(["nft", "delete", "table", "inet", table_name(index)], check=False)
+    try:
+        if Path("/sys/class/net", host_link(index)).exists():
+            await _LINK_DELETES.submit(f"link delete {host_link(index)}\n")
+        if tables is None or table_name(index) in tables:
+            table = table_name(index)
+            await _TABLE_DELETES.submit(f"add table inet {table}\ndelete table inet {table}\n")
+    except HostNetworkError as error:
+        raise DriverError(f"sandbox egress: {error}") from None
     LEASES.release(index)
 
 

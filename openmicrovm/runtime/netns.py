@@ -9,7 +9,9 @@ server itself never leaves the host namespace.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
+import errno
 import os
 import socket
 import struct
@@ -26,6 +28,7 @@ from .driver import DriverError
 
 NETNS_DIR = Path("/run/netns")
 _CLONE_NEWNET = 0x40000000
+_MNT_DETACH = 2  # linux/fs.h: unmount now, let users of the mount finish
 # rtnetlink, for add_default_route (linux/netlink.h, linux/rtnetlink.h)
 _RTM_NEWROUTE = 24
 _NLMSG_ERROR = 2
@@ -131,12 +134,21 @@ async def ensure_address(name: str, dev: str, cidr: str, gateway: str) -> None:
 
 
 async def delete(name: str) -> None:
-    """Remove a namespace; its interfaces (and the other end of each veth) go with it."""
-    if not exists(name):
-        return
-    result = await proc.run(["ip", "netns", "delete", name], check=False)
-    if result.returncode != 0 and exists(name):
-        raise DriverError(result.describe())
+    """Remove a namespace; its interfaces (and the other end of each veth) go with it. What `ip
+    netns delete` does, without starting a process for it (two per sandbox, hundreds at a time
+    when many sandboxes go at once)."""
+    if exists(name):
+        await asyncio.to_thread(_unmount_and_unlink, path_of(name))
+
+
+def _unmount_and_unlink(path: Path) -> None:
+    if _libc.umount2(str(path).encode(), _MNT_DETACH) != 0:
+        error = ctypes.get_errno()
+        # EINVAL: not a mount point (left by a crash between creating the file and mounting it).
+        if error not in (errno.EINVAL, errno.ENOENT):
+            raise DriverError(f"cannot unmount the network namespace {path}: {os.strerror(error)}")
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
 
 
 async def run_batch(name: str | None, commands: list[str]) -> None:

@@ -459,6 +459,7 @@ class ProcessDriver(BaseDriver[SandboxRecord]):
 
     async def restore(self, sandbox_id: str, snapshot_dir: Path, *, egress: bool = False) -> Sandbox:
         # No internet egress here (capabilities.internet_egress is False): the sandbox has no network.
+        await self.unless_stray(sandbox_id)
         with self.creating(sandbox_id):
             return await self._restore(sandbox_id, snapshot_dir)
 

@@ -94,10 +94,12 @@ RecordT = TypeVar("RecordT", bound=SandboxRecord)
 MetaT = TypeVar("MetaT", bound=SnapshotMeta)
 
 
-def write_private(path: Path, text: str) -> None:
-    """Atomic, durable write readable by root only (records hold the agent secret): a crash leaves
-    the old record or the new one, never a truncated one (about 1 ms of fsync here)."""
-    write_private_file(path, text.encode())
+def write_private(path: Path, text: str, durable: bool = True) -> None:
+    """Atomic write readable by root only (records hold the agent secret): a crash leaves the old
+    record or the new one, never a truncated one. `durable` (fsync, about 1 ms on an idle disk, far
+    more while hundreds of sandboxes start or stop) for what must outlive the machine (snapshots);
+    a sandbox's own files need only outlive the server (a machine crash ends the sandbox too)."""
+    write_private_file(path, text.encode(), durable)
 
 
 def _meta_json(snapshot_dir: Path) -> dict[str, Any]:

@@ -54,6 +54,7 @@ class Runsc:
     version: str  # as `runsc --version` says, e.g. "0.0~20240729.0"
     flags: frozenset[str]  # the global flags it accepts, without the dash
     platforms: tuple[str, ...]
+    checkpoint_flags: frozenset[str] = frozenset()  # the flags of `runsc checkpoint`, likewise
 
     @property
     def build_date(self) -> int:
@@ -109,7 +110,10 @@ def probe(path: str | os.PathLike[str]) -> Runsc | None:
             if platforms_line
             else ("ptrace",)
         )
-        found = Runsc(path, match.group(1), flags, platforms)
+        checkpoint_help = _run([path, "checkpoint", "--help"])
+        checkpoint_text = (checkpoint_help.stdout + checkpoint_help.stderr) if checkpoint_help else ""
+        checkpoint_flags = frozenset(re.findall(r"^\s+-([A-Za-z0-9_-]+)", checkpoint_text, re.MULTILINE))
+        found = Runsc(path, match.group(1), flags, platforms, checkpoint_flags)
     _probed[key] = found
     return found
 

@@ -13,7 +13,15 @@ from typing import Any
 
 import pytest
 
-from openmicrovm.runtime import SandboxDriver, TooManyConnections, agent_client, cgroups, make_driver, names
+from openmicrovm.runtime import (
+    SandboxDriver,
+    TooManyConnections,
+    agent_client,
+    cgroups,
+    make_driver,
+    names,
+    netns,
+)
 from openmicrovm.runtime.base import BaseDriver
 from openmicrovm.runtime.driver import Sandbox
 from openmicrovm.runtime.gvisor import GVisorDriver
@@ -437,6 +445,41 @@ def test_cleanup_strays_removes_cgroups_from_every_hierarchy(driver: BaseDriver,
             (mount / parent / stray / "below").mkdir(parents=True)
         await driver.cleanup_strays(set())
         assert [m for m in hierarchies if (m / parent).exists()] == []
+
+    run(scenario())
+
+
+def test_strays_found_before_a_sandbox_was_made_never_include_it(
+    driver: BaseDriver, app_rootfs: Path
+) -> None:
+    """A restart removes what a crash left while the server already serves (lifecycle/recovery.py):
+    the strays are noted first, and removing them must not touch a sandbox made since, whose
+    state dir, namespaces, cgroups and runsc container look like a stray's to a sweep by name. A
+    sandbox made under a stray's id meanwhile waits until the stray is gone."""
+
+    async def scenario() -> None:
+        left = await driver.start("microvm-left", app_spec(app_rootfs))
+        left_key = record_of(left).key
+        strays = await driver.find_strays(set())
+        assert strays.ids == [left.sandbox_id] and left_key in strays.keys
+        made_since = await driver.start("microvm-made-since", app_spec(app_rootfs))
+        # Made again under the stray's id (a start a crash interrupted): waits for the stray to go.
+        again = asyncio.create_task(driver.start(left.sandbox_id, app_spec(app_rootfs)))
+        try:
+            assert record_of(made_since).key not in strays.keys
+            assert await driver.remove_strays(strays) == [left.sandbox_id]
+            assert not driver.cgroup_of(left).exists()
+            assert [name for name in driver.namespaces(driver.names_of(left)) if netns.exists(name)] == []
+            assert (await http(driver, made_since))[0] == 200
+            assert all(netns.exists(name) for name in driver.namespaces(driver.names_of(made_since)))
+            restarted = await again
+            assert record_of(restarted).key != left_key
+            assert (await http(driver, restarted))[0] == 200
+        finally:
+            await driver.destroy(made_since)
+            await asyncio.gather(again, return_exceptions=True)
+            if again.done() and not again.cancelled() and again.exception() is None:
+                await driver.destroy(again.result())
 
     run(scenario())
 

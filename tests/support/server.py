@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import boto3
 from botocore.config import Config
 
+from openmicrovm.lifecycle.recovery import FINISHED as RECOVERY_FINISHED
 from tests.support.model_check import check_error, check_output
 
 if TYPE_CHECKING:
@@ -93,8 +94,12 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float = 30.0, recovered: bool = True) -> None:
+        """Start the server and wait until it listens; with `recovered`, also until a host agent
+        has finished its start-up recovery (strays removed while the API already serves), so that
+        a test sees the host as recovery leaves it."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        recoveries = self.log().count(RECOVERY_FINISHED)
         write_settings(self.data_dir / "settings.toml", self.settings)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         with open(self.log_path, "ab") as log:
@@ -121,10 +126,23 @@ class ServerProcess:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                     self.has_listened = True
-                    return
+                    break
             except OSError:
                 time.sleep(0.05)
-        raise RuntimeError(f"server did not listen within {timeout}s:\n{self.log()}")
+        else:
+            raise RuntimeError(f"server did not listen within {timeout}s:\n{self.log()}")
+        if recovered and self.has_agent:
+            while self.log().count(RECOVERY_FINISHED) <= recoveries:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise RuntimeError(
+                        f"the server's recovery did not finish within {timeout}s:\n{self.log()}"
+                    )
+                time.sleep(0.05)
+
+    @property
+    def has_agent(self) -> bool:
+        """Whether this process runs a host agent (the agent role, or serve without --no-agent)."""
+        return self.role == "agent" or "--no-agent" not in self.args
 
     def _role_args(self) -> list[str]:
         if self.role == "agent":
@@ -145,26 +163,30 @@ class ServerProcess:
                 self.process.kill()
                 self.process.wait()
         if cleanup and self._may_have_records():
-            cleaned = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "openmicrovm",
-                    "--log-level",
-                    "WARNING",
-                    "cleanup",
-                    "--data-dir",
-                    str(self.data_dir),
-                ],
-                cwd=REPO,
-                capture_output=True,
-                timeout=120,
+            self.cleanup()
+
+    def cleanup(self, timeout: float = 120.0) -> None:
+        """`openmicrovm cleanup` of the data dir (the server stopped): every sandbox it left goes."""
+        cleaned = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "openmicrovm",
+                "--log-level",
+                "WARNING",
+                "cleanup",
+                "--data-dir",
+                str(self.data_dir),
+            ],
+            cwd=REPO,
+            capture_output=True,
+            timeout=timeout,
+        )
+        if cleaned.returncode != 0:
+            raise RuntimeError(
+                f"openmicrovm cleanup --data-dir {self.data_dir} exited with {cleaned.returncode}:\n"
+                f"{cleaned.stderr.decode(errors='replace')}"
             )
-            if cleaned.returncode != 0:
-                raise RuntimeError(
-                    f"openmicrovm cleanup --data-dir {self.data_dir} exited with {cleaned.returncode}:\n"
-                    f"{cleaned.stderr.decode(errors='replace')}"
-                )
 
     def _may_have_records(self) -> bool:
         """Whether there can be sandboxes for `openmicrovm cleanup` to end: not when the server never

@@ -44,5 +44,5 @@ def write(
         cgroups_path=cgroups_path,
     )
     directory.mkdir(exist_ok=True)
-    write_private(directory / "config.json", json.dumps(config, indent=1))
+    write_private(directory / "config.json", json.dumps(config, indent=1), durable=False)
     return directory

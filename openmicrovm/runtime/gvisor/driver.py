@@ -247,6 +247,7 @@ class GVisorDriver(BaseDriver[GVisorRecord]):
         names.check_sandbox_id(sandbox_id)
         meta = read_snapshot(snapshot_dir, self.name)
         self.commands.for_snapshot(snapshot_dir, meta)  # fails early when no runsc can restore it
+        await self.unless_stray(sandbox_id)
         if self.state_dir(sandbox_id).exists():
             raise DriverError(f"sandbox {sandbox_id} already exists")
         with self.creating(sandbox_id):
@@ -321,8 +322,11 @@ class GVisorDriver(BaseDriver[GVisorRecord]):
     async def adopt(self, sandbox_id: str) -> Sandbox | None:
         return await self.recovery.adopt(sandbox_id)
 
-    async def remove_orphans(self, keep_keys: set[str]) -> None:
-        await self.recovery.remove_orphans(keep_keys)
+    def runtime_keys(self) -> set[str]:
+        return {key for container in self.commands.containers() if (key := names.key_of_container(container))}
+
+    async def remove_orphans(self, stray_keys: set[str]) -> None:
+        await self.recovery.remove_orphans(stray_keys)
 
     # ------------------------------------------------------------------ teardown
 

@@ -111,19 +111,18 @@ class Recovery:
             await driver.uplinks.bring_up_to_date(sandbox_id, record, lambda: driver.save(sandbox))
             return sandbox
 
-    async def remove_orphans(self, keep_keys: set[str]) -> None:
-        """Uplinks and runsc containers of sandboxes that have no state dir."""
+    async def remove_orphans(self, stray_keys: set[str]) -> None:
+        """Uplinks and runsc containers of these stray sandboxes (their state dirs are gone)."""
         driver = self.driver
 
         def stray(peer_netns: str) -> bool:
-            key = names.key_of_netns(driver.scope, peer_netns)
-            return key is not None and key not in keep_keys
+            return names.key_of_netns(driver.scope, peer_netns) in stray_keys
 
         await Uplinks.sweep(stray)
         binaries = driver.commands.every_binary()
         for container in sorted(driver.commands.containers()):
             key = names.key_of_container(container)
-            if key is not None and key not in keep_keys:
+            if key is not None and key in stray_keys:
                 log.info("removing stray runsc container %s", container)
                 await driver.cgroup_for(names.host_names(driver.scope, key)).kill_all()
                 await driver.commands.delete(container, binaries)
