@@ -13,11 +13,11 @@ after the note are not strays and are never touched.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from openmicrovm.concurrency import gather_at_most
 from openmicrovm.lifecycle.microvm_engine import MicrovmEngine
 from openmicrovm.service import microvms as records
 from openmicrovm.states import MicrovmState
@@ -68,20 +68,9 @@ async def recover_microvms(engine: MicrovmEngine, host_id: str) -> Callable[[], 
     # A start that never finished begins again once the strays are gone (its half-made sandbox
     # is one of them).
     starts = [microvm.id for microvm in live if microvm.state is MicrovmState.PENDING]
-    at_once = asyncio.Semaphore(ADOPTED_AT_ONCE)
-
-    async def adopt(microvm: Microvm) -> str | None:
-        async with at_once:
-            return microvm.id if await _adopt(engine, microvm) else None
-
-    outcomes = await asyncio.gather(
-        *(adopt(microvm) for microvm in live if microvm.state is not MicrovmState.PENDING),
-        return_exceptions=True,
-    )
-    for outcome in outcomes:
-        if isinstance(outcome, BaseException):
-            raise outcome
-    keep = {outcome for outcome in outcomes if isinstance(outcome, str)}
+    adopting = [microvm for microvm in live if microvm.state is not MicrovmState.PENDING]
+    kept = await gather_at_most(ADOPTED_AT_ONCE, (_adopt(engine, microvm) for microvm in adopting))
+    keep = {microvm.id for microvm, adopted in zip(adopting, kept, strict=True) if adopted}
     strays = await driver.find_strays(keep)
     log.info(
         "adopted %d MicroVM(s) in %.2f s; %d stray sandbox(es) to remove",

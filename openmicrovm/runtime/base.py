@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Generic
 
+from ..concurrency import gather_at_most
 from . import agent_build, agent_client, cgroup_scope, cgroups, names, netns, rootfs
 from .agent_client import AgentAddress
 from .app_monitor import AppMonitor
@@ -82,7 +83,7 @@ class BaseDriver(SandboxDriver, Generic[RecordT]):
         self._creating: set[str] = set()  # ids start() / restore() of this driver are making now
         # The strays last noted (find_strays) until remove_strays has removed them; unless_stray.
         self._strays = Strays()
-        self._strays_removed: asyncio.Event | None = None
+        self._strays_removed = asyncio.Event()
         self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ hooks for subclasses
@@ -196,7 +197,7 @@ class BaseDriver(SandboxDriver, Generic[RecordT]):
         """Before a sandbox is made under this id: wait while a stray of that id is being removed
         (a restart removes strays while the server serves; a build or a start a crash
         interrupted is begun again under the same id)."""
-        while sandbox_id in self._strays.ids and self._strays_removed is not None:
+        while sandbox_id in self._strays.ids:
             await self._strays_removed.wait()  # set when removed, or when strays are noted anew
 
     @contextlib.contextmanager
@@ -365,8 +366,7 @@ class BaseDriver(SandboxDriver, Generic[RecordT]):
 
     async def find_strays(self, keep: set[str]) -> Strays:
         strays = await asyncio.to_thread(self._find_strays, keep)
-        if self._strays_removed is not None:
-            self._strays_removed.set()  # whoever waits looks again, at these
+        self._strays_removed.set()  # whoever waits looks again, at these
         self._strays, self._strays_removed = strays, asyncio.Event()
         return strays
 
@@ -404,7 +404,7 @@ class BaseDriver(SandboxDriver, Generic[RecordT]):
         try:
             await self._remove_strays(strays)
         finally:
-            if strays is self._strays and self._strays_removed is not None:
+            if strays is self._strays:
                 self._strays_removed.set()
                 self._strays = Strays()
         return strays.ids
@@ -425,17 +425,12 @@ class BaseDriver(SandboxDriver, Generic[RecordT]):
     async def _destroy_all(self, strays: list[Sandbox]) -> None:
         """Destroy these sandboxes, a few at a time (each mostly waits on runsc, ip and the
         kernel); every one is tried, and the first failure is raised once all are done."""
-        at_once = asyncio.Semaphore(STRAYS_REMOVED_AT_ONCE)
 
         async def destroy(sandbox: Sandbox) -> None:
-            async with at_once:
-                log.info("removing stray sandbox %s", sandbox.sandbox_id)
-                await self.destroy(sandbox)
+            log.info("removing stray sandbox %s", sandbox.sandbox_id)
+            await self.destroy(sandbox)
 
-        outcomes = await asyncio.gather(*(destroy(sandbox) for sandbox in strays), return_exceptions=True)
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
+        await gather_at_most(STRAYS_REMOVED_AT_ONCE, (destroy(sandbox) for sandbox in strays))
 
     async def close(self) -> None:
         await self.release_scope()

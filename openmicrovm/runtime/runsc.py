@@ -88,6 +88,17 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess[str] | None:
         return None
 
 
+def _output(argv: list[str]) -> str:
+    """What a command printed, both streams (runsc prints its help to stderr); "" if it did not run."""
+    done = _run(argv)
+    return (done.stdout + done.stderr) if done is not None else ""
+
+
+def _flags_in(help_text: str) -> frozenset[str]:
+    """The flags a runsc help text lists (`  -name ...` lines), without the dash."""
+    return frozenset(re.findall(r"^\s+-([A-Za-z0-9_-]+)", help_text, re.MULTILINE))
+
+
 def probe(path: str | os.PathLike[str]) -> Runsc | None:
     """What the binary at path is, or None when it does not run here (cached per file version)."""
     path = os.path.abspath(path)
@@ -101,19 +112,15 @@ def probe(path: str | os.PathLike[str]) -> Runsc | None:
     found: Runsc | None = None
     version = _run([path, "--version"])
     if version is not None and version.returncode == 0 and (match := _VERSION.search(version.stdout)):
-        listed = _run([path, "flags"])
-        text = (listed.stdout + listed.stderr) if listed is not None else ""
-        flags = frozenset(re.findall(r"^\s+-([A-Za-z0-9_-]+)", text, re.MULTILINE))
+        text = _output([path, "flags"])
         platforms_line = _PLATFORMS.search(text)
         platforms = tuple(
             re.findall(r"[a-z]+", re.sub(r"\(default[^)]*\)", "", platforms_line.group(1)))
             if platforms_line
             else ("ptrace",)
         )
-        checkpoint_help = _run([path, "checkpoint", "--help"])
-        checkpoint_text = (checkpoint_help.stdout + checkpoint_help.stderr) if checkpoint_help else ""
-        checkpoint_flags = frozenset(re.findall(r"^\s+-([A-Za-z0-9_-]+)", checkpoint_text, re.MULTILINE))
-        found = Runsc(path, match.group(1), flags, platforms, checkpoint_flags)
+        checkpoint_flags = _flags_in(_output([path, "checkpoint", "--help"]))
+        found = Runsc(path, match.group(1), _flags_in(text), platforms, checkpoint_flags)
     _probed[key] = found
     return found
 
