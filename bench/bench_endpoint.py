@@ -4,8 +4,8 @@ on the server.
 
     .venv/bin/python bench/bench_endpoint.py [--seconds 3] [--concurrency 8] [--megabytes 200]
 
-Prints requests per second and p50/p99 latency for a small response, MB/s for a large body, and
-the first response from a SUSPENDED MicroVM with auto-resume.
+Prints requests per second and p50/p99 latency for a small response, the server's CPU time per
+request, MB/s for a large body, and the first response from a SUSPENDED MicroVM with auto-resume.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -34,6 +35,12 @@ async def _throughput(open_connection: Opener, request: bytes) -> float:
         return size / (time.perf_counter() - started) / 1e6
     finally:
         writer.close()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far (/proc/PID/stat, fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _request(path: str, host: str, token: str | None) -> bytes:
@@ -61,10 +68,15 @@ async def _measure(
         return await asyncio.open_connection("127.0.0.1", server.port, limit=1 << 20)
 
     host = f"{vm['endpoint']}:{server.port}"
+    assert server.process is not None
+    server_pid = server.process.pid
     results: dict[str, Any] = {}
     for name, opener, token_or_none in (("direct", direct, None), ("endpoint", endpoint, token)):
         small = _request("/headers", host, token_or_none)
+        cpu_before = _cpu_seconds(server_pid)
         runs = [await load(opener, small, args.seconds, args.concurrency) for _ in range(3)]
+        requests = sum(r["requests"] for r in runs)
+        server_cpu_us = (_cpu_seconds(server_pid) - cpu_before) / requests * 1e6
         big = _request(f"/download?bytes={args.megabytes * 1024 * 1024}", host, token_or_none)
         rates = [await _throughput(opener, big) for _ in range(3)]
         results[name] = {
@@ -72,6 +84,9 @@ async def _measure(
             "p50_ms": statistics.median(r["p50_ms"] for r in runs),
             "p99_ms": statistics.median(r["p99_ms"] for r in runs),
             "MB_per_second": round(statistics.median(rates), 1),
+            # The server's own CPU (all its threads) per small request: the endpoint's cost
+            # without the noise of a shared machine; about 0 when the server is not in the path.
+            "server_cpu_us_per_request": round(server_cpu_us, 1),
         }
     results["endpoint / direct requests per second"] = round(
         results["endpoint"]["requests_per_second"] / results["direct"]["requests_per_second"], 2

@@ -162,6 +162,7 @@ async def load(open_connection: Opener, request: bytes, seconds: float, concurre
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - began
     return {
+        "requests": len(latencies),
         "requests_per_second": round(len(latencies) / elapsed),
         "p50_ms": round(statistics.median(latencies) * 1000, 3),
         "p99_ms": round(percentile(latencies, 0.99) * 1000, 3),

@@ -86,8 +86,9 @@ class EndpointBackend:
         one that allows auto-resume; raise Unreachable otherwise."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + HOLD_SECONDS
+        # The state the lookup just read serves first: one read per request when RUNNING.
+        state: MicrovmState | None = target.state
         while True:
-            state = await self._state(target.microvm_id)
             if state is MicrovmState.RUNNING:
                 return
             if state in (None, MicrovmState.TERMINATING, MicrovmState.TERMINATED):
@@ -103,6 +104,7 @@ class EndpointBackend:
             if loop.time() >= deadline:
                 raise Unreachable(f"MicroVM still {state.wire} after {HOLD_SECONDS:g} s")
             await asyncio.sleep(0.02)
+            state = await self._state(target.microvm_id)
 
     async def connect(self, microvm_id: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         try:

@@ -27,6 +27,7 @@ from openmicrovm.endpoint.http1 import (
     BodyTimeout,
     Framing,
     Head,
+    HeldHead,
     ProtocolError,
     drop_conflicting_length,
     parse_head,
@@ -186,7 +187,9 @@ class EndpointConnection:
                 if not keep_alive:
                     break
                 try:
-                    data = await asyncio.wait_for(read_head(self.reader), HEAD_TIMEOUT)
+                    # asyncio.timeout, not wait_for: no task per request on a kept-alive connection.
+                    async with asyncio.timeout(HEAD_TIMEOUT):
+                        data = await read_head(self.reader)
                 except (TimeoutError, ProtocolError):
                     break
         except (ConnectionError, OSError):
@@ -301,25 +304,28 @@ class EndpointConnection:
             up_reader, up_writer, reused = await self._upstream_for(vm, port)
             up_writer.write(serialized)
             count(serialized)
-            sending = asyncio.ensure_future(
-                relay_body(framing, self.reader, up_writer, count, BodyProgress())
-            )
+            # Most requests have no body: no task then, the request is all sent already.
+            sending: asyncio.Future[None] | None = None
+            if framing.kind != "none":
+                sending = asyncio.ensure_future(
+                    relay_body(framing, self.reader, up_writer, count, BodyProgress())
+                )
             try:
                 raw, response, status = await _unless_body_fails(
                     self._response_head(up_reader, count), sending
                 )
             except (ConnectionError, OSError):
                 # The app's side broke before it answered (reset, the sandbox died): a 502, never silence.
-                sending.cancel()
+                _cancel(sending)
                 up_writer.close()
                 raise Refusal(502, "Bad Gateway", close=True) from None
             except BaseException:
-                sending.cancel()
+                _cancel(sending)
                 up_writer.close()
                 raise
             if raw is not None:
                 break
-            sending.cancel()
+            _cancel(sending)
             up_writer.close()
             # A kept connection the app had closed: one fresh try when nothing of the body went.
             if not (reused and attempt == 1 and framing.kind == "none"):
@@ -333,19 +339,23 @@ class EndpointConnection:
         if conflicting:
             raw = response.serialize()
         self.counters.on_request(vm, status)
-        self.writer.write(raw)
         count(raw)
         if status == 101 and upgrade:
+            self.writer.write(raw)
             websocket = (response.get("upgrade") or "").strip().lower() == "websocket"
             await self._tunnel(up_reader, up_writer, count, sending, expires_at, websocket)
             return False
         body = response_framing(response, method)
+        to_client = HeldHead(self.writer, raw)
         try:
-            await _unless_body_fails(relay_body(body, up_reader, self.writer, count), sending)
-            await asyncio.wait_for(sending, HEAD_TIMEOUT)
+            await _unless_body_fails(relay_body(body, up_reader, to_client, count), sending)
+            to_client.flush()
+            if sending is not None:
+                await asyncio.wait_for(sending, HEAD_TIMEOUT)
         except (TimeoutError, ProtocolError, BodyTimeout):
             # The response has begun: no status can be sent any more, the connection ends.
-            sending.cancel()
+            to_client.flush()
+            _cancel(sending)
             up_writer.close()
             return False
         upstream_reusable = (
@@ -404,7 +414,7 @@ class EndpointConnection:
         up_reader: asyncio.StreamReader,
         up_writer: asyncio.StreamWriter,
         count: Callable[[bytes], None],
-        sending: asyncio.Future[None],
+        sending: asyncio.Future[None] | None,
         expires_at: float,
         websocket: bool,
     ) -> None:
@@ -412,7 +422,7 @@ class EndpointConnection:
         expires: a tunnel is not re-checked like a request, so its token's lifetime bounds it
         (issue 11; AWS lets such streams run on). A WebSocket client then gets a close frame
         (1008, "token expired") when the app is between frames, so it knows to get a new token."""
-        sending.cancel()
+        _cancel(sending)
         boundaries = FrameBoundaries()
 
         def to_client(piece: bytes) -> None:
@@ -435,10 +445,18 @@ class EndpointConnection:
             up_writer.close()
 
 
-async def _unless_body_fails(awaitable: Awaitable[_T], sending: asyncio.Future[None]) -> _T:
+def _cancel(sending: asyncio.Future[None] | None) -> None:
+    if sending is not None:
+        sending.cancel()
+
+
+async def _unless_body_fails(awaitable: Awaitable[_T], sending: asyncio.Future[None] | None) -> _T:
     """The awaitable's result, unless the client's request body proves malformed or too slow
     first (its ProtocolError or BodyTimeout is raised then): an app still waiting for the rest
-    of that body would never answer, and the client would wait as long."""
+    of that body would never answer, and the client would wait as long. Without a body being
+    sent (None) it is awaited as it is."""
+    if sending is None:
+        return await awaitable
     task = asyncio.ensure_future(awaitable)
     try:
         while not task.done():

@@ -198,6 +198,30 @@ def test_server_sent_events_arrive_one_by_one(
     assert arrivals[-1] - arrivals[0] > 0.8
 
 
+def test_a_response_head_is_not_held_back_for_its_body(
+    endpoint_server: ServerProcess, echo_vm: dict[str, Any]
+) -> None:
+    """The endpoint sends a head together with a body that has already arrived; one whose body
+    is late still goes out at once (a client watching an event stream sees it open)."""
+    token = auth_token(endpoint_server.client(), echo_vm["microvmId"])
+
+    async def listen() -> tuple[float, float]:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(
+                f"{endpoint_server.url}/sse?count=1&wait=1.5",
+                headers={"Host": echo_vm["endpoint"], "X-aws-proxy-auth": token},
+            ) as response,
+        ):
+            head_at = time.monotonic()
+            assert response.status == 200
+            await response.content.readline()
+            return head_at, time.monotonic()
+
+    head_at, event_at = asyncio.run(listen())
+    assert event_at - head_at > 1.0
+
+
 def test_websocket_echo_with_subprotocol_auth(
     endpoint_server: ServerProcess, echo_vm: dict[str, Any]
 ) -> None:

@@ -62,6 +62,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
+            time.sleep(float(query.get("wait", "0")))  # before the first event
             for index in range(int(query.get("count", "3"))):
                 self.chunk(f"data: {json.dumps({'n': index, 't': time.time()})}\n\n".encode())
                 time.sleep(float(query.get("gap", "0.2")))
