@@ -334,7 +334,9 @@ class BaseDriver(SandboxDriver, Generic[RecordT]):
             try:
                 await self.cgroup_for(host).remove()
                 # The per-server parent goes with its last sandbox (it is made again on demand).
-                cgroups.remove_parent_if_empty(self.layout, names.cgroup_parent(self.scope))
+                await asyncio.to_thread(
+                    cgroups.remove_parent_if_empty, self.layout, names.cgroup_parent(self.scope)
+                )
             except (DriverError, OSError) as error:
                 problems.append(str(error))
             for name in self.namespaces(host):

@@ -45,6 +45,10 @@ class Layout:
     # Where our cgroups go below each root: "" where the tree is ours (v1, or v2 without systemd),
     # else the cgroup systemd delegated to us (see cgroup_scope).
     base: str = ""
+    # Every mounted cgroup hierarchy, noted once (None: read /proc/self/mountinfo each time).
+    # Reading mountinfo takes the kernel's mount lock, which a mass teardown's namespace
+    # unmounts hold: on the event loop, each read stalled the API.
+    hierarchies: tuple[Path, ...] | None = None
 
     def dirs(self, relative: str) -> list[Path]:
         """One directory per distinct hierarchy (cpu and cpuacct may share one)."""
@@ -61,7 +65,8 @@ class Layout:
         leave them behind there. Pure v2 has one hierarchy."""
         paths = self.dirs(relative)
         if self.version == 1:
-            paths += [mount / relative for mount in all_hierarchies() if mount / relative not in paths]
+            mounts = self.hierarchies if self.hierarchies is not None else all_hierarchies()
+            paths += [mount / relative for mount in mounts if mount / relative not in paths]
         return paths
 
     def controller_dir(self, controller: str, relative: str) -> Path:
@@ -96,7 +101,7 @@ def detect() -> Layout | None:
         return None
     if not set(V1_CONTROLLERS) <= set(mounts):
         return None
-    return Layout(1, mounts)
+    return Layout(1, mounts, hierarchies=tuple(all_hierarchies()))
 
 
 def _write(path: Path, value: str) -> None:
@@ -268,46 +273,63 @@ class Cgroup:
         subreaper, see KEEPER_COMM) goes last: it reaps the others the moment they die and then
         exits by itself. Killed with them, it would leave them zombies for the host's init, which
         on some hosts reaps only now and then, and `runsc delete` waits for each zombie sandbox."""
-        if not self.exists():
+        if not await asyncio.to_thread(self.exists):
             return
-        kill_file = self.layout.controller_dir("memory", self.relative) / "cgroup.kill"
         deadline = time.monotonic() + timeout
         keepers_until: float | None = None  # when the keepers' grace to exit on their own ends
         while True:
-            pids = self.pids()
+            keepers_too = keepers_until is not None and time.monotonic() > keepers_until
+            pids, only_keepers = await asyncio.to_thread(self._kill_round, keepers_too)
             if not pids:
                 return
-            keepers = [pid for pid in pids if _comm(pid) == KEEPER_COMM]
-            targets = [pid for pid in pids if pid not in keepers]
-            if not targets:
-                keepers_until = keepers_until or time.monotonic() + KEEPER_GRACE_SECONDS
-                if time.monotonic() > keepers_until:
-                    targets = keepers
-            if targets and not keepers and self.layout.version == 2 and kill_file.exists():
-                with contextlib.suppress(OSError):
-                    kill_file.write_text("1")  # also catches what forks meanwhile
-            else:
-                for pid in targets:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-            # A task frozen in v1 dies only once thawed, and a frozen keeper reaps nothing.
-            with contextlib.suppress(DriverError, OSError):
-                if self.is_frozen():
-                    self.thaw()
+            if only_keepers and keepers_until is None:
+                keepers_until = time.monotonic() + KEEPER_GRACE_SECONDS
             if time.monotonic() > deadline:
                 raise DriverError(
                     f"processes {pids} in cgroup {self.relative} survived SIGKILL for {timeout:g} s"
                 )
             await asyncio.sleep(0.005)
 
+    def _kill_round(self, keepers_too: bool) -> tuple[list[int], bool]:
+        """One round of kill_all, on a thread: cgroup files wait on the kernel's cgroup lock
+        while other cgroups are being torn down, and the event loop must not. Returns the
+        processes found and whether only keepers were among them."""
+        pids = self.pids()
+        if not pids:
+            return pids, False
+        keepers = [pid for pid in pids if _comm(pid) == KEEPER_COMM]
+        targets = [pid for pid in pids if pid not in keepers]
+        only_keepers = not targets
+        if only_keepers and keepers_too:
+            targets = keepers
+        kill_file = self.layout.controller_dir("memory", self.relative) / "cgroup.kill"
+        if targets and not keepers and self.layout.version == 2 and kill_file.exists():
+            with contextlib.suppress(OSError):
+                kill_file.write_text("1")  # also catches what forks meanwhile
+        else:
+            for pid in targets:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        # A task frozen in v1 dies only once thawed, and a frozen keeper reaps nothing.
+        with contextlib.suppress(DriverError, OSError):
+            if self.is_frozen():
+                self.thaw()
+        return pids, only_keepers
+
     async def remove(self, timeout: float = 10.0) -> None:
         """Kill what is inside and remove the cgroup from every mounted hierarchy: ours, and the
         ones runtimes (runsc) also create it in (blkio, cpuset, devices, name=systemd, ...), where
-        a crash leaves it behind. Directories a runtime made below it go too."""
+        a crash leaves it behind. Directories a runtime made below it go too. The removals run on
+        a thread (see _kill_round)."""
         await self.kill_all(timeout)
         deadline = time.monotonic() + timeout
-        for path in self.layout.everywhere(self.relative):
-            await _remove_tree(path, deadline)
+        paths = self.layout.everywhere(self.relative)
+        while (busy := await asyncio.to_thread(_remove_trees, paths)) is not None:
+            # EBUSY for a moment while the last task is being torn down.
+            if time.monotonic() > deadline:
+                path, error = busy
+                raise DriverError(f"cannot remove cgroup {path}: {error.strerror} ({_occupants(path)})")
+            await asyncio.sleep(0.01)
 
 
 def _comm(pid: int) -> str:
@@ -318,28 +340,30 @@ def _comm(pid: int) -> str:
         return ""
 
 
-async def _remove_tree(path: Path, deadline: float) -> None:
-    """rmdir a cgroup directory and any below it, children first."""
-    try:
-        below = [entry for entry in path.iterdir() if entry.is_dir()]
-    except FileNotFoundError:
-        return
-    except OSError:
-        below = []
-    for child in below:
-        await _remove_tree(child, deadline)
-    while path.is_dir():
+def _remove_trees(paths: list[Path]) -> tuple[Path, OSError] | None:
+    """rmdir each cgroup directory and the ones below it, children first. Returns the first
+    directory still busy (EBUSY, ENOTEMPTY) and its error, for the caller to try again; any other
+    failure is a DriverError."""
+    for path in paths:
+        try:
+            below = [entry for entry in path.iterdir() if entry.is_dir()]
+        except FileNotFoundError:
+            continue
+        except OSError:
+            below = []
+        if (busy := _remove_trees(below)) is not None:
+            return busy
         try:
             path.rmdir()
         except FileNotFoundError:
-            return
+            pass
         except OSError as error:
-            # EBUSY for a moment while the last task is being torn down.
-            if error.errno not in (errno.EBUSY, errno.ENOTEMPTY) or time.monotonic() > deadline:
+            if error.errno not in (errno.EBUSY, errno.ENOTEMPTY):
                 raise DriverError(
                     f"cannot remove cgroup {path}: {error.strerror} ({_occupants(path)})"
                 ) from None
-            await asyncio.sleep(0.01)
+            return path, error
+    return None
 
 
 def _occupants(path: Path) -> str:

@@ -11,6 +11,7 @@ files (containers()), and every runsc command has a timeout.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from pathlib import Path
@@ -105,10 +106,10 @@ class RunscCommands:
         """`runsc delete -force`, with each binary in turn until runsc's record of it is gone."""
         result = None
         for binary in binaries:
-            if container not in self.containers():
+            if container not in await asyncio.to_thread(self.containers):
                 return
             result = await self.run(["delete", "-force", container], binary=binary, timeout=60)
-        if container in self.containers():
+        if container in await asyncio.to_thread(self.containers):
             words = result.describe() if result is not None else "no runsc to delete it with"
             raise DriverError(f"runsc could not delete container {container}: {words}")
 
