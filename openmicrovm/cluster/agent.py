@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from openmicrovm.builder.architecture import host_architecture
 from openmicrovm.cluster import wakeups
@@ -28,8 +28,10 @@ from openmicrovm.runtime.driver import SandboxDriver
 from openmicrovm.service.core import Service
 from openmicrovm.states import MicrovmState
 from openmicrovm.store import StoreUnavailable, Tx
-from openmicrovm.store.postgres import PostgresListener
 from openmicrovm.store.records import Host
+
+if TYPE_CHECKING:
+    from openmicrovm.store.postgres import PostgresListener
 
 log = logging.getLogger("openmicrovm.agent")
 # How often, as a share of the lease, the agent renews it; and how much of the lease it keeps in

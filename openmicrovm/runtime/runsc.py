@@ -28,14 +28,17 @@ it for syscall-heavy apps on hosts with cores to spare.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from openmicrovm.config import default_cache_dir
+from openmicrovm.private_files import write_private_file
 
 ENV_BINARY = "OPENMICROVM_RUNSC"  # the setting runsc, named in errors
 CACHE_SUBDIR = "runsc"  # <cache dir>/runsc/<Debian version>/runsc
@@ -79,6 +82,10 @@ class RunscError(Exception):
 
 
 _probed: dict[tuple[str, int, int], Runsc | None] = {}
+# What probes found, kept across processes: a probe runs each runsc three times, about 150 ms
+# of every server start. Keyed like _probed (path, mtime, size), so a changed binary is probed
+# again; a binary that did not run is not kept (the next start tries it again).
+PROBES_FILE = "probed.json"
 
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess[str] | None:
@@ -109,6 +116,16 @@ def probe(path: str | os.PathLike[str]) -> Runsc | None:
     key = (path, info.st_mtime_ns, info.st_size)
     if key in _probed:
         return _probed[key]
+    found: Runsc | None = _saved_probe(key)
+    if found is None:
+        found = _run_probe(path)
+        if found is not None:
+            _save_probe(key, found)
+    _probed[key] = found
+    return found
+
+
+def _run_probe(path: str) -> Runsc | None:
     found: Runsc | None = None
     version = _run([path, "--version"])
     if version is not None and version.returncode == 0 and (match := _VERSION.search(version.stdout)):
@@ -121,8 +138,52 @@ def probe(path: str | os.PathLike[str]) -> Runsc | None:
         )
         checkpoint_flags = _flags_in(_output([path, "checkpoint", "--help"]))
         found = Runsc(path, match.group(1), _flags_in(text), platforms, checkpoint_flags)
-    _probed[key] = found
     return found
+
+
+def _probes_file() -> Path:
+    return default_cache_dir() / CACHE_SUBDIR / PROBES_FILE
+
+
+def _probe_key(key: tuple[str, int, int]) -> str:
+    return json.dumps(key)
+
+
+def _saved_probes() -> dict[str, Any]:
+    try:
+        saved = json.loads(_probes_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def _saved_probe(key: tuple[str, int, int]) -> Runsc | None:
+    entry = _saved_probes().get(_probe_key(key))
+    try:
+        return Runsc(
+            key[0],
+            str(entry["version"]),
+            frozenset(map(str, entry["flags"])),
+            tuple(map(str, entry["platforms"])),
+            frozenset(map(str, entry["checkpoint_flags"])),
+        )
+    except (TypeError, KeyError):  # none saved, or not in this form
+        return None
+
+
+def _save_probe(key: tuple[str, int, int], found: Runsc) -> None:
+    saved = _saved_probes()
+    saved[_probe_key(key)] = {
+        "version": found.version,
+        "flags": sorted(found.flags),
+        "platforms": list(found.platforms),
+        "checkpoint_flags": sorted(found.checkpoint_flags),
+    }
+    try:
+        _probes_file().parent.mkdir(parents=True, exist_ok=True)
+        write_private_file(_probes_file(), json.dumps(saved, indent=1).encode(), durable=False)
+    except OSError:
+        pass  # a cache: the next start probes again
 
 
 def cached_binaries(cache_dir: Path) -> list[Path]:

@@ -23,11 +23,10 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from openmicrovm.store.connection import Connection, scalar
 from openmicrovm.store.errors import StoreError, StoreUnavailable
-from openmicrovm.store.postgres import PostgresBackend, PostgresListener, describe_url
 from openmicrovm.store.repositories.builds import BuildsRepository
 from openmicrovm.store.repositories.client_tokens import ClientTokensRepository
 from openmicrovm.store.repositories.hosts import HostsRepository, LeasesRepository
@@ -39,6 +38,9 @@ from openmicrovm.store.repositories.versions import VersionsRepository
 from openmicrovm.store.repositories.wakeups import WakeupsRepository
 from openmicrovm.store.schema import MIGRATIONS
 from openmicrovm.store.sqlite import SqliteBackend, sqlite_path
+
+if TYPE_CHECKING:  # psycopg is imported only when a PostgreSQL URL is used: ~80 ms of a start
+    from openmicrovm.store.postgres import PostgresBackend, PostgresListener
 
 log = logging.getLogger("openmicrovm.store")
 T = TypeVar("T")
@@ -79,6 +81,8 @@ def _open_backend(url: str, pool_size: int, connect_timeout: float) -> SqliteBac
     path = sqlite_path(url)
     if path is not None:
         return SqliteBackend(path)
+    from openmicrovm.store.postgres import PostgresBackend, describe_url
+
     if url.startswith(("postgresql://", "postgres://")):
         return PostgresBackend(url, pool_size, connect_timeout)
     scheme = url.split("://", 1)[0] if "://" in url else url
@@ -103,7 +107,7 @@ class Store:
         self._loop_thread: int | None = None
         # PostgreSQL work runs side by side on pooled connections; SQLite's one connection
         # serialises anyway, and a few threads keep reads from queueing behind the loop.
-        workers = pool_size if isinstance(self.backend, PostgresBackend) else 4
+        workers = 4 if isinstance(self.backend, SqliteBackend) else pool_size
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="store")
         try:
             self._migrate()
@@ -115,14 +119,16 @@ class Store:
     def shared(self) -> bool:
         """Whether several servers may use this database at once (PostgreSQL; SQLite is one
         server's own file)."""
-        return isinstance(self.backend, PostgresBackend)
+        return not isinstance(self.backend, SqliteBackend)
 
     def listen(
         self, channels: list[str], deliver: Callable[[str, str], None], reconnected: Callable[[], None]
     ) -> PostgresListener:
         """Receive wake-ups sent on `channels` (Tx.wakeups); PostgreSQL only. See PostgresListener."""
-        if not isinstance(self.backend, PostgresBackend):
+        if isinstance(self.backend, SqliteBackend):
             raise StoreError(f"{self.description} carries no wake-ups: only PostgreSQL does")
+        from openmicrovm.store.postgres import PostgresListener
+
         return PostgresListener(
             self.backend.url, channels, deliver, reconnected, self.backend.connect_timeout
         )

@@ -235,3 +235,48 @@ def test_the_runsc_binary_and_platform_can_be_chosen(tmp_path: Path, cache_dir: 
     not_runsc.write_text("#!/bin/sh\nexit 3\n")
     not_runsc.chmod(0o755)
     assert runsc.probe(not_runsc) is None
+
+
+def test_a_probe_is_kept_across_processes_until_the_binary_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server start probes every runsc (three runs each); what a probe found is kept on disk
+    for the next process, and a binary that changed, or did not run, is probed again."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    calls = tmp_path / "calls"
+    fake = tmp_path / "bin" / "runsc"
+    fake.parent.mkdir()
+
+    def write_fake(version: str) -> None:
+        fake.write_text(
+            textwrap.dedent(f"""\
+                #!/bin/sh
+                echo "$@" >> {calls}
+                case "$1" in
+                  --version) echo "runsc version {version}" ;;
+                  flags) printf '  -platform string\\n    \\tspecifies which platform to use: ptrace (default), systrap.\\n  -root string\\n' >&2 ;;
+                  checkpoint) printf '  -image-path string\\n' >&2 ;;
+                esac
+            """)
+        )
+        fake.chmod(0o755)
+
+    def probed_afresh() -> runsc.Runsc | None:
+        runsc._probed.clear()  # as in a new process
+        return runsc.probe(fake)
+
+    def runs() -> int:
+        return len(calls.read_text().splitlines()) if calls.exists() else 0
+
+    write_fake("0.0~20240101.0")
+    first = probed_afresh()
+    assert first is not None and first.version == "0.0~20240101.0" and runs() == 3
+    assert first.platforms == ("ptrace", "systrap") and first.has_flag("root")
+    assert first.checkpoint_flags == frozenset({"image-path"})
+    assert probed_afresh() == first and runs() == 3
+    write_fake("0.0~20250202.0")  # another size: another binary
+    second = probed_afresh()
+    assert second is not None and second.version == "0.0~20250202.0" and runs() == 6
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexit 3\n')
+    assert probed_afresh() is None and probed_afresh() is None
+    assert runs() == 8  # `--version` each time: a binary that does not run is not kept
