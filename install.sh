@@ -4,7 +4,7 @@
 # environment in .venv with the project in it. It prints what it will change before changing it.
 #   ./install.sh                      what the server needs
 #   ./install.sh --dev                also what the tests need (pytest, moto, the AWS CLI, ruff,
-#                                     PostgreSQL, kubectl)
+#                                     PostgreSQL, kubectl, Chromium and Playwright for the console)
 #   ./install.sh --plan [--dev]       print what it would change on this host; change nothing
 #   ./install.sh --uninstall          remove what install.sh added (add --plan to see it first);
 #                                     --purge also removes the server's data and cache dirs
@@ -182,6 +182,8 @@ if [ -n "$dev" ]; then
     # tests/deploy reads deploy/kubernetes/ with kubectl: Debian's is kubernetes-client. Any kubectl
     # already on PATH does (another package's /usr/bin/kubectl would clash with Debian's).
     command -v kubectl >/dev/null 2>&1 || packages="$packages kubernetes-client"
+    # tests/console drive the web console in Debian's headless Chromium (Playwright from PyPI).
+    packages="$packages chromium"
 fi
 missing=""
 for package in $packages; do
@@ -268,6 +270,7 @@ if [ -x "$venv/bin/python" ]; then
 else
     echo "  - create the Python environment $venv (python3 -m venv; pip install -e .${dev:+[dev]})"
 fi
+echo "  - fetch the web console's xterm.js (pinned, sha512-checked) from the npm registry into $cache_dir/console/vendor/"
 echo "  - record what it added in $state, for ./install.sh --uninstall"
 if [ -n "$plan" ]; then
     say "--plan: nothing was changed"
@@ -300,4 +303,7 @@ fi
 # Refreshes the trixie source, downloads and unpacks the pinned runsc; when it cannot, it says why
 # and the driver keeps /usr/bin/runsc (or, with no runsc at all, the server uses the process driver).
 "$venv/bin/python" -m openmicrovm.runtime.runsc_install --record "$state/runsc" --apt-source "$apt_source"
+# The web console's terminal (xterm.js): pinned npm releases, checked against their sha512, into the
+# cache dir; never fetched from a CDN at run time.
+"$venv/bin/python" -m openmicrovm.console.vendor_install
 say "ready; the server is .venv/bin/openmicrovm (./install.sh --uninstall removes what install.sh added)"

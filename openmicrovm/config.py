@@ -115,6 +115,8 @@ class Settings:
     auth_token_minute_seconds: float = 60.0
     # Largest request body the API accepts.
     max_request_bytes: int = 1024 * 1024
+    # Largest code artifact zip the console may upload (POST /_openmicrovm/artifacts).
+    max_upload_bytes: int = 64 * 1024 * 1024
     # Bounds on what an artifact may unpack to (zip bombs).
     max_artifact_bytes: int = 2 * 1024 * 1024 * 1024
     max_artifact_files: int = 100_000

@@ -129,6 +129,48 @@ class _SandboxCollector:
         yield cpu
 
 
+# MicroVMs whose endpoint traffic is counted at once, at most.
+ENDPOINT_TRAFFIC_KEPT = 10_000
+
+
+class _EndpointTrafficCollector:
+    """Each MicroVM's endpoint requests and bytes, until it is terminated (a MicroVM's page in
+    the console charts them). Kept per replica: each one counts what it relayed."""
+
+    def __init__(self) -> None:
+        self.requests: dict[str, int] = {}
+        self.bytes: dict[str, int] = {}
+
+    def forget(self, microvm_id: str) -> None:
+        self.requests.pop(microvm_id, None)
+        self.bytes.pop(microvm_id, None)
+
+    def count(self, table: dict[str, int], microvm_id: str, amount: int) -> None:
+        if microvm_id not in table and len(table) >= ENDPOINT_TRAFFIC_KEPT:
+            # A replica without a host agent never hears of terminations: drop the oldest.
+            self.forget(next(iter(table)))
+        table[microvm_id] = table.get(microvm_id, 0) + amount
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "openmicrovm_microvm_endpoint_requests",
+            "Requests a MicroVM's endpoint answered (MicroVMs not yet terminated).",
+            labels=["microvm_id"],
+        )
+        relayed = CounterMetricFamily(
+            "openmicrovm_microvm_endpoint_bytes",
+            "Bytes a MicroVM's endpoint relayed, both directions (MicroVMs not yet terminated).",
+            labels=["microvm_id"],
+        )
+        # copy(): the scrape runs on a thread while the event loop counts (atomic under the GIL).
+        for microvm_id, count in sorted(self.requests.copy().items()):
+            requests.add_metric([microvm_id], count)
+        for microvm_id, count in sorted(self.bytes.copy().items()):
+            relayed.add_metric([microvm_id], count)
+        yield requests
+        yield relayed
+
+
 class Metrics:
     def __init__(
         self,
@@ -144,6 +186,8 @@ class Metrics:
         self._sandboxes = sandboxes
         self._sandbox_stats = sandbox_stats
         self._sandbox_collector = _SandboxCollector()
+        self._endpoint_traffic = _EndpointTrafficCollector()
+        self.registry.register(self._endpoint_traffic)
         if sandboxes is not None and sandbox_stats is not None:
             self.registry.register(self._sandbox_collector)
         self.transitions = Histogram(
@@ -196,15 +240,19 @@ class Metrics:
     def microvm_state_changed(self, microvm_id: str, state: MicrovmState) -> None:
         """Fits MicrovmEngine.listeners."""
         self.state_changes.labels(state.value).inc()
+        if state is MicrovmState.TERMINATED:
+            self._endpoint_traffic.forget(microvm_id)
 
     def endpoint_request_served(self, microvm_id: str, status: int) -> None:
         """Fits endpoint.proxy.Counters.on_request: one request answered with `status`."""
         self.endpoint_requests.labels(f"{status // 100}xx").inc()
+        self._endpoint_traffic.count(self._endpoint_traffic.requests, microvm_id, 1)
 
     def endpoint_bytes_relayed(self, microvm_id: str, count: int) -> None:
         """Fits endpoint.proxy.Counters.on_bytes."""
         if count > 0:
             self.endpoint_bytes.inc(count)
+            self._endpoint_traffic.count(self._endpoint_traffic.bytes, microvm_id, count)
 
     def log_events_shipped(self, count: int) -> None:
         """CloudWatchShipper's observer."""

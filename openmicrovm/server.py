@@ -24,6 +24,8 @@ from openmicrovm.cluster.dispatch import Dispatcher
 from openmicrovm.cluster.identity import host_id_of
 from openmicrovm.cluster.watch import ClusterWatch
 from openmicrovm.config import Settings
+from openmicrovm.console.route import add_console_routes
+from openmicrovm.console.uploads import UPLOAD_ROUTE, make_upload_handler
 from openmicrovm.endpoint.backend import EndpointBackend
 from openmicrovm.endpoint.front_door import FrontDoor, endpoint_hostname, start_front_door
 from openmicrovm.endpoint.proxy import Counters
@@ -182,6 +184,8 @@ class Server:
                 LOGS_ROUTE, make_logs_handler(self.service, self.logs, self.dispatcher.read_log)
             )
             self.app.router.add_get("/metrics", metrics_handler(self.metrics, settings))
+            self.app.router.add_post(UPLOAD_ROUTE, make_upload_handler(settings))
+            add_console_routes(self.app, settings.cache_dir)
             # [\s\S]: a path may hold an encoded line break, which '.' would not match.
             self.app.router.add_route("*", r"/{tail:[\s\S]*}", self.dispatch, name=_DISPATCH_ROUTE)
             self._background: list[asyncio.Task[None]] = []

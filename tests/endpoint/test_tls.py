@@ -7,6 +7,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import urllib.request
 from typing import Any
 
 import boto3
@@ -62,3 +63,12 @@ def test_api_and_endpoint_over_tls(endpoint_server: ServerProcess, echo_vm: dict
             raise AssertionError("the handshake should have failed")
         except ssl.SSLCertVerificationError:
             pass
+
+
+def test_the_console_is_served_over_tls_too(endpoint_server: ServerProcess) -> None:
+    context = ssl.create_default_context(cafile=str(endpoint_server.data_dir / "tls" / "ca.pem"))
+    url = f"https://localhost:{endpoint_server.settings['tls_port']}/console/"
+    with urllib.request.urlopen(url, context=context, timeout=30) as page:
+        assert page.status == 200
+        assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]
+        assert b'src="/console/app.js"' in page.read()

@@ -113,6 +113,7 @@ def test_debian_12_plans_a_pinned_trixie_source_on_apts_own_mirror(tmp_path: Pat
         out,
     )
     assert f"Python environment {ROOT / '.venv'}" in out and "pip install -e .[dev]" in out
+    assert "fetch the web console's xterm.js (pinned, sha512-checked) from the npm registry" in out
     assert f"record what it added in {tmp_path / 'state'}" in out
     assert out.endswith("install.sh: --plan: nothing was changed\n")
     assert not (tmp_path / "state").exists()

@@ -113,6 +113,9 @@ def test_lifecycle_moves_the_counters(
     assert value(served, "openmicrovm_endpoint_bytes_total") > value(
         running, "openmicrovm_endpoint_bytes_total"
     )
+    # The same traffic, on this MicroVM's own series (the console charts it).
+    assert value(served, "openmicrovm_microvm_endpoint_requests_total", microvm_id=microvm["microvmId"]) >= 1
+    assert value(served, "openmicrovm_microvm_endpoint_bytes_total", microvm_id=microvm["microvmId"]) > 0
 
     cli_json(server.url, tmp_path, "suspend", microvm["microvmId"])
     cli_json(server.url, tmp_path, "resume", microvm["microvmId"])
@@ -126,6 +129,11 @@ def test_lifecycle_moves_the_counters(
         value(before, "openmicrovm_microvms", state="TERMINATED") + 1
     )
     assert ("openmicrovm_sandbox_rss_bytes", (("microvm_id", microvm["microvmId"]),)) not in after
+    # A terminated MicroVM's traffic series go with it: they do not pile up.
+    assert (
+        "openmicrovm_microvm_endpoint_bytes_total",
+        (("microvm_id", microvm["microvmId"]),),
+    ) not in after
 
 
 def test_a_run_with_logging_disabled_keeps_no_log(
