@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from openmicrovm.endpoint.backend import EndpointBackend, Target, Unreachable
+from openmicrovm.endpoint.browser_login import cookie_token, login_page, login_token, strip_cookie
 from openmicrovm.endpoint.h2c import H2Exchange, UpstreamNotH2, decoded_body
 from openmicrovm.endpoint.http1 import (
     BodyProgress,
@@ -92,7 +93,8 @@ def _token(head: Head) -> str | None:
     for protocol in _subprotocols(head):
         if protocol.startswith(f"{SUBPROTOCOL_PREFIX}.authentication."):
             return protocol[len(f"{SUBPROTOCOL_PREFIX}.authentication.") :]
-    return None
+    # A browser tab opened from the console (browser_login.py).
+    return cookie_token(head)
 
 
 def choose_port(head: Head) -> int:
@@ -124,7 +126,12 @@ def database_unavailable() -> Refusal:
 def authorize(
     backend: EndpointBackend, target: Target | None, head: Head, kind: str, port: int
 ) -> TokenClaims:
-    token = _token(head)
+    return check_token(backend, target, _token(head), kind, port)
+
+
+def check_token(
+    backend: EndpointBackend, target: Target | None, token: str | None, kind: str, port: int
+) -> TokenClaims:
     if not token:
         raise Refusal(403, "Forbidden", MISSING_AUTH)
     try:
@@ -145,6 +152,7 @@ def authorize(
 def _strip_for_app(head: Head, request_id: str) -> None:
     """Remove everything of ours before the app sees the request (spec §5.3)."""
     head.remove(lambda name: name.startswith("x-aws-proxy-"))
+    strip_cookie(head)
     protocols = [
         p
         for p in _subprotocols(head)
@@ -259,6 +267,10 @@ class EndpointConnection:
                 raise Refusal(400, "Bad Request", b"exactly one Host header is required", close=True)
             framing = request_framing(head)
             port = choose_port(head)
+            login = login_token(head)
+            if login is not None:
+                keep_alive = _client_keeps_alive(head) and not _has_body(head)
+                return await self._browser_login(target, login, port, keep_alive)
             claims = authorize(self.backend, target, head, "endpoint", port)
             assert target is not None
             # An allow-list: NO_INGRESS, SHELL_INGRESS alone, or no connector at all lets no HTTP in.
@@ -288,6 +300,20 @@ class EndpointConnection:
             if target is not None:
                 self.counters.on_request(target.microvm_id, refusal.status)
             return not close
+
+    async def _browser_login(self, target: Target | None, token: str, port: int, keep_alive: bool) -> bool:
+        """Answer GET /.openmicrovm/login?token=...: the token checked, then set as a cookie."""
+        claims = check_token(self.backend, target, token, "endpoint", port)
+        assert target is not None
+        if not target.http_ingress:
+            raise Refusal(403, "Forbidden", NO_HTTP_INGRESS)
+        self.authenticated()
+        lifetime = int(claims.expires_at - self.backend.service.clock())
+        secure = self.writer.get_extra_info("ssl_object") is not None
+        self.writer.write(login_page(token, lifetime, secure))
+        await self.writer.drain()
+        self.counters.on_request(target.microvm_id, 200)
+        return keep_alive
 
     async def _proxy(
         self, target: Target, head: Head, framing: Framing, port: int, expires_at: float
