@@ -108,12 +108,18 @@ if [ -n "$uninstall" ]; then
             [ -f "$entry/source.json" ] && runsc_dirs="$runsc_dirs $entry"
         done <"$state/runsc"
     fi
+    console_assets=""
+    # Only what vendor_install put there: each package's directory holds its pin.json.
+    for marker in "$cache_dir"/console/vendor/*/pin.json; do
+        [ -f "$marker" ] && console_assets="$console_assets ${marker%/pin.json}"
+    done
 
     say "--uninstall removes from this host:"
     for file in "$apt_source" "$apt_pin"; do
         [ -e "$file" ] && echo "  - $file (install.sh's trixie source and its pin)"
     done
     for entry in $runsc_dirs; do echo "  - $entry (the runsc install.sh fetched)"; done
+    for entry in $console_assets; do echo "  - $entry (a web console asset install.sh fetched)"; done
     [ -e "$venv" ] && echo "  - $venv (the Python environment)"
     [ -n "$removable" ] && echo "  - the Debian packages install.sh installed:$removable (apt-get remove)"
     [ -d "$state" ] && echo "  - $state (install.sh's record of what it added)"
@@ -134,6 +140,7 @@ if [ -n "$uninstall" ]; then
     fi
     rm -f "$apt_source" "$apt_pin"
     for entry in $runsc_dirs; do rm -rf "$entry"; done
+    for entry in $console_assets; do rm -rf "$entry"; done
     rm -rf "$venv"
     if [ -n "$removable" ]; then
         # shellcheck disable=SC2086

@@ -51,6 +51,9 @@ def open_console(page: Page, server: ServerProcess, view: str = "#/microvms") ->
 
 def test_deploy_run_terminal_suspend_resume(page: Page, console_server: ServerProcess) -> None:
     name = f"console-{uuid.uuid4().hex[:6]}"
+    # Offline by design: every request the pages make goes to this server or a MicroVM endpoint.
+    hosts: set[str] = set()
+    page.on("request", lambda request: hosts.add(urllib.parse.urlsplit(request.url).hostname or request.url))
     open_console(page, console_server, "#/deploy")
     page.get_by_label("Image name").fill(name)
     page.locator("input[name=folder]").set_input_files(str(SAMPLE_APP))
@@ -117,6 +120,27 @@ def test_deploy_run_terminal_suspend_resume(page: Page, console_server: ServerPr
     row.get_by_role("button", name="Terminate").click()
     page.get_by_label("Show terminated").check()
     expect(row.locator(".state")).to_have_text("TERMINATED", timeout=SETTLE_MS)
+    assert {host for host in hosts if host != "127.0.0.1" and not host.endswith(".localhost")} == set()
+
+
+def test_the_console_works_from_the_keyboard(page: Page, console_server: ServerProcess) -> None:
+    open_console(page, console_server)
+    expect(page.get_by_role("heading", name="MicroVMs")).to_be_visible()
+    page.keyboard.press("Tab")
+    expect(page.get_by_role("link", name="Skip to content")).to_be_focused()
+    # Through the header to Deploy, then into its form: Enter follows a link, types go in fields.
+    for _ in range(4):
+        page.keyboard.press("Tab")
+    expect(page.get_by_role("link", name="Deploy", exact=True)).to_be_focused()
+    page.keyboard.press("Enter")
+    expect(page.get_by_role("heading", name="Deploy an image")).to_be_visible()
+    page.get_by_label("Image name").focus()
+    page.keyboard.type("typed-name")
+    expect(page.get_by_label("Image name")).to_have_value("typed-name")
+    # Submitting without code says what is missing instead of doing nothing.
+    page.get_by_role("button", name="Deploy").focus()
+    page.keyboard.press("Enter")
+    expect(page.get_by_role("alert")).to_contain_text("Choose a folder with a Dockerfile")
 
 
 def test_an_api_error_is_shown_as_the_api_wrote_it(

@@ -262,6 +262,9 @@ def make_record(tmp_path: Path) -> dict[str, Path]:
     other = paths["cache"] / "runsc" / "made-by-hand"  # no source.json: not runsc_install's
     other.mkdir()
     (other / "runsc").write_text("binary")
+    console = paths["cache"] / "console" / "vendor" / "xterm+xterm@6.0.0"  # vendor_install's
+    console.mkdir(parents=True)
+    (console / "pin.json").write_text("{}")
     paths["state"].mkdir()
     (paths["state"] / "runsc").write_text(f"{fetched}\n{other}\n")
     # No longer installed: nothing to remove (tests add packages to the record to see more).
@@ -274,7 +277,7 @@ def make_record(tmp_path: Path) -> dict[str, Path]:
         (paths["apt"] / sub / name).write_text("x\n")
     (paths["apt"] / "sources.list.d" / "debian.sources").write_text("the host's\n")
     (paths["data"] / "images").mkdir(parents=True)
-    paths["fetched"], paths["other"] = fetched, other
+    paths["fetched"], paths["other"], paths["console"] = fetched, other, console
     return paths
 
 
@@ -301,6 +304,7 @@ def test_uninstall_plan_lists_what_install_sh_added_and_what_it_keeps(
     assert f"  - {paths['apt']}/preferences.d/openmicrovm-trixie" in out
     assert f"  - {paths['fetched']} (the runsc install.sh fetched)" in out
     assert str(paths["other"]) not in out
+    assert f"  - {paths['console']} (a web console asset install.sh fetched)" in out
     assert "  - packages install.sh installed that it must not remove:\n" in out
     assert re.search(r"\n      python3 \(needed by [^)]*python3-venv[^)]*\)\n", out)
     assert "\n      libc6 (apt would not remove it: E: " in out
@@ -347,6 +351,7 @@ def test_uninstall_removes_what_install_sh_added(
     )
     assert sorted(p.name for p in paths["apt"].rglob("*") if p.is_file()) == ["debian.sources"]
     assert not paths["fetched"].exists() and not venv.exists() and not paths["state"].exists()
+    assert not paths["console"].exists()
     if purge:
         assert not paths["data"].exists() and not paths["cache"].exists()
     else:
