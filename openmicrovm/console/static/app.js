@@ -2,7 +2,7 @@
 // route between views by the URL's fragment (#/microvms, #/images/<image ARN>, ...), so that the server
 // serves one page and every view has a link of its own.
 import { AUTH_ERRORS, call, credentials, loadModel, setCredentials, UNAUTHORIZED_EVENT } from "./api.js";
-import { errorBox, h, notice, replace, spinner } from "./ui.js";
+import { errorBox, h, notice, replace, spinner, tickClocks } from "./ui.js";
 import { renderDeploy } from "./views/deploy.js";
 import { renderImage, renderImages } from "./views/images.js";
 import { renderMicrovm } from "./views/microvm.js";
@@ -105,6 +105,7 @@ async function start() {
     return;
   }
   showIdentity();
+  setInterval(tickClocks, 1000);
   window.addEventListener("hashchange", () => { if (!signingIn) show(); });
   window.addEventListener(UNAUTHORIZED_EVENT, (event) => { if (!signingIn) showLogin(event.detail); });
   await show();

@@ -25,6 +25,16 @@ export function replace(element, ...children) {
   append(element, children);
 }
 
+const drawnFrom = new WeakMap();
+
+// Redraws `element` only when what it shows changed (`key`, e.g. the JSON of its data): a live
+// view that redrew every tick would take the keyboard focus away from its buttons and links.
+export function redraw(element, key, build) {
+  if (drawnFrom.get(element) === key) return;
+  drawnFrom.set(element, key);
+  replace(element, build());
+}
+
 const TONES = {
   RUNNING: "good", CREATED: "good", UPDATED: "good", SUCCESSFUL: "good", ACTIVE: "good",
   PENDING: "busy", IN_PROGRESS: "busy", CREATING: "busy", UPDATING: "busy", SUSPENDING: "busy",
@@ -57,9 +67,24 @@ export function duration(seconds) {
   return `${Math.floor(s / 86400)} d ${Math.floor((s % 86400) / 3600)} h`;
 }
 
+// Ages and countdowns tick in place (tickClocks, every second), so that the views around them need
+// no redraw to stay true.
 export function age(value) {
   const date = toDate(value);
-  return date ? duration((Date.now() - date.getTime()) / 1000) : "—";
+  if (!date) return "—";
+  return h("span", { class: "clock", dataset: { since: String(date.getTime()) } }, duration((Date.now() - date.getTime()) / 1000));
+}
+
+export function countdown(untilMs) {
+  return h("span", { class: "clock", dataset: { until: String(untilMs) } }, duration((untilMs - Date.now()) / 1000));
+}
+
+export function tickClocks() {
+  const now = Date.now();
+  for (const clock of document.querySelectorAll(".clock")) {
+    const { since, until } = clock.dataset;
+    clock.textContent = duration(since ? (now - Number(since)) / 1000 : (Number(until) - now) / 1000);
+  }
 }
 
 // An API error as the API wrote it: its code, its message, and the request id to find it in the

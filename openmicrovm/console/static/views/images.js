@@ -2,7 +2,7 @@
 // builds, whose logs follow the build as it runs.
 import { call, listAll } from "../api.js";
 import { followLog } from "../lib/logs.js";
-import { errorBox, every, fields, formatTime, h, imageNameOf, replace, stateBadge, table } from "../ui.js";
+import { errorBox, every, fields, formatTime, h, imageNameOf, redraw, replace, stateBadge, table } from "../ui.js";
 
 const REFRESH_SECONDS = 2;
 const VERSIONS_WITH_BUILDS = 5;
@@ -21,8 +21,7 @@ export async function renderImages(view, _params, signal) {
   await every(REFRESH_SECONDS, signal, async () => {
     const images = await listAll("ListMicrovmImages", {}, { signal });
     images.sort((a, b) => a.name.localeCompare(b.name));
-    replace(
-      listSlot,
+    redraw(listSlot, JSON.stringify(images), () =>
       table(
         [
           ["Name", (image) => h("a", { href: `#/images/${encodeURIComponent(image.imageArn)}` }, image.name)],
@@ -122,8 +121,7 @@ export async function renderImage(view, [arn], signal) {
       opened.add(newest.buildId);
       followedNewest = true;
     }
-    replace(
-      header,
+    redraw(header, JSON.stringify(image), () =>
       fields([
         ["State", stateBadge(image.state)],
         ["ARN", h("span", { class: "mono" }, image.imageArn)],
@@ -133,8 +131,7 @@ export async function renderImage(view, [arn], signal) {
         ["Updated", formatTime(image.updatedAt)],
       ]),
     );
-    replace(
-      versionsSlot,
+    redraw(versionsSlot, JSON.stringify([versions, withBuilds, [...opened]]), () =>
       versions.length ? versions.map((version, index) =>
         h(
           "section",

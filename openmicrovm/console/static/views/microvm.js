@@ -7,7 +7,7 @@ import { followLog } from "../lib/logs.js";
 import { sampleMicrovm } from "../lib/metrics.js";
 import { openTerminal } from "../terminal.js";
 import {
-  actionButton, age, duration, errorBox, every, fields, formatTime, h, imageNameOf, replace, stateBadge,
+  actionButton, age, duration, errorBox, every, fields, formatTime, h, imageNameOf, redraw, replace, stateBadge,
 } from "../ui.js";
 
 const REFRESH_SECONDS = 2;
@@ -77,13 +77,12 @@ export async function renderMicrovm(view, [id], signal) {
   const actions = h("div");
   const draw = () => {
     const idle = microvm.idlePolicy || {};
-    replace(
-      summary,
+    redraw(summary, JSON.stringify(microvm), () =>
       fields([
         ["State", h("span", {}, stateBadge(microvm.state), microvm.stateReason ? h("span", { class: "muted" }, " ", microvm.stateReason) : "")],
         ["Image", h("a", { href: `#/images/${encodeURIComponent(microvm.imageArn)}` }, `${imageNameOf(microvm.imageArn)} v${microvm.imageVersion}`)],
         ["Endpoint", h("span", { class: "mono" }, microvm.endpoint)],
-        ["Started", h("span", {}, formatTime(microvm.startedAt), ` (${age(microvm.startedAt)} ago)`)],
+        ["Started", h("span", {}, formatTime(microvm.startedAt), " (", age(microvm.startedAt), " ago)")],
         microvm.terminatedAt ? ["Terminated", formatTime(microvm.terminatedAt)] : null,
         ["Idle policy", idle.maxIdleDurationSeconds
           ? `suspend after ${duration(idle.maxIdleDurationSeconds)} idle${idle.suspendedDurationSeconds ? `, terminate after ${duration(idle.suspendedDurationSeconds)} suspended` : ""}${idle.autoResumeEnabled ? ", resume on traffic" : ""}`
@@ -94,8 +93,7 @@ export async function renderMicrovm(view, [id], signal) {
       ]),
     );
     const reachable = HTTP_CONNECTORS.some((kind) => connectorNames(microvm.ingressNetworkConnectors).includes(kind));
-    replace(
-      actions,
+    redraw(actions, microvm.state, () =>
       h("div", { class: "toolbar" },
         lifecycleActions(microvm, { errorSlot: actionErrors, after: refresh }),
         reachable && microvm.state !== "TERMINATED"

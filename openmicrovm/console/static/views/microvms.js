@@ -1,6 +1,8 @@
 // The MicroVMs: a live list, and a form that runs one with every option RunMicrovm has.
 import { call, listAll } from "../api.js";
-import { age, duration, errorBox, every, h, imageNameOf, replace, stateBadge, table, toDate } from "../ui.js";
+import {
+  age, countdown, duration, errorBox, every, h, imageNameOf, redraw, replace, stateBadge, table, toDate,
+} from "../ui.js";
 import { lifecycleActions } from "./microvm.js";
 
 const REFRESH_SECONDS = 2;
@@ -59,10 +61,9 @@ function timers(microvm, detail) {
   }
   if (detail.maximumDurationInSeconds && microvm.state !== "TERMINATED") {
     const started = toDate(microvm.startedAt).getTime();
-    const left = started / 1000 + detail.maximumDurationInSeconds - Date.now() / 1000;
-    parts.push(`ends in ${duration(left)}`);
+    parts.push(h("span", {}, "ends in ", countdown(started + detail.maximumDurationInSeconds * 1000)));
   }
-  return parts.length ? parts.join("; ") : "none";
+  return parts.length ? parts.flatMap((part, index) => (index ? ["; ", part] : [part])) : "none";
 }
 
 export async function renderMicrovms(view, _params, signal) {
@@ -76,8 +77,8 @@ export async function renderMicrovms(view, _params, signal) {
   const draw = () => {
     const shown = showEnded.checked ? items : items.filter((m) => m.state !== "TERMINATED");
     shown.sort((a, b) => toDate(b.startedAt) - toDate(a.startedAt));
-    replace(
-      listSlot,
+    const key = JSON.stringify([shown, shown.map((m) => details.get(m.microvmId) !== null)]);
+    redraw(listSlot, key, () =>
       table(
         [
           ["MicroVM", (m) => h("a", { href: `#/microvms/${m.microvmId}`, class: "mono" }, m.microvmId)],
@@ -93,7 +94,13 @@ export async function renderMicrovms(view, _params, signal) {
       ),
     );
   };
-  details.onChange = draw;
+  // Answers to the detail fetches come one by one: one redraw per frame, not one per answer.
+  let drawing = false;
+  details.onChange = () => {
+    if (drawing) return;
+    drawing = true;
+    requestAnimationFrame(() => { drawing = false; draw(); });
+  };
   const refresh = async () => {
     items = await listAll("ListMicrovms", {}, { signal });
     draw();
