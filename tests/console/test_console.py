@@ -128,9 +128,14 @@ def test_the_console_works_from_the_keyboard(page: Page, console_server: ServerP
     expect(page.get_by_role("heading", name="MicroVMs")).to_be_visible()
     page.keyboard.press("Tab")
     expect(page.get_by_role("link", name="Skip to content")).to_be_focused()
-    # Through the header to Deploy, then into its form: Enter follows a link, types go in fields.
-    for _ in range(4):
-        page.keyboard.press("Tab")
+    page.keyboard.press("Enter")  # to the content, and the route stays
+    expect(page.locator("main")).to_be_focused()
+    expect(page.get_by_role("heading", name="MicroVMs")).to_be_visible()
+    page.get_by_role("button", name="Run a MicroVM").press("Enter")
+    expect(page.locator("#run select, #run input").first).to_be_focused()
+    # Back from the content, the header's last link: Enter follows it, typing fills the fields.
+    page.locator("main").focus()
+    page.keyboard.press("Shift+Tab")
     expect(page.get_by_role("link", name="Deploy", exact=True)).to_be_focused()
     page.keyboard.press("Enter")
     expect(page.get_by_role("heading", name="Deploy an image")).to_be_visible()

@@ -106,6 +106,11 @@ async function start() {
   }
   showIdentity();
   setInterval(tickClocks, 1000);
+  // The skip link moves the focus to the view; following its #fragment would change the route.
+  document.querySelector(".skip").addEventListener("click", (event) => {
+    event.preventDefault();
+    view.focus();
+  });
   window.addEventListener("hashchange", () => { if (!signingIn) show(); });
   window.addEventListener(UNAUTHORIZED_EVENT, (event) => { if (!signingIn) showLogin(event.detail); });
   await show();

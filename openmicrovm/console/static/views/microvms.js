@@ -111,7 +111,8 @@ export async function renderMicrovms(view, _params, signal) {
     view,
     h("h1", {}, "MicroVMs"),
     h("div", { class: "toolbar" }, h("label", {}, showEnded, " Show terminated"), h("span", { class: "grow" }),
-      h("a", { class: "button", href: "#run" }, "Run a MicroVM")),
+      // Not a #fragment link: the fragment is the console's route.
+      h("button", { type: "button", onclick: () => { const form = document.getElementById("run"); form.scrollIntoView(); form.querySelector("select, input").focus(); } }, "Run a MicroVM")),
     errorSlot,
     actionErrors,
     listSlot,
