@@ -1,7 +1,7 @@
 // The MicroVMs: a live list, and a form that runs one with every option RunMicrovm has.
 import { call, listAll } from "../api.js";
 import {
-  age, countdown, duration, errorBox, every, h, imageNameOf, redraw, replace, stateBadge, table, toDate,
+  age, countdown, duration, errorBox, every, h, imageNameOf, redraw, replace, spinner, stateBadge, table, toDate,
 } from "../ui.js";
 import { lifecycleActions } from "./microvm.js";
 
@@ -71,6 +71,14 @@ export async function renderMicrovms(view, _params, signal) {
   const actionErrors = h("div");
   const listSlot = h("div", { "aria-live": "off" });
   const showEnded = h("input", { type: "checkbox", id: "show-terminated" });
+  const formSlot = h("div", {}, spinner("Loading the images to run…"));
+  let focusWhenLoaded = false; // "Run a MicroVM" was pressed before the form was there
+  const goToForm = () => {
+    formSlot.scrollIntoView();
+    const field = formSlot.querySelector("select, input");
+    focusWhenLoaded = !field;
+    if (field) field.focus();
+  };
   const details = new Details(signal);
   let items = [];
 
@@ -112,12 +120,19 @@ export async function renderMicrovms(view, _params, signal) {
     h("h1", {}, "MicroVMs"),
     h("div", { class: "toolbar" }, h("label", {}, showEnded, " Show terminated"), h("span", { class: "grow" }),
       // Not a #fragment link: the fragment is the console's route.
-      h("button", { type: "button", onclick: () => { const form = document.getElementById("run"); form.scrollIntoView(); form.querySelector("select, input").focus(); } }, "Run a MicroVM")),
+      h("button", { type: "button", onclick: goToForm }, "Run a MicroVM")),
     errorSlot,
     actionErrors,
     listSlot,
-    await runForm(signal, refresh),
+    formSlot,
   );
+  // The list does not wait for the form's image list: both are asked for at once.
+  runForm(signal, refresh)
+    .then((form) => {
+      replace(formSlot, form);
+      if (focusWhenLoaded) goToForm();
+    })
+    .catch((error) => error.name === "AbortError" || replace(formSlot, errorBox(error, "Listing the images to run")));
   await every(REFRESH_SECONDS, signal, refresh, errorSlot);
 }
 
