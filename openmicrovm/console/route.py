@@ -16,6 +16,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from openmicrovm.config import default_cache_dir
 from openmicrovm.console import vendor
 from openmicrovm.wire_model import API_VERSION, operations
 
@@ -93,6 +94,9 @@ def _not_found(name: str) -> web.Response:
 
 def add_console_routes(app: web.Application, cache_dir: Path) -> None:
     files = static_files()
+    # install.sh runs vendor_install before a system service's settings name their own cache dir:
+    # the assets may be in the default one, as the runsc it fetched is (runtime/runsc.py).
+    cache_dirs = list(dict.fromkeys([cache_dir, default_cache_dir()]))
 
     async def redirect(_: web.Request) -> web.Response:
         raise web.HTTPFound(CONSOLE_PREFIX)
@@ -104,8 +108,11 @@ def add_console_routes(app: web.Application, cache_dir: Path) -> None:
                 body=wire_slice(), headers={**SECURITY_HEADERS, "Content-Type": _TYPES[".json"]}
             )
         if name.startswith(VENDOR_PREFIX):
-            served = vendor.served_file(cache_dir, name[len(VENDOR_PREFIX) :])
-            return _file_response(served) if served is not None else _not_found(name)
+            for directory in cache_dirs:
+                served = vendor.served_file(directory, name[len(VENDOR_PREFIX) :])
+                if served is not None:
+                    return _file_response(served)
+            return _not_found(name)
         path = files.get(name)
         return _file_response(path) if path is not None else _not_found(name)
 

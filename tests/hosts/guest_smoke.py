@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import urllib.request
 from pathlib import Path
 
 import guest_probe as probe
@@ -39,6 +40,7 @@ SERVICE_SETTINGS = {
 # idle test: the CLI's botocore refuses maxIdleDurationSeconds below the API model's 60 itself.)
 TEST_SETTINGS = {"suspend_to_disk_after_seconds": 15}
 IDLE_SECONDS = 60
+API = "http://127.0.0.1:4599"
 # debootstrap's line per package: left out of the deploy's time line.
 DEBOOTSTRAP_CHATTER = re.compile(
     r"\]\s+(Retrieving|Validating|Extracting|Unpacking|Configuring|Resolving|Found|Checking|Installing|Chosen|Setting up) "
@@ -174,6 +176,17 @@ class Smoke:
                 f"doctor exited {result.returncode}: {result.stdout[-1500:]}{result.stderr[-500:]}"
             )
         return ""
+
+    def console(self, log: Log) -> str:
+        """The web console and its terminal's xterm.js, as the service serves them: install.sh
+        fetched xterm.js into root's cache dir before the settings named the service's own."""
+        served = []
+        for path in ("/console/", "/console/vendor/xterm/xterm.js", "/console/vendor/xterm/addon-fit.js"):
+            with urllib.request.urlopen(f"{API}{path}", timeout=60) as answer:
+                size = len(answer.read())
+            log.section(path, f"{answer.status}, {size} bytes")
+            served.append(f"{path} {size} B")
+        return ", ".join(served)
 
     def deploy(self, log: Log) -> str:
         output = self.cli(
@@ -393,6 +406,7 @@ def smoke(steps: Steps, results: Path) -> None:
     steps.run("service file", smoke.service_file, needs=["copy checkout"])
     steps.run("service up", smoke.service_up, needs=["install.sh"], on_failure=product)
     steps.run("doctor", smoke.doctor, needs=["install.sh"])
+    steps.run("console", smoke.console, needs=["service up"], on_failure=product)
     steps.run("deploy sample-app", smoke.deploy, needs=["service up"], on_failure=product)
     steps.run("run", smoke.run_first, needs=["deploy sample-app"], on_failure=product)
     steps.run("endpoint", smoke.endpoint, needs=["run"], on_failure=product)
