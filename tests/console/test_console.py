@@ -117,6 +117,8 @@ def test_deploy_run_terminal_suspend_resume(page: Page, console_server: ServerPr
     save_screenshot(page, "microvms-phone")
     page.set_viewport_size({"width": 1280, "height": 800})
     row = page.locator("tr", has_text=name)
+    # The details ListMicrovms lacks come from a GetMicrovm once the row is on screen.
+    expect(row.locator("td[data-label=Endpoint]")).to_contain_text(".lambda-microvm.")
     row.get_by_role("button", name="Terminate").click()
     page.get_by_label("Show terminated").check()
     expect(row.locator(".state")).to_have_text("TERMINATED", timeout=SETTLE_MS)

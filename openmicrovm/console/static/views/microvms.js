@@ -21,23 +21,37 @@ export function regionOf(arn) {
 }
 
 // What ListMicrovms does not say (endpoint, idle policy, maximum duration) comes from one
-// GetMicrovm per MicroVM, once: those never change during a MicroVM's life.
+// GetMicrovm per MicroVM, once (those never change during a MicroVM's life), and only for the rows
+// on screen: a list of hundreds asks for a screenful, not for every MicroVM, each time it opens.
 class Details {
   constructor(signal) {
     this.signal = signal;
-    this.known = new Map();
+    this.answers = new Map(); // id → GetMicrovm's answer, or null while asked
     this.queue = [];
     this.running = 0;
     this.onChange = () => {};
+    this.visible = new IntersectionObserver((entries) => {
+      for (const entry of entries) if (entry.isIntersecting) this.want(entry.target.dataset.microvm);
+    });
+    signal.addEventListener("abort", () => this.visible.disconnect());
   }
 
   get(id) {
-    if (!this.known.has(id)) {
-      this.known.set(id, null);
-      this.queue.push(id);
-      this.pump();
-    }
-    return this.known.get(id);
+    return this.answers.get(id);
+  }
+
+  // A cell that shows details: they are asked for once it is on screen.
+  cell(id, content) {
+    const element = h("span", { dataset: { microvm: id } }, content);
+    if (!this.answers.get(id)) this.visible.observe(element);
+    return element;
+  }
+
+  want(id) {
+    if (this.answers.has(id)) return;
+    this.answers.set(id, null);
+    this.queue.push(id);
+    this.pump();
   }
 
   pump() {
@@ -45,8 +59,8 @@ class Details {
       const id = this.queue.shift();
       this.running += 1;
       call("GetMicrovm", { microvmIdentifier: id }, { signal: this.signal })
-        .then((microvm) => { this.known.set(id, microvm); this.onChange(); })
-        .catch(() => this.known.delete(id))
+        .then((microvm) => { this.answers.set(id, microvm); this.onChange(); })
+        .catch(() => this.answers.delete(id))
         .finally(() => { this.running -= 1; this.pump(); });
     }
   }
@@ -85,22 +99,23 @@ export async function renderMicrovms(view, _params, signal) {
   const draw = () => {
     const shown = showEnded.checked ? items : items.filter((m) => m.state !== "TERMINATED");
     shown.sort((a, b) => toDate(b.startedAt) - toDate(a.startedAt));
-    const key = JSON.stringify([shown, shown.map((m) => details.get(m.microvmId) !== null)]);
-    redraw(listSlot, key, () =>
-      table(
+    const key = JSON.stringify([shown, shown.map((m) => Boolean(details.get(m.microvmId)))]);
+    redraw(listSlot, key, () => {
+      details.visible.disconnect(); // the cells it watched are being replaced
+      return table(
         [
           ["MicroVM", (m) => h("a", { href: `#/microvms/${m.microvmId}`, class: "mono" }, m.microvmId)],
           ["State", (m) => stateBadge(m.state)],
           ["Image", (m) => h("a", { href: `#/images/${encodeURIComponent(m.imageArn)}` }, `${imageNameOf(m.imageArn)} v${m.imageVersion}`)],
-          ["Endpoint", (m) => h("span", { class: "mono" }, details.get(m.microvmId)?.endpoint ?? "…")],
+          ["Endpoint", (m) => details.cell(m.microvmId, h("span", { class: "mono" }, details.get(m.microvmId)?.endpoint ?? "…"))],
           ["Age", (m) => age(m.startedAt)],
-          ["Timers", (m) => timers(m, details.get(m.microvmId))],
+          ["Timers", (m) => details.cell(m.microvmId, timers(m, details.get(m.microvmId)))],
           ["Actions", (m) => lifecycleActions(m, { errorSlot: actionErrors, after: refresh })],
         ],
         shown,
         { empty: "No MicroVMs. Run one below, or deploy an image first.", label: "MicroVMs" },
-      ),
-    );
+      );
+    });
   };
   // Answers to the detail fetches come one by one: one redraw per frame, not one per answer.
   let drawing = false;
