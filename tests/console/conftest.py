@@ -1,6 +1,6 @@
 """Fixtures for testing the web console in a real browser: Debian's Chromium driven by Playwright.
 
-`browser` (session) is one headless Chromium; `page` (per test) is a fresh context and page in it,
+`browser` (per module) is one headless Chromium; `page` (per test) is a fresh context and page in it,
 which leaves a screenshot and the page's console messages in the output dir when its test fails;
 `save_screenshot(page, name)` writes a PNG there on purpose. `static_server` serves the console's
 static files alone, for tests of its JS libraries without an openmicrovm server.
@@ -85,9 +85,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     setattr(item, f"console_report_{report.when}", report)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    """One headless Chromium (/usr/bin/chromium) for the whole session."""
+    """One headless Chromium (/usr/bin/chromium) per test module. Not per session: while started,
+    Playwright's sync API keeps its event loop running in this thread, and every later test's
+    asyncio.run() would fail with "cannot be called from a running event loop"."""
     if not CHROMIUM.exists():
         _unavailable(f"{CHROMIUM} is not installed (apt-get install -y --no-install-recommends chromium)")
     try:
