@@ -79,6 +79,7 @@ class HostAgent:
         self.relay = RelayServer(self.microvms, logs, secret)
         self.shared = service.store.shared
         self.lease_seconds = service.settings.host_lease_seconds
+        self._lease_lane = service.store.lane()
         self.build_slots = max(service.settings.quotas.concurrent_builds, 1)
         self.incarnation = 0
         self.fenced = asyncio.Event()
@@ -142,6 +143,7 @@ class HostAgent:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._lease_lane.close()
         await self.relay.close()
         await self.builds.close()
         await self.microvms.close()
@@ -152,8 +154,10 @@ class HostAgent:
         cut link a renewal may hang (packets dropped, not refused) long after the lease is gone."""
         interval = self.lease_seconds / HEARTBEATS_PER_LEASE
         loop = asyncio.get_running_loop()
+        pause = interval
         while True:
-            await asyncio.sleep(max(0.0, min(interval, self._fence_at() - boot_clock())))
+            await asyncio.sleep(max(0.0, min(pause, self._fence_at() - boot_clock())))
+            pause = interval
             # A thread of its own, not the store's queue: behind a burst of API calls that wait out a
             # database outage, a renewal would otherwise wait its turn until the lease was gone.
             renewal = loop.create_task(asyncio.to_thread(self._renew))
@@ -172,6 +176,8 @@ class HostAgent:
                 log.warning(
                     "cannot renew the lease of host %s (fencing in %.1f s): %s", self.host_id, left, error
                 )
+                # Again soon, not a whole interval later: the lease is running out.
+                pause = interval / HEARTBEATS_PER_LEASE
                 continue
             if not renewed:
                 await self.fence("the cluster declared it lost")
@@ -185,7 +191,7 @@ class HostAgent:
 
     def _renew(self) -> bool:
         started = boot_clock()
-        host = self.service.transact(
+        host = self._lease_lane.transact(
             lambda tx: tx.hosts.renew(
                 self.host_id, self.incarnation, self.microvms.memory_gate.available_mib(), self.lease_seconds
             )

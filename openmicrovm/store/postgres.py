@@ -121,6 +121,10 @@ class PostgresBackend:
         with self._pool.connection() as connection, connection.transaction():
             yield PostgresConnection(connection)
 
+    def dedicated(self) -> DedicatedConnection:
+        """A connection of its own, outside the pool; see DedicatedConnection."""
+        return DedicatedConnection(self.url, self.connect_timeout)
+
     def retryable(self, error: BaseException) -> bool:
         return isinstance(error, _RETRYABLE)
 
@@ -151,6 +155,45 @@ class PostgresBackend:
 
     def close(self) -> None:
         self._pool.close()
+
+
+class DedicatedConnection:
+    """One connection outside the pool, for work that must get through the moment the database
+    is back: a host's lease renewal. After an outage the pool reconnects with a back-off of its
+    own (1, 2, 4, 8 s, ...), and its connections may all be held by requests waiting out the
+    outage; a renewal stuck behind either lets the lease lapse, and the host fences itself,
+    although the database was away for a few seconds only. This one connects again on the next
+    transaction after any failure. Used by one thread at a time."""
+
+    def __init__(self, url: str, connect_timeout: float) -> None:
+        self._url = url
+        self._connect_timeout = max(int(connect_timeout), 1)
+        self._connection: psycopg.Connection[Row] | None = None
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def transaction(self, write: bool) -> Iterator[PostgresConnection]:
+        with self._lock:
+            if self._connection is None or self._connection.closed:
+                self._connection = psycopg.connect(
+                    self._url,
+                    row_factory=dict_row,
+                    connect_timeout=self._connect_timeout,
+                    **DEAD_PEER_SETTINGS,
+                )
+                PostgresBackend._configure(self._connection)
+            try:
+                with self._connection.transaction():
+                    yield PostgresConnection(self._connection)
+            except (psycopg.OperationalError, psycopg.InterfaceError):
+                self.close()  # broken or of unknown state: the next transaction connects afresh
+                raise
+
+    def close(self) -> None:
+        if self._connection is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._connection.close()
+            self._connection = None
 
 
 class PostgresListener:

@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -145,6 +146,18 @@ class Store:
 
     def transact(self, work: Callable[[Tx], T], write: bool = True) -> T:
         """Run work(tx) in a transaction and commit it; see the module docstring."""
+        return self._transact(work, write, self.backend.transaction)
+
+    def lane(self) -> Lane:
+        """Transactions that wait behind nothing: see Lane."""
+        return Lane(self)
+
+    def _transact(
+        self,
+        work: Callable[[Tx], T],
+        write: bool,
+        open_transaction: Callable[[bool], AbstractContextManager[Connection]],
+    ) -> T:
         outer: Tx | None = getattr(self._current, "tx", None)
         if outer is not None:
             return work(outer)
@@ -152,7 +165,7 @@ class Store:
             raise RuntimeError("database work on the event loop: run it with Store.run")
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
-                with self.backend.transaction(write) as connection:
+                with open_transaction(write) as connection:
                     tx = Tx(connection, self.clock)
                     self._current.tx = tx
                     try:
@@ -230,3 +243,24 @@ def schema_version_of(url: str, connect_timeout: float = 5.0) -> int:
             return int(scalar(connection, "SELECT value FROM meta WHERE key = 'schema_version'") or 0)
     finally:
         backend.close()
+
+
+class Lane:
+    """Transactions on a PostgreSQL connection of the lane's own, outside the store's pool and
+    its reconnection back-off (see DedicatedConnection): for a host's lease renewal, which must
+    land the moment the database is back. On SQLite, the store's own transactions: one file, no
+    pool to wait behind."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        backend = store.backend
+        self._dedicated = None if isinstance(backend, SqliteBackend) else backend.dedicated()
+
+    def transact(self, work: Callable[[Tx], T]) -> T:
+        if self._dedicated is None:
+            return self._store.transact(work)
+        return self._store._transact(work, True, self._dedicated.transaction)
+
+    def close(self) -> None:
+        if self._dedicated is not None:
+            self._dedicated.close()

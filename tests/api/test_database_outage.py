@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
+from openmicrovm.store import Store, StoreUnavailable
 from tests.conftest import image_request, selected_database_backends
 from tests.reliability.invariants import read_snapshot, record_violations
 from tests.support.images import wait_for
@@ -222,7 +223,9 @@ def test_postgresql_outage_answers_503_and_loses_no_acknowledged_write(
             thread.join(timeout=150)
         postgres_cluster.start()  # a no-op unless the outage phase failed half-way
 
-    assert server.process is not None and server.process.poll() is None, "the server exited"
+    assert server.process is not None and server.process.poll() is None, (
+        f"the server exited\n{error_lines(server)}"
+    )
     outcomes = record.snapshot() + probe_record.snapshot()
     broken = [o.describe() for o in outcomes if o.broken]
     assert not broken, f"calls without a proper AWS answer: {broken[:10]}"
@@ -273,6 +276,37 @@ def test_postgresql_outage_answers_503_and_loses_no_acknowledged_write(
     # that buries the cause. A few (a background task's retry loop meeting the outage) are tolerated.
     logged = logged_tracebacks(server.log())
     assert logged <= MAX_LOGGED_TRACEBACKS, f"{logged} tracebacks in the server log:\n{error_lines(server)}"
+
+
+def test_a_lease_lane_connects_the_moment_postgresql_is_back(request: pytest.FixtureRequest) -> None:
+    """A host renews its lease on a connection of its own: after an outage the pool waits out a
+    back-off of its own (1, 2, 4 s, ...) before it connects again, and a renewal stuck behind it
+    let a few seconds' outage fence the host (the server exited 75 in this file's test above)."""
+    if "postgresql" not in selected_database_backends():
+        pytest.skip("PostgreSQL is not among OPENMICROVM_TEST_DATABASES")
+    postgres_cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
+    url = postgres_cluster.create_database()
+    store = Store(url, connect_timeout=CONNECT_TIMEOUT)
+    lane = store.lane()
+    try:
+        assert lane.transact(lambda tx: tx.hosts.all()) == []
+        postgres_cluster.stop()
+        try:
+            with pytest.raises(StoreUnavailable):
+                lane.transact(lambda tx: tx.hosts.all())
+            for _ in range(3):  # the pool fails to connect again and again: its back-off grows
+                with pytest.raises(StoreUnavailable):
+                    store.transact(lambda tx: tx.hosts.all())
+                time.sleep(0.5)
+        finally:
+            postgres_cluster.start()
+        # At once, on the first try: no back-off to wait out.
+        assert lane.transact(lambda tx: tx.hosts.all()) == []
+    finally:
+        lane.close()
+        store.close()
+        postgres_cluster.start()
+        postgres_cluster.drop_database(url)
 
 
 def logged_tracebacks(log: str) -> int:
