@@ -8,6 +8,7 @@ in upper case (nested quota keys: OPENMICROVM_QUOTA_<NAME>).
 
 from __future__ import annotations
 
+import logging
 import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -326,3 +327,14 @@ def _found_settings_file(data_dir: Path, environ: dict[str, str]) -> Path | None
     except PermissionError:
         # /etc/openmicrovm itself closed to this user: reading the file says so, with what to do.
         return system
+
+
+def configured_cache_dir(log: logging.Logger) -> Path:
+    """The settings' cache dir, for an installer run beside the server (runsc, the console's
+    assets); the default one, with a warning, when the settings cannot be read: a broken
+    settings file must not stop an install."""
+    try:
+        return load_settings().cache_dir
+    except Exception as error:
+        log.warning("cannot read the settings (%s); using the default cache dir", error)
+        return default_cache_dir()

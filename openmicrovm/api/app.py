@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from openmicrovm.api.auth import AuthError, SignedRequest, identify
+from openmicrovm.api.body import BodyTooLarge, read_body_limited
 from openmicrovm.api.protocol import (
     JSON_CONTENT_TYPE,
     UNAVAILABLE_CODE,
@@ -64,7 +65,7 @@ class ControlPlane:
             )
         operation = match.operation
         try:
-            body = await self._read_body(request)
+            body = await read_body_limited(request, self.service.settings.max_request_bytes)
             caller = identify(
                 self.service.settings,
                 SignedRequest(request.method, str(request.url), dict(request.headers), body),
@@ -83,7 +84,7 @@ class ControlPlane:
             return self._error(request_id, error.code, error.message, error.members)
         except AuthError as error:
             return self._error(request_id, error.code, error.message)
-        except _BodyTooLarge as error:
+        except BodyTooLarge as error:
             return self._error(request_id, "RequestEntityTooLargeException", str(error))
         except StoreUnavailable as error:
             log.warning("%s: %s (request %s)", operation.name, error, request_id)
@@ -101,20 +102,3 @@ class ControlPlane:
             return web.Response(status=operation.http.get("responseCode", 200), headers=headers)
         headers["Content-Type"] = JSON_CONTENT_TYPE
         return web.Response(status=operation.http.get("responseCode", 200), headers=headers, body=payload)
-
-    async def _read_body(self, request: web.Request) -> bytes:
-        limit = self.service.settings.max_request_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise _BodyTooLarge(f"The request body is {request.content_length} bytes; the limit is {limit}.")
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.content.iter_any():
-            size += len(chunk)
-            if size > limit:
-                raise _BodyTooLarge(f"The request body exceeds the limit of {limit} bytes.")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-
-class _BodyTooLarge(Exception):
-    pass

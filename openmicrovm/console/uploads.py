@@ -27,6 +27,7 @@ import orjson
 from aiohttp import web
 
 from openmicrovm.api.auth import AuthError, SignedRequest, identify
+from openmicrovm.api.body import BodyTooLarge, read_body_limited
 from openmicrovm.api.protocol import JSON_CONTENT_TYPE, error_response
 from openmicrovm.config import Settings
 
@@ -109,31 +110,14 @@ def _refusal(code: str, message: str) -> web.Response:
     return web.Response(status=status, headers=headers, body=payload)
 
 
-async def _read_limited(request: web.Request, limit: int) -> bytes:
-    if request.content_length is not None and request.content_length > limit:
-        raise UploadRefused(
-            "RequestEntityTooLargeException",
-            f"The request body is {request.content_length} bytes; the limit is {limit} "
-            "(a zip of max_upload_bytes in base64).",
-        )
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise UploadRefused(
-                "RequestEntityTooLargeException", f"The request body exceeds the limit of {limit} bytes."
-            )
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def make_upload_handler(settings: Settings) -> web.RequestHandler:
     directory = settings.effective_artifact_file_roots[0]
 
     async def handle(request: web.Request) -> web.Response:
         try:
-            body = await _read_limited(request, body_limit(settings.max_upload_bytes))
+            body = await read_body_limited(
+                request, body_limit(settings.max_upload_bytes), "a zip of max_upload_bytes in base64"
+            )
             identify(settings, SignedRequest(request.method, str(request.url), dict(request.headers), body))
             archive = decode_upload(body, settings.max_upload_bytes)
             stored = await asyncio.to_thread(store_upload, archive, directory)
@@ -141,6 +125,8 @@ def make_upload_handler(settings: Settings) -> web.RequestHandler:
             return _refusal(error.code, error.message)
         except UploadRefused as error:
             return _refusal(error.code, error.message)
+        except BodyTooLarge as error:
+            return _refusal("RequestEntityTooLargeException", str(error))
         except OSError as error:
             return _refusal(
                 "ServiceException",

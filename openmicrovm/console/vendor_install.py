@@ -39,6 +39,7 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
+from openmicrovm.config import configured_cache_dir
 from openmicrovm.console import vendor
 from openmicrovm.console.vendor import VendorPackage
 
@@ -201,16 +202,6 @@ def install(
     return fetched
 
 
-def _cache_dir() -> Path:
-    from openmicrovm.config import default_cache_dir, load_settings
-
-    try:
-        return load_settings().cache_dir
-    except Exception as error:  # a broken settings file must not stop the install
-        log.warning("cannot read the settings (%s); using the default cache dir", error)
-        return default_cache_dir()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m openmicrovm.console.vendor_install")
     parser.add_argument("--cache-dir", type=Path, help="the server's cache dir (default: from its settings)")
@@ -220,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="vendor_install: %(message)s", stream=sys.stdout)
-    cache_dir = args.cache_dir or _cache_dir()
+    cache_dir = args.cache_dir or configured_cache_dir(log)
     try:
         install(cache_dir, registry=args.registry)
     except (VendorError, OSError) as error:

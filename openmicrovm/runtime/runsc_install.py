@@ -53,6 +53,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import configured_cache_dir
 from . import runsc as runsc_binaries
 
 log = logging.getLogger("openmicrovm.runtime.runsc_install")
@@ -303,16 +304,6 @@ def install(
     return installed
 
 
-def _cache_dir() -> Path:
-    try:
-        from openmicrovm.config import load_settings
-
-        return load_settings().cache_dir
-    except Exception as error:  # a broken settings file must not stop the install
-        log.warning("cannot read the settings (%s); using the default cache dir", error)
-        return runsc_binaries.default_cache_dirs()[0]
-
-
 def record(path: Path, installed: runsc_binaries.Runsc, cache_dir: Path) -> None:
     """Note the cache entry in install.sh's record, so that `install.sh --uninstall` removes it
     (apt's /usr/bin/runsc is not noted: it is a package, recorded as one when install.sh adds it)."""
@@ -337,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="runsc_install: %(message)s")
-    cache_dir = _cache_dir()
+    cache_dir = configured_cache_dir(log)
     prefix = os.environ.get("OPENMICROVM_RUNSC_VERSION_PREFIX") or VERSION_PREFIX
     try:
         result = install(cache_dir, source=args.apt_source, prefix=prefix)

@@ -22,18 +22,23 @@ function withoutTopFolder(path) {
   return slash >= 0 ? path.slice(slash + 1) : path;
 }
 
+// A dropped folder's files, each named by its path below `prefix` (the dropped folder itself: "").
+async function readDirectory(directory, prefix, files) {
+  const reader = directory.createReader();
+  for (;;) {
+    const batch = await new Promise((resolve, reject) => reader.readEntries(resolve, reject));
+    if (!batch.length) return;
+    for (const child of batch) await readEntry(child, prefix, files);
+  }
+}
+
 async function readEntry(entry, prefix, files) {
   if (entry.isFile) {
     const file = await new Promise((resolve, reject) => entry.file(resolve, reject));
     files.push({ path: prefix + entry.name, bytes: new Uint8Array(await file.arrayBuffer()) });
     return;
   }
-  const reader = entry.createReader();
-  for (;;) {
-    const batch = await new Promise((resolve, reject) => reader.readEntries(resolve, reject));
-    if (!batch.length) return;
-    for (const child of batch) await readEntry(child, `${prefix}${entry.name}/`, files);
-  }
+  await readDirectory(entry, `${prefix}${entry.name}/`, files);
 }
 
 function parseEnvironment(text) {
@@ -82,12 +87,7 @@ export async function renderDeploy(view, _params, signal) {
     const entry = item && item.webkitGetAsEntry && item.webkitGetAsEntry();
     if (entry && entry.isDirectory) {
       const files = [];
-      const reader = entry.createReader();
-      for (;;) {
-        const batch = await new Promise((resolve, reject) => reader.readEntries(resolve, reject));
-        if (!batch.length) break;
-        for (const child of batch) await readEntry(child, "", files);
-      }
+      await readDirectory(entry, "", files);
       choose({ files });
     } else if (event.dataTransfer.files[0]) choose({ zip: event.dataTransfer.files[0] });
   });
