@@ -143,10 +143,8 @@ Opener = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter
 
 async def load(open_connection: Opener, request: bytes, seconds: float, concurrency: int) -> dict[str, float]:
     """`concurrency` keep-alive clients sending `request` for `seconds`: requests/s, p50/p99 ms."""
-    latencies: list[float] = []
-    deadline = time.perf_counter() + seconds
 
-    async def worker() -> None:
+    async def worker(latencies: list[float], deadline: float) -> None:
         reader, writer = await open_connection()
         try:
             while time.perf_counter() < deadline:
@@ -158,8 +156,19 @@ async def load(open_connection: Opener, request: bytes, seconds: float, concurre
         finally:
             writer.close()
 
+    return await run_workers(worker, seconds, concurrency)
+
+
+Worker = Callable[[list[float], float], Awaitable[None]]
+
+
+async def run_workers(worker: Worker, seconds: float, concurrency: int) -> dict[str, float]:
+    """`concurrency` copies of worker(latencies, deadline), each adding the latency of every
+    request it makes until the deadline: requests, requests/s, p50/p99 ms."""
+    latencies: list[float] = []
+    deadline = time.perf_counter() + seconds
     began = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(latencies, deadline) for _ in range(concurrency)))
     elapsed = time.perf_counter() - began
     return {
         "requests": len(latencies),

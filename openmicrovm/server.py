@@ -27,7 +27,8 @@ from openmicrovm.config import Settings
 from openmicrovm.console.route import add_console_routes
 from openmicrovm.console.uploads import UPLOAD_ROUTE, make_upload_handler
 from openmicrovm.endpoint.backend import EndpointBackend
-from openmicrovm.endpoint.front_door import FrontDoor, endpoint_hostname, start_front_door
+from openmicrovm.endpoint.front_door import FrontDoor, start_front_door
+from openmicrovm.endpoint.hostnames import endpoint_hostname
 from openmicrovm.endpoint.proxy import Counters
 from openmicrovm.endpoint.shell import shell_handler
 from openmicrovm.endpoint.tls import all_regions, server_context, tls_dir

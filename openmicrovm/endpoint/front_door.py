@@ -3,7 +3,9 @@
 The first request head of each connection decides who owns the connection: a Host naming a
 MicroVM endpoint (`<uuid>.lambda-microvm.<region>.localhost[:port]`) goes to the proxy, which
 relays bytes without re-encoding them; everything else (the API, `/metrics`, the shell
-WebSocket) is handed, with the bytes already read, to the aiohttp server.
+WebSocket) is handed, with the bytes already read, to the aiohttp server. A connection that
+speaks HTTP/2 (TLS that chose `h2` by ALPN, or the h2c preface on the cleartext port) carries
+endpoint streams only, each naming its MicroVM in :authority (h2_server.py, h2_relay.py).
 
 Connections that have not yet proven themselves are capped: a flood of idle sockets must not hold
 the server's file descriptors and memory. A connection is unproven until its first request head
@@ -22,6 +24,9 @@ from collections.abc import Callable
 from aiohttp import web
 
 from openmicrovm.endpoint.backend import EndpointBackend
+from openmicrovm.endpoint.h2_relay import H2EndpointRelay
+from openmicrovm.endpoint.h2_server import PREFACE, H2ServerConnection
+from openmicrovm.endpoint.hostnames import endpoint_hostname
 from openmicrovm.endpoint.http1 import (
     BODY_PROGRESS_BYTES,
     BODY_TIMEOUT,
@@ -37,23 +42,10 @@ from openmicrovm.endpoint.proxy import HEAD_TIMEOUT, Counters, EndpointConnectio
 # (asyncio accepts up to 100 connections per turn of the loop).
 MAX_UNAUTHENTICATED = 512
 
-ENDPOINT_HOST = re.compile(
-    r"(?P<host>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\.lambda-microvm\.[a-z0-9-]+\.localhost)"
-    r"\.?(?::[0-9]{1,5})?",
-    re.IGNORECASE,
-)
 _HOST_LINE = re.compile(rb"\r\nhost:[ \t]*([^\r\n]*)", re.IGNORECASE)
 _SHELL_TARGET = re.compile(rb"^GET /shell(?:\?[^ ]*)? HTTP/1\.1\r\n")
 # A CR or LF that is not part of a CRLF: parsers disagree on where such a line ends (smuggling).
 _BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
-
-
-def endpoint_hostname(host_header: str | None) -> str | None:
-    """The endpoint hostname a Host header names, or None for anything else (the API)."""
-    if not host_header:
-        return None
-    match = ENDPOINT_HOST.fullmatch(host_header.strip())
-    return match["host"].lower() if match else None
 
 
 def _is_shell(head: bytes) -> bool:
@@ -82,8 +74,13 @@ class _FirstHead(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        self.timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, transport.close)  # slowloris
         self.door.admit(self, transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+            # TLS offered h2 only to endpoint names (tls.py): every stream names its MicroVM.
+            self.door.serve_h2(self, transport, b"")
+            return
+        self.timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, transport.close)  # slowloris
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:
@@ -93,6 +90,13 @@ class _FirstHead(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         assert self.transport is not None
         self.buffer += data
+        if self.buffer[: len(PREFACE)] == PREFACE[: len(self.buffer)]:
+            if len(self.buffer) < len(PREFACE):
+                return  # perhaps HTTP/2 with prior knowledge: the rest of its preface decides
+            if self.timer is not None:
+                self.timer.cancel()
+            self.door.serve_h2(self, self.transport, bytes(self.buffer))
+            return
         while self.buffer[:2] == b"\r\n":  # blank lines before a request line are allowed
             del self.buffer[:2]
         end = self.buffer.find(b"\r\n\r\n")
@@ -256,17 +260,38 @@ class FrontDoor:
     def serve_endpoint(
         self, key: object, transport: asyncio.Transport, hostname: str, received: bytes
     ) -> None:
+        reader, writer = self._streams(transport, received)
+        connection = EndpointConnection(
+            self.backend, hostname, reader, writer, self.counters, authenticated=lambda: self.proven(key)
+        )
+        self._track(key, asyncio.get_running_loop().create_task(self._serve(connection)))
+
+    def serve_h2(self, key: object, transport: asyncio.Transport, received: bytes) -> None:
+        """A connection that speaks HTTP/2: unproven until one of its streams passes a token check."""
+        reader, writer = self._streams(transport, b"")
+        relay = H2EndpointRelay(
+            self.backend,
+            self.counters,
+            authenticated=lambda: self.proven(key),
+            secure=transport.get_extra_info("ssl_object") is not None,
+        )
+        connection = H2ServerConnection(reader, writer, relay.handle, HEAD_TIMEOUT, on_close=relay.close)
+        self._track(key, asyncio.get_running_loop().create_task(connection.serve(received)))
+
+    def _streams(
+        self, transport: asyncio.Transport, received: bytes
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Asyncio streams over a transport taken from the first-head protocol."""
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=MAX_HEAD_BYTES, loop=loop)
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
-        protocol.data_received(received)
-        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-        connection = EndpointConnection(
-            self.backend, hostname, reader, writer, self.counters, authenticated=lambda: self.proven(key)
-        )
-        task = loop.create_task(self._serve(connection))
+        if received:
+            protocol.data_received(received)
+        return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+
+    def _track(self, key: object, task: asyncio.Task[None]) -> None:
         self._connections.add(task)
         task.add_done_callback(self._connections.discard)
         # The connection stays unproven until a token passes; it leaves the count when it ends.

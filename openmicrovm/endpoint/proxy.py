@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from openmicrovm.endpoint.backend import EndpointBackend, Target, Unreachable
 from openmicrovm.endpoint.browser_login import cookie_token, login_page, login_token, strip_cookie
-from openmicrovm.endpoint.h2c import H2Exchange, UpstreamNotH2, decoded_body
+from openmicrovm.endpoint.h2c import ForcedH2, UpstreamNotH2, decoded_body
 from openmicrovm.endpoint.http1 import (
     BodyProgress,
     BodyTimeout,
@@ -84,7 +84,7 @@ def _subprotocols(head: Head) -> list[str]:
     return [p.strip() for v in head.get_all("sec-websocket-protocol") for p in v.split(",") if p.strip()]
 
 
-def _token(head: Head) -> str | None:
+def request_token(head: Head) -> str | None:
     values = head.get_all(AUTH_HEADER)
     if len(values) > 1:
         raise Refusal(400, "Bad Request", b"more than one X-aws-proxy-auth header")
@@ -126,7 +126,7 @@ def database_unavailable() -> Refusal:
 def authorize(
     backend: EndpointBackend, target: Target | None, head: Head, kind: str, port: int
 ) -> TokenClaims:
-    return check_token(backend, target, _token(head), kind, port)
+    return check_token(backend, target, request_token(head), kind, port)
 
 
 def check_token(
@@ -149,7 +149,18 @@ def check_token(
     return claims
 
 
-def _strip_for_app(head: Head, request_id: str) -> None:
+def admit(backend: EndpointBackend, target: Target | None, token: str | None, port: int) -> TokenClaims:
+    """The checks every endpoint request passes before it may reach the app: its token, then the
+    MicroVM's HTTP ingress (an allow-list: NO_INGRESS, SHELL_INGRESS alone, or no connector at
+    all lets no HTTP in)."""
+    claims = check_token(backend, target, token, "endpoint", port)
+    assert target is not None
+    if not target.http_ingress:
+        raise Refusal(403, "Forbidden", NO_HTTP_INGRESS)
+    return claims
+
+
+def strip_for_app(head: Head, request_id: str) -> None:
     """Remove everything of ours before the app sees the request (spec §5.3)."""
     head.remove(lambda name: name.startswith("x-aws-proxy-"))
     strip_cookie(head)
@@ -162,6 +173,30 @@ def _strip_for_app(head: Head, request_id: str) -> None:
     if protocols:
         head.headers.append(("Sec-WebSocket-Protocol", ", ".join(protocols)))
     head.headers.append(("x-amzn-RequestId", request_id))
+
+
+async def running(backend: EndpointBackend, target: Target, close: bool = False) -> None:
+    """Return once the MicroVM runs (held through PENDING, resumed if its idle policy lets a
+    request resume it), or raise the Refusal the client gets instead."""
+    try:
+        await backend.ready(target)
+    except Unreachable:
+        raise Refusal(502, "Bad Gateway", close=close) from None
+    except StoreUnavailable:
+        raise database_unavailable() from None
+
+
+async def open_app_connection(
+    backend: EndpointBackend, microvm_id: str, port: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A new connection to the app, or the Refusal the client gets instead."""
+    try:
+        return await backend.connect(microvm_id, port)
+    except TooManyConnections:
+        # The MicroVM takes no more connections at once: the client may try again (spec §5.3).
+        raise Refusal(429, "Too Many Requests", b"Too many concurrent connections to this MicroVM") from None
+    except (PortNotListening, Unreachable):
+        raise Refusal(502, "Bad Gateway") from None
 
 
 class EndpointConnection:
@@ -229,16 +264,7 @@ class EndpointConnection:
     async def _open_upstream(
         self, microvm_id: str, port: int
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """A new connection to the app, or the Refusal the client gets instead."""
-        try:
-            return await self.backend.connect(microvm_id, port)
-        except TooManyConnections:
-            # The MicroVM takes no more connections at once: the client may try again (spec §5.3).
-            raise Refusal(
-                429, "Too Many Requests", b"Too many concurrent connections to this MicroVM"
-            ) from None
-        except (PortNotListening, Unreachable):
-            raise Refusal(502, "Bad Gateway") from None
+        return await open_app_connection(self.backend, microvm_id, port)
 
     def _counter(self, microvm_id: str) -> Callable[[bytes], None]:
         """Counts the bytes relayed for a MicroVM; each piece is also activity for its idle timer."""
@@ -271,18 +297,10 @@ class EndpointConnection:
             if login is not None:
                 keep_alive = _client_keeps_alive(head) and not _has_body(head)
                 return await self._browser_login(target, login, port, keep_alive)
-            claims = authorize(self.backend, target, head, "endpoint", port)
+            claims = admit(self.backend, target, request_token(head), port)
             assert target is not None
-            # An allow-list: NO_INGRESS, SHELL_INGRESS alone, or no connector at all lets no HTTP in.
-            if not target.http_ingress:
-                raise Refusal(403, "Forbidden", NO_HTTP_INGRESS)
             self.authenticated()
-            try:
-                await self.backend.ready(target)
-            except Unreachable:
-                raise Refusal(502, "Bad Gateway", close=True) from None
-            except StoreUnavailable:
-                raise database_unavailable() from None
+            await running(self.backend, target, close=True)
             if (head.get(FORCE_H2_HEADER) or "").strip().lower() == "true":
                 return await self._proxy_h2(target, head, framing, port)
             return await self._proxy(target, head, framing, port, claims.expires_at)
@@ -303,10 +321,8 @@ class EndpointConnection:
 
     async def _browser_login(self, target: Target | None, token: str, port: int, keep_alive: bool) -> bool:
         """Answer GET /.openmicrovm/login?token=...: the token checked, then set as a cookie."""
-        claims = check_token(self.backend, target, token, "endpoint", port)
+        claims = admit(self.backend, target, token, port)
         assert target is not None
-        if not target.http_ingress:
-            raise Refusal(403, "Forbidden", NO_HTTP_INGRESS)
         self.authenticated()
         lifetime = int(claims.expires_at - self.backend.service.clock())
         secure = self.writer.get_extra_info("ssl_object") is not None
@@ -323,7 +339,7 @@ class EndpointConnection:
         method = head.start[0]
         client_keep_alive = _client_keeps_alive(head)
         upgrade = "upgrade" in head.connection_tokens()
-        _strip_for_app(head, request_id)
+        strip_for_app(head, request_id)
         count = self._counter(vm)
         serialized = head.serialize()
         for attempt in (1, 2):
@@ -397,20 +413,20 @@ class EndpointConnection:
         """X-aws-proxy-force-h2: the app speaks h2c; the client keeps speaking HTTP/1.1."""
         vm = target.microvm_id
         authority = head.get("host") or self.hostname
-        _strip_for_app(head, str(uuid.uuid4()))
+        strip_for_app(head, str(uuid.uuid4()))
         count = self._counter(vm)
         up_reader, up_writer = await self._open_upstream(vm, port)
         body = decoded_body(framing, self.reader, BodyProgress()) if framing.kind != "none" else None
-        exchange = H2Exchange(up_reader, up_writer)
+        exchange = ForcedH2(up_reader, up_writer)
         try:
-            await exchange.run(head, authority, body, self.writer, count)
+            status = await exchange.run(head, authority, body, self.writer, count)
         except UpstreamNotH2:
             raise Refusal(502, "Bad Gateway", close=True) from None
         except (ProtocolError, BodyTimeout):
             if exchange.responded:  # too late for a status: the connection ends
                 return False
             raise
-        self.counters.on_request(vm, 200)
+        self.counters.on_request(vm, status)
         return _client_keeps_alive(head)
 
     async def _response_head(

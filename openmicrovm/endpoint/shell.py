@@ -20,7 +20,7 @@ import uuid
 from aiohttp import WSMsgType, web
 
 from openmicrovm.endpoint.backend import EndpointBackend, Unreachable
-from openmicrovm.endpoint.front_door import endpoint_hostname
+from openmicrovm.endpoint.hostnames import endpoint_hostname
 from openmicrovm.endpoint.http1 import Head
 from openmicrovm.endpoint.proxy import NO_SHELL_INGRESS, Refusal, authorize, database_unavailable
 from openmicrovm.endpoint.websocket import POLICY_VIOLATION, TOKEN_EXPIRED

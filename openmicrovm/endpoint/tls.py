@@ -3,7 +3,8 @@
 `openmicrovm tls init` makes a CA (kept in <data dir>/tls, key mode 0600) and a server certificate
 it signs for `localhost`, 127.0.0.1 and `*.lambda-microvm.<region>.localhost` in every region the
 settings name. Clients trust the CA (curl --cacert, boto3 verify=, or the system store); the
-server serves TLS on `tls_port` beside the plain port.
+server serves TLS on `tls_port` beside the plain port. ALPN offers `h2` beside `http/1.1` to
+clients that name an endpoint (SNI); the API is offered `http/1.1` only.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from openmicrovm.endpoint.hostnames import endpoint_hostname
 from openmicrovm.private_files import write_private_file
 
 CA_CERT = "ca.pem"
@@ -138,9 +140,24 @@ def server_context(directory: Path, regions: list[str]) -> ssl.SSLContext:
     cert, key = directory / SERVER_CERT, directory / SERVER_KEY
     if not cert.exists() or not key.exists() or _needs_renewal(cert, regions):
         cert, key = issue_server_certificate(directory, regions)
+    context = _context(cert, key, ["http/1.1"])
+    endpoints = _context(cert, key, ["h2", "http/1.1"])
+
+    def choose(connection: ssl.SSLObject, name: str | None, _context: ssl.SSLContext) -> None:
+        # HTTP/2 is offered to MicroVM endpoints only: the API (aiohttp) speaks HTTP/1.1, and a
+        # client told h2 would have no way back. OpenSSL reads the ALPN choice from the context
+        # the connection has after this callback.
+        if endpoint_hostname(name) is not None:
+            connection.context = endpoints
+
+    context.sni_callback = choose
+    return context
+
+
+def _context(cert: Path, key: Path, protocols: list[str]) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
-    context.set_alpn_protocols(["http/1.1"])
+    context.set_alpn_protocols(protocols)
     return context
 
 

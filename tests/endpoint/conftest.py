@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -73,3 +74,25 @@ def echo_vm(endpoint_server: ServerProcess, echo_image: str) -> Iterator[dict[st
     vm = run_microvm(endpoint_server, echo_image, ingressNetworkConnectors=[HTTP, SHELL])
     yield vm
     endpoint_server.client().terminate_microvm(microvmIdentifier=vm["microvmId"])
+
+
+@contextmanager
+def idle_policy_microvm(
+    server: ServerProcess, arn: str, max_idle_seconds: int, auto_resume: bool
+) -> Iterator[dict[str, Any]]:
+    """A MicroVM with HTTP ingress and an idle policy (seconds below AWS's minimum: the test
+    server allows 1), terminated on leaving."""
+    vm = run_microvm(
+        server,
+        arn,
+        ingressNetworkConnectors=[HTTP],
+        idlePolicy={
+            "maxIdleDurationSeconds": max_idle_seconds,
+            "suspendedDurationSeconds": 3600,
+            "autoResumeEnabled": auto_resume,
+        },
+    )
+    try:
+        yield vm
+    finally:
+        server.client().terminate_microvm(microvmIdentifier=vm["microvmId"])
