@@ -79,6 +79,14 @@ class ClientStream:
             yield data
             self.connection.acknowledge(self.stream_id, length)
 
+    def discard_body(self) -> None:
+        """Give back the window of body data nobody will read (a refused stream's): unread, it
+        would shrink the connection's window for good, and stall its other streams."""
+        while not self._pieces.empty():
+            item = self._pieces.get_nowait()
+            if item is not None:
+                self.connection.acknowledge(self.stream_id, item[1])
+
     # -- answering ------------------------------------------------------------------------------
     def send_headers(self, headers: Headers, end_stream: bool = False) -> None:
         self.responded = True
@@ -213,6 +221,7 @@ class H2ServerConnection(FlowControlled):
             log.exception("HTTP/2 stream %d failed", stream.stream_id)
             stream.reset()
         finally:
+            stream.discard_body()
             stream.reset()  # a handler that returned without ending its stream
             if self.streams.pop(stream.stream_id, None) is not None and not stream.body_ended:
                 # Answered before the client finished its body: it may stop sending (RFC 9113 §8.1).

@@ -151,7 +151,7 @@ class H2Upstream(FlowControlled):
 
     def reset(self, stream_id: int, error_code: int = h2.errors.ErrorCodes.CANCEL) -> None:
         """The client gave the stream up (or the proxy did): the app is told, once."""
-        self.streams.pop(stream_id, None)
+        self.forget(stream_id)
         if self.closed:
             return
         with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
@@ -159,7 +159,13 @@ class H2Upstream(FlowControlled):
             self.flush()
 
     def forget(self, stream_id: int) -> None:
-        self.streams.pop(stream_id, None)
+        """Nobody reads the stream any more: the window of the data it holds unread goes back
+        to the app (unread, it would shrink the connection's window for good)."""
+        events = self.streams.pop(stream_id, None)
+        while events is not None and not events.empty():
+            event = events.get_nowait()
+            if event is not None:
+                self.acknowledge(stream_id, event.flow_controlled_length)
 
     async def _receive(self) -> None:
         try:
@@ -197,11 +203,9 @@ class H2Upstream(FlowControlled):
         elif isinstance(event, h2.events.TrailersReceived):
             events.put_nowait(AppEvent("trailers", headers=list(event.headers)))
         elif isinstance(event, h2.events.StreamEnded):
-            events.put_nowait(AppEvent("end"))
-            self.streams.pop(event.stream_id, None)
+            events.put_nowait(AppEvent("end"))  # the reader forgets the stream once it is done
         elif isinstance(event, h2.events.StreamReset):
             events.put_nowait(AppEvent("reset", error_code=int(event.error_code)))
-            self.streams.pop(event.stream_id, None)
 
     def close(self) -> None:
         """End the connection; every stream still waiting learns it (None)."""

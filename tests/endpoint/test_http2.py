@@ -69,7 +69,10 @@ class RawH2:
         stream_id = self.connection.get_next_available_stream_id()
         self.connection.send_headers(stream_id, headers, end_stream=body is None)
         if body is not None:
-            self.connection.send_data(stream_id, body, end_stream=True)
+            size = self.connection.max_outbound_frame_size
+            for start in range(0, len(body), size):
+                last = start + size >= len(body)
+                self.connection.send_data(stream_id, body[start : start + size], end_stream=last)
         self.flush()
         self.responses[stream_id] = {"headers": {}, "body": b"", "ended": False, "reset": None}
         return stream_id
@@ -331,6 +334,30 @@ def test_a_request_line_no_http1_app_could_read_is_refused(
         for headers in refused:
             status, body = client.answer(client.request(headers))
             assert status == 400, (headers[:4], status, body)
+        assert (
+            client.answer(client.request(_request(echo_vm, endpoint_server, **{"x-aws-proxy-auth": token})))[
+                0
+            ]
+            == 200
+        )
+
+
+def test_refused_streams_give_back_their_window(
+    endpoint_server: ServerProcess, echo_vm: dict[str, Any]
+) -> None:
+    """Bodies of refused streams (403: no token) are never read; their bytes still count against
+    the connection's window (4 MiB) until given back. 25 of 200 KB each, then a request that
+    must still get through on the same connection."""
+    token = auth_token(endpoint_server.client(), echo_vm["microvmId"])
+    with raw_h2(endpoint_server.port) as client:
+        client.pump(lambda: client.connection.outbound_flow_control_window > 65535, timeout=10)
+        post = [
+            (n, "POST") if n == ":method" else (n, v)
+            for n, v in _request(echo_vm, endpoint_server, "/upload")
+        ]
+        for _ in range(25):
+            stream_id = client.request(post, body=b"x" * 200_000)
+            assert client.answer(stream_id) == (403, b"Request missing authentication")
         assert (
             client.answer(client.request(_request(echo_vm, endpoint_server, **{"x-aws-proxy-auth": token})))[
                 0
